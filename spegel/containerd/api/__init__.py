@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs for the subset of containerd's API spegel uses. Do not edit."""

@@ -1,0 +1,1 @@
+"""A Kademlia distributed hash table on a Twisted DatagramProtocol: who holds which key."""

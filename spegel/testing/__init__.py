@@ -1,0 +1,1 @@
+"""Real-component test rig: docker-registry, containerd daemons and spegel nodes on loopback."""
