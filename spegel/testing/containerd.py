@@ -1,0 +1,297 @@
+# -*- test-case-name: tests.test_rig -*-
+"""
+A real containerd daemon for tests: own root, state, socket and hosts directory (certs.d).
+
+The daemon runs with the CRI plugin disabled (it would add its own images and need CNI) and with
+the optional plugins that write outside its root (C{opt}) or probe hardware filesystems turned off,
+so several can run side by side on one machine.  Its content store is the directory a spegel node
+is given as C{--containerd-content-path}.
+
+Everything is driven through C{ctr}, the client shipped with containerd, so tests see exactly what a
+user of that containerd would see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+from attrs import define, field
+
+from spegel.testing.process import ManagedProcess, ProcessFailed, run, wait_for
+
+CONTAINERD = "containerd"
+CTR = "ctr"
+
+# Unix socket paths are limited to 108 bytes (sun_path); stay clear of it.
+MAX_SOCKET_PATH = 100
+
+_CONFIG = """\
+version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.internal.v1.opt",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[debug]
+  address = ""
+  level = "{log_level}"
+
+[metrics]
+  address = ""
+"""
+
+
+def short_tempdir(prefix: str = "sp") -> str:
+    """
+    A fresh directory directly under /tmp, short enough to hold unix sockets.
+    """
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@define(eq=False)
+class ContainerdDaemon:
+    """
+    One containerd daemon under C{base_dir}.
+
+    Layout: C{base_dir}/root (C{.root}), C{base_dir}/state, C{base_dir}/certs.d (C{.hosts_dir}),
+    C{base_dir}/c.sock (C{.socket}), C{base_dir}/containerd.log.  C{stop} and C{restart} keep
+    root, so pulled content survives a restart.
+
+    @ivar base_dir: directory owning everything of this daemon; short (see L{short_tempdir}).
+    @ivar namespace: containerd namespace used by L{ctr}.
+    @ivar name: label for logs and errors.
+    @ivar log_level: containerd's own log level.
+    """
+
+    base_dir: str = field(factory=short_tempdir)
+    namespace: str = "k8s.io"
+    name: str = "containerd"
+    log_level: str = "info"
+    _process: ManagedProcess | None = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.socket) >= MAX_SOCKET_PATH or len(self.socket + ".ttrpc") >= MAX_SOCKET_PATH:
+            raise ValueError(f"socket path too long for a unix socket: {self.socket!r}")
+        for path in (self.root, self.state, self.hosts_dir):
+            os.makedirs(path, exist_ok=True)
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.base_dir, "root")
+
+    @property
+    def state(self) -> str:
+        return os.path.join(self.base_dir, "state")
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.base_dir, "c.sock")
+
+    @property
+    def hosts_dir(self) -> str:
+        return os.path.join(self.base_dir, "certs.d")
+
+    @property
+    def content_path(self) -> str:
+        return os.path.join(self.root, "io.containerd.content.v1.content")
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.base_dir, "config.toml")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base_dir, "containerd.log")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self, timeout: float = 20.0) -> None:
+        """
+        Start the daemon and wait until it answers on its socket.
+        """
+        with open(self.config_path, "w") as f:
+            f.write(
+                _CONFIG.format(
+                    root=self.root,
+                    state=self.state,
+                    socket=self.socket,
+                    ttrpc=self.socket + ".ttrpc",
+                    log_level=self.log_level,
+                )
+            )
+        # A socket file left by a killed daemon would make the readiness probe below
+        # connect to nothing; containerd removes and recreates it anyway.
+        for stale in (self.socket, self.socket + ".ttrpc"):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        self._process = ManagedProcess(
+            name=self.name,
+            args=[CONTAINERD, "--config", self.config_path],
+            log_path=self.log_path,
+        )
+        self._process.start()
+        wait_for(
+            self._socket_answers,
+            timeout=timeout,
+            what=f"{self.name} socket {self.socket}",
+            process=self._process,
+        )
+        # The socket accepting connections does not yet mean every service is registered.
+        wait_for(self._version_answers, timeout=timeout, what=f"{self.name} version", process=self._process)
+
+    def _socket_answers(self) -> bool:
+        if not os.path.exists(self.socket):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(self.socket)
+            except OSError:
+                return False
+        return True
+
+    def _version_answers(self) -> bool:
+        try:
+            self.ctr("version", timeout=5)
+        except Exception:
+            return False
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """
+        Stop the daemon (SIGTERM, then SIGKILL); root and state are kept.
+        """
+        if self._process is not None:
+            self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """
+        SIGKILL the daemon.
+        """
+        if self._process is not None:
+            self._process.kill()
+
+    def restart(self) -> None:
+        """
+        Stop and start again with the same directories and socket.
+        """
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """
+        Kill the daemon and delete C{base_dir}.
+        """
+        self.kill()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._process is None:
+            return f"---- {self.name}: never started ----"
+        return self._process.log_tail(lines)
+
+    def ctr(self, *args: str, timeout: float = 120.0) -> str:
+        """
+        Run C{ctr -a <socket> -n <namespace> *args} and return its stdout.
+
+        @raise spegel.testing.process.CommandFailed: on a non-zero exit, with ctr's stderr.
+        """
+        return run([CTR, "-a", self.socket, "-n", self.namespace, *args], timeout=timeout)
+
+    def pull(
+        self,
+        ref: str,
+        *,
+        platform: str | None = None,
+        all_platforms: bool = False,
+        timeout: float = 120.0,
+    ) -> str:
+        """
+        Pull C{ref} (C{host:port/repo:tag} or C{host:port/repo@sha256:...}) through this
+        daemon's hosts directory, the way the kubelet's pulls are routed through certs.d.
+
+        Plain HTTP is the default scheme because every registry of the rig is on loopback
+        without TLS; a hosts.toml for the registry overrides it with its own C{server} URL.
+
+        @return: ctr's output.
+        """
+        args = ["images", "pull", "--hosts-dir", self.hosts_dir, "--plain-http"]
+        if platform is not None:
+            args += ["--platform", platform]
+        if all_platforms:
+            args.append("--all-platforms")
+        return self.ctr(*args, ref, timeout=timeout)
+
+    def images(self) -> dict[str, str]:
+        """
+        Every image name in the namespace mapped to its root digest.
+        """
+        result = {}
+        for line in self.ctr("images", "ls").splitlines()[1:]:
+            columns = line.split()
+            if len(columns) >= 3:
+                result[columns[0]] = columns[2]
+        return result
+
+    def image_digest(self, ref: str) -> str:
+        """
+        The root digest (index or manifest) of the image named C{ref}.
+
+        @raise KeyError: when there is no such image.
+        """
+        return self.images()[ref]
+
+    def content_digests(self) -> set[str]:
+        """
+        The digests of every blob in the content store.
+        """
+        return {line.strip() for line in self.ctr("content", "ls", "-q").splitlines() if line.strip()}
+
+    def read_content(self, digest: str) -> bytes:
+        """
+        The bytes of blob C{digest}, read from the content store on disk.
+        """
+        algorithm, _, hexdigest = digest.partition(":")
+        with open(os.path.join(self.content_path, "blobs", algorithm, hexdigest), "rb") as f:
+            return f.read()
+
+    def remove_image(self, ref: str) -> None:
+        """
+        Delete image C{ref} and wait for garbage collection of the content it alone used.
+        """
+        self.ctr("images", "rm", "--sync", ref)
+
+    def write_hosts_toml(self, registry_host: str, text: str) -> str:
+        """
+        Write C{text} as C{<hosts_dir>/<registry_host>/hosts.toml}; return its path.
+        """
+        directory = os.path.join(self.hosts_dir, registry_host)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "hosts.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+
+__all__ = ["ContainerdDaemon", "ProcessFailed", "short_tempdir"]

@@ -1,0 +1,225 @@
+# -*- test-case-name: tests.test_rig -*-
+"""
+Child processes of the test rig: each in its own process group, output to a log file, always
+killed at the end.
+
+The rig is plain synchronous Python (subprocess and polling) so that trial tests, benchmarks and
+scripts can all drive it without a reactor.  Every process started here is remembered until it is
+stopped; an C{atexit} hook kills whatever is left, so a failing test or a Ctrl-C in a script never
+leaves a containerd or registry running.  Whole process groups are signalled because a daemon may
+have children of its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from attrs import define, field
+
+
+class ProcessFailed(Exception):
+    """
+    A rig process exited or never became ready.  The message carries the tail of its log.
+    """
+
+
+class CommandFailed(Exception):
+    """
+    A one-shot command (ctr, spegel configuration) exited non-zero.
+
+    @ivar command: the command line.
+    @ivar returncode: its exit status.
+    @ivar stdout: what it printed.
+    @ivar stderr: what it printed on stderr.
+    """
+
+    def __init__(self, args: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.command = list(args)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(f"{' '.join(args)} exited {returncode}: {stderr.strip()[-2000:]}")
+
+
+_live: dict[int, "ManagedProcess"] = {}
+
+
+def kill_all() -> None:
+    """
+    SIGKILL every rig process still running in this Python process.  Registered with C{atexit}.
+    """
+    for process in list(_live.values()):
+        process.kill()
+
+
+atexit.register(kill_all)
+
+
+def live_processes() -> list["ManagedProcess"]:
+    """
+    The rig processes started and not yet reaped, for tests that check clean-up.
+    """
+    return [p for p in _live.values() if p.running]
+
+
+def tail(path: str, lines: int = 40) -> str:
+    """
+    The last C{lines} lines of the text file at C{path}, or a note that it does not exist.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def run(args: Sequence[str], *, timeout: float = 60.0, env: dict[str, str] | None = None) -> str:
+    """
+    Run a one-shot command to completion and return its stdout.
+
+    @raise CommandFailed: when it exits non-zero (the message carries its stderr).
+    """
+    completed = subprocess.run(
+        list(args),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+    )
+    stdout = completed.stdout.decode("utf-8", "replace")
+    stderr = completed.stderr.decode("utf-8", "replace")
+    if completed.returncode != 0:
+        raise CommandFailed(args, completed.returncode, stdout, stderr)
+    return stdout
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    what: str,
+    process: "ManagedProcess | None" = None,
+) -> None:
+    """
+    Poll C{condition} until it is true.
+
+    @param process: when given, give up early if it exits, reporting its log tail.
+    @raise ProcessFailed: on timeout or when C{process} died.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if process is not None and not process.running:
+            raise ProcessFailed(
+                f"{process.name} exited ({process.returncode}) while waiting for {what}:\n"
+                f"{process.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            detail = f":\n{process.log_tail()}" if process is not None else ""
+            raise ProcessFailed(f"timed out after {timeout}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+@define(eq=False)
+class ManagedProcess:
+    """
+    One long-running child: its own session (so its process group can be signalled as a whole),
+    stdin closed, stdout and stderr appended to C{log_path}.
+
+    @ivar name: short label used in error messages.
+    @ivar args: command line.
+    @ivar log_path: file that receives stdout and stderr, appended to across restarts.
+    @ivar env: environment, or L{None} to inherit ours.
+    @ivar cwd: working directory, or L{None} for ours.
+    """
+
+    name: str
+    args: Sequence[str]
+    log_path: str
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    _popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._popen is None else self._popen.pid
+
+    @property
+    def running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._popen is None else self._popen.poll()
+
+    def start(self) -> None:
+        """
+        Start the process.  Starting a running process is an error.
+        """
+        if self.running:
+            raise ProcessFailed(f"{self.name} is already running")
+        with open(self.log_path, "ab") as log:
+            log.write(f"==== starting: {' '.join(self.args)}\n".encode())
+            log.flush()
+            self._popen = subprocess.Popen(
+                list(self.args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        _live[self._popen.pid] = self
+
+    def _signal_group(self, signum: int) -> None:
+        assert self._popen is not None
+        try:
+            os.killpg(self._popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """
+        SIGTERM the process group and wait for the leader; SIGKILL if it is still there after
+        C{timeout} seconds.  Stopping a stopped process does nothing.
+        """
+        if self._popen is None:
+            return
+        if self._popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self._popen.wait()
+        # Children that outlived their leader must not outlive the test.
+        self._signal_group(signal.SIGKILL)
+        _live.pop(self._popen.pid, None)
+
+    def kill(self) -> None:
+        """
+        SIGKILL the whole process group at once and reap the leader.
+        """
+        if self._popen is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self._popen.wait()
+        _live.pop(self._popen.pid, None)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """
+        The last lines of this process's log.
+        """
+        return f"---- {self.name} log ({self.log_path}) ----\n{tail(self.log_path, lines)}"
