@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+The node's Prometheus metrics, under the names operators' dashboards already use.
+
+They live on prometheus_client's default registry: one node runs per process, and tests that
+need figures read deltas.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_LABELS = ("handler", "method", "code")
+
+http_request_duration_seconds = Histogram(
+    "http_request_duration_seconds",
+    "Time from a request's arrival until its response was finished.",
+    HTTP_LABELS,
+)
+http_response_size_bytes = Histogram(
+    "http_response_size_bytes",
+    "Bytes of response bodies.",
+    HTTP_LABELS,
+    buckets=(0, 1024, 16384, 262144, 1048576, 16777216, 134217728, 1073741824, float("inf")),
+)
+http_requests_inflight = Gauge(
+    "http_requests_inflight",
+    "Requests being served right now.",
+    ("handler",),
+)
+
+mirror_requests_total = Counter(
+    "spegel_mirror_requests_total",
+    "Registry requests for content, by upstream registry and whether this node could serve them.",
+    ("registry", "cache"),
+)
+mirror_last_success_timestamp_seconds = Gauge(
+    "spegel_mirror_last_success_timestamp_seconds",
+    "When a request was last served successfully through a peer.",
+)
+resolve_duration_seconds = Histogram(
+    "spegel_resolve_duration_seconds",
+    "Time to find a provider of a key in the cluster.",
+    ("router",),
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),
+)
+served_bytes_total = Counter(
+    "spegel_served_bytes_total",
+    "Body bytes served to clients, by where they came from (local: this node's containerd; "
+    "peer: streamed from another node).",
+    ("source",),
+)
+digest_mismatches_total = Counter(
+    "spegel_digest_mismatches_total",
+    "Bytes from a peer that did not match their digest; the copy was aborted.",
+)
+containerd_errors_total = Counter(
+    "spegel_containerd_errors_total",
+    "Calls to containerd that failed for a reason other than missing content.",
+)

@@ -1,0 +1,300 @@
+# -*- test-case-name: tests.test_oci -*-
+"""
+The OCI distribution vocabulary spegel speaks: digests, repository names, tags, byte ranges,
+manifest media types, and the errors the distribution spec defines.
+
+Everything here is pure: no I/O, no reactor. The registry resource validates every piece of a
+request with these functions before it touches containerd or the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+from attrs import field, frozen
+
+# Media types a registry hands out for manifests. containerd stores none for content, so the
+# registry sniffs them from the bytes (see sniff_manifest_media_type).
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_MEDIA_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST})
+INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+
+# The distribution registry refuses manifests larger than this; anything bigger is not a
+# manifest we would ever be asked for, so it is never read into memory.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+_DIGEST_PATTERNS = {
+    "sha256": re.compile(r"[a-f0-9]{64}"),
+    "sha512": re.compile(r"[a-f0-9]{128}"),
+}
+# From the distribution spec: path components of lowercase alphanumerics joined by
+# separators; no empty component, no "." or ".." component can match it.
+_REPOSITORY_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"{_REPOSITORY_COMPONENT}(?:/{_REPOSITORY_COMPONENT})*")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# A registry host as containerd sends it in ?ns=: a DNS name or IPv4 address, an optional
+# port, or a bracketed IPv6 literal.
+_REGISTRY_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
+MAX_REPOSITORY_LENGTH = 255
+
+
+class OCIError(Exception):
+    """
+    An error with an OCI distribution error code, rendered as the spec's JSON body.
+
+    @ivar status: the HTTP status code of the response.
+    @ivar code: the distribution spec's error code.
+    """
+
+    status = 500
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, detail: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = dict(detail or {})
+
+    def to_json(self) -> bytes:
+        entry: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail:
+            entry["detail"] = self.detail
+        return json.dumps({"errors": [entry]}).encode("utf-8")
+
+
+class BlobUnknown(OCIError):
+    status, code = 404, "BLOB_UNKNOWN"
+
+
+class ManifestUnknown(OCIError):
+    status, code = 404, "MANIFEST_UNKNOWN"
+
+
+class NameUnknown(OCIError):
+    status, code = 404, "NAME_UNKNOWN"
+
+
+class NameInvalid(OCIError):
+    status, code = 400, "NAME_INVALID"
+
+
+class DigestInvalid(OCIError):
+    status, code = 400, "DIGEST_INVALID"
+
+
+class TagInvalid(OCIError):
+    status, code = 400, "TAG_INVALID"
+
+
+class RangeNotSatisfiable(OCIError):
+    """
+    The Range header is malformed, asks for several ranges, or lies outside the content.
+    (The distribution spec has no code for this; the name says what went wrong.)
+    """
+
+    status, code = 416, "RANGE_INVALID"
+
+    def __init__(self, message: str, size: int | None = None):
+        super().__init__(message, {"size": size} if size is not None else None)
+        self.size = size
+
+
+class Unsupported(OCIError):
+    status, code = 405, "UNSUPPORTED"
+
+
+class HeadersTooLarge(OCIError):
+    status, code = 431, "UNSUPPORTED"
+
+
+class MalformedRequest(OCIError):
+    status, code = 400, "UNSUPPORTED"
+
+
+def parse_digest(text: str) -> str:
+    """
+    Validate a content digest (C{sha256:<64 hex>} or C{sha512:<128 hex>}, lowercase).
+
+    @raise DigestInvalid: for anything else.
+    """
+    algorithm, sep, encoded = text.partition(":")
+    pattern = _DIGEST_PATTERNS.get(algorithm)
+    if not sep or pattern is None or not pattern.fullmatch(encoded):
+        raise DigestInvalid("invalid digest", {"digest": text[:200]})
+    return text
+
+
+def is_digest(text: str) -> bool:
+    try:
+        parse_digest(text)
+    except DigestInvalid:
+        return False
+    return True
+
+
+def parse_repository(text: str) -> str:
+    """
+    Validate a repository name as the distribution spec defines it. Path traversal (C{..}),
+    empty components, upper case and stray characters are all rejected here.
+
+    @raise NameInvalid: when the name does not match.
+    """
+    if len(text) > MAX_REPOSITORY_LENGTH or not _REPOSITORY.fullmatch(text):
+        raise NameInvalid("invalid repository name", {"name": text[:300]})
+    return text
+
+
+def parse_tag(text: str) -> str:
+    """
+    @raise TagInvalid: when C{text} is not a valid tag.
+    """
+    if not _TAG.fullmatch(text):
+        raise TagInvalid("invalid tag", {"tag": text[:200]})
+    return text
+
+
+def parse_registry_host(text: str) -> str:
+    """
+    Validate the registry named by C{?ns=}: a host with an optional port, as containerd sends it.
+
+    @raise NameInvalid: when it is not one.
+    """
+    if len(text) > 255 or not _REGISTRY_HOST.fullmatch(text):
+        raise NameInvalid("invalid registry in ns parameter", {"ns": text[:300]})
+    return text
+
+
+@frozen
+class Reference:
+    """
+    What a manifest request names: a tag or a digest, in a repository of a registry.
+
+    @ivar registry: the registry host from C{?ns=}, or L{None} when the client sent none.
+    """
+
+    registry: str | None
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def tag_key(self) -> str:
+        """
+        The key a tag is known by across the cluster: C{registry/repo:tag}.
+        """
+        return f"{self.registry}/{self.repository}:{self.tag}"
+
+    @property
+    def image_name(self) -> str:
+        """
+        The name containerd gives the image the tag points to.
+        """
+        return self.tag_key
+
+    @property
+    def filter_subject(self) -> str:
+        """
+        The string the registry filters are matched against: C{registry/repo[:tag]}.
+        """
+        base = f"{self.registry or ''}/{self.repository}"
+        return f"{base}:{self.tag}" if self.tag is not None else base
+
+
+def parse_reference(registry: str | None, repository: str, reference: str) -> Reference:
+    """
+    Parse the C{<reference>} of C{/v2/<repo>/manifests/<reference>}: a digest when it
+    contains a colon, a tag otherwise.
+    """
+    repository = parse_repository(repository)
+    if ":" in reference:
+        return Reference(registry, repository, digest=parse_digest(reference))
+    return Reference(registry, repository, tag=parse_tag(reference))
+
+
+@frozen
+class ByteRange:
+    """
+    An inclusive byte range C{first..last} of content of C{size} bytes.
+    """
+
+    first: int
+    last: int
+    size: int = field()
+
+    @property
+    def length(self) -> int:
+        return self.last - self.first + 1
+
+    @property
+    def content_range(self) -> str:
+        return f"bytes {self.first}-{self.last}/{self.size}"
+
+
+_RANGE_SPEC = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | None:
+    """
+    Parse a C{Range} header against content of C{size} bytes.
+
+    @return: L{None} when there is no header (serve everything), else the one range asked for,
+        clamped to the content as RFC 9110 says.
+    @raise RangeNotSatisfiable: for a malformed header, several ranges, or a range that starts
+        past the end. Rejecting rather than ignoring makes a broken client visible.
+    """
+    if header is None:
+        return None
+    match = _RANGE_SPEC.fullmatch(header.strip())
+    if match is None:
+        if header.strip().startswith("bytes=") and "," in header:
+            raise RangeNotSatisfiable("only a single byte range is supported", size)
+        raise RangeNotSatisfiable("malformed Range header", size)
+    first_text, last_text = match.groups()
+    if not first_text:
+        if not last_text:
+            raise RangeNotSatisfiable("malformed Range header", size)
+        suffix = int(last_text)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiable("range not satisfiable", size)
+        return ByteRange(max(0, size - suffix), size - 1, size)
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if last < first:
+        raise RangeNotSatisfiable("malformed Range header", size)
+    if first >= size:
+        raise RangeNotSatisfiable("range not satisfiable", size)
+    return ByteRange(first, min(last, size - 1), size)
+
+
+def sniff_manifest_media_type(data: bytes) -> str | None:
+    """
+    Tell which kind of manifest C{data} is, for content containerd stored without a media type.
+
+    The document's own C{mediaType} wins when it is one we know; otherwise its shape decides:
+    C{manifests} makes an index, C{config} plus C{layers} a manifest.
+
+    @return: the media type, or L{None} when C{data} is not a manifest at all.
+    """
+    if len(data) > MAX_MANIFEST_SIZE or not data.lstrip().startswith(b"{"):
+        return None
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    declared = document.get("mediaType")
+    if declared in MANIFEST_MEDIA_TYPES:
+        return declared
+    if isinstance(document.get("manifests"), list):
+        return OCI_INDEX
+    if isinstance(document.get("config"), dict) and isinstance(document.get("layers"), list):
+        return OCI_MANIFEST
+    return None

@@ -1,0 +1,387 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+The pull-only OCI registry every node serves to its own containerd and to its peers.
+
+Manifests (by tag or digest) and blobs (by digest, whole or one byte range) come from this
+node's containerd. What it does not hold is handed to the mirror (the P2P lookup) unless the
+request came from a peer (C{X-Spegel-Mirrored: true}, the loop guard); with no mirror, or when
+the mirror finds nothing, the answer is a 404 that sends containerd on to the next host.
+
+Every error leaves as the distribution spec's JSON body, from one place (L{_oci_error}).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Protocol, Sequence
+
+from attrs import frozen
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from spegel import metrics
+from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
+from spegel.oci import (
+    BlobUnknown,
+    ByteRange,
+    HeadersTooLarge,
+    MalformedRequest,
+    ManifestUnknown,
+    NameUnknown,
+    OCIError,
+    RangeNotSatisfiable,
+    Reference,
+    Unsupported,
+    parse_digest,
+    parse_range,
+    parse_reference,
+    parse_registry_host,
+    parse_repository,
+)
+from spegel.content import LocalContent
+
+MIRRORED_HEADER = "X-Spegel-Mirrored"
+
+
+@frozen
+class RegistryFilter:
+    """
+    Which requests this node serves at all.
+
+    @ivar mirrored_registries: the registry hosts (C{host[:port]}) that may be asked for; empty
+        means every registry.
+    @ivar patterns: regexes searched in C{registry/repo[:tag]}; a match filters the request out.
+    """
+
+    mirrored_registries: frozenset[str] = frozenset()
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    def check(self, reference: Reference) -> None:
+        """
+        @raise NameUnknown: when the request is filtered out: a 404, as for any miss.
+        """
+        if (
+            self.mirrored_registries
+            and reference.registry is not None
+            and reference.registry not in self.mirrored_registries
+        ):
+            raise NameUnknown("registry is not mirrored", {"registry": reference.registry})
+        subject = reference.filter_subject
+        for pattern in self.patterns:
+            if pattern.search(subject):
+                raise NameUnknown("repository is filtered", {"name": subject})
+
+
+class Mirror(Protocol):
+    """
+    Where a request goes that this node cannot answer from its own containerd.
+    """
+
+    async def serve_manifest(self, request: Request, reference: Reference) -> bytes | None:
+        """
+        Answer from a peer, or raise L{ManifestUnknown}.
+        """
+
+    async def serve_blob(self, request: Request, reference: Reference) -> bytes | None:
+        """
+        Answer from a peer, or raise L{BlobUnknown}.
+        """
+
+
+def _observed(handler: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """
+    Record the HTTP metrics of every request a route handles.
+    """
+
+    def decorate(route: Callable[..., Any]) -> Callable[..., Any]:
+        def observe(self: "RegistryResource", request: Request, **kwargs: Any) -> Any:
+            started = self._clock.seconds()
+            method = request.method.decode("ascii", "replace")
+            inflight = metrics.http_requests_inflight.labels(handler)
+            inflight.inc()
+
+            def finished(result: object) -> None:
+                inflight.dec()
+                code = str(request.code)
+                labels = (handler, method, code)
+                metrics.http_request_duration_seconds.labels(*labels).observe(
+                    self._clock.seconds() - started
+                )
+                size = request.sentLength
+                if not isinstance(result, Failure) and method != "HEAD":
+                    size = max(size, int(request.responseHeaders.getRawHeaders(
+                        b"content-length", [b"0"])[0] or 0))
+                metrics.http_response_size_bytes.labels(*labels).observe(size)
+
+            request.notifyFinish().addBoth(finished)
+            return route(self, request, **kwargs)
+
+        observe.__name__ = route.__name__
+        observe.__doc__ = route.__doc__
+        return observe
+
+    return decorate
+
+
+class RegistryResource:
+    """
+    The registry's Klein application, bound to this node's content.
+
+    @param clock: for timing requests.
+    @param content: what this node's containerd holds.
+    @param ready: tells whether the node is ready (C{/readyz}).
+    @param mirror: what to ask on a local miss; L{None} answers every miss with a 404.
+    """
+
+    app = Klein()
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        content: LocalContent,
+        registry_filter: RegistryFilter = RegistryFilter(),
+        *,
+        ready: Callable[[], bool] = lambda: True,
+        mirror: Mirror | None = None,
+    ):
+        self._clock = clock
+        self._content = content
+        self._filter = registry_filter
+        self._ready = ready
+        self._mirror = mirror
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/livez", methods=["GET", "HEAD"])
+    @_observed("livez")
+    def livez(self, request: Request) -> bytes:
+        return b""
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    @_observed("readyz")
+    def readyz(self, request: Request) -> bytes:
+        if not self._ready():
+            request.setResponseCode(http.SERVICE_UNAVAILABLE)
+            return b"not ready\n"
+        return b""
+
+    @app.route("/v2/", methods=["GET", "HEAD"])
+    @app.route("/v2", methods=["GET", "HEAD"])
+    @_observed("v2")
+    def v2(self, request: Request) -> bytes:
+        request.setHeader("Docker-Distribution-API-Version", "registry/2.0")
+        return b""
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
+    @_observed("manifest")
+    async def manifest(self, request: Request, name: str, reference: str) -> bytes | None:
+        ref = self._reference(request, name, reference)
+        try:
+            if ref.digest is not None:
+                found = await self._content.manifest(ref.digest)
+            else:
+                target = await self._content.resolve_tag(ref)
+                found = await self._content.manifest(target.digest, target.media_type)
+        except ManifestUnknown:
+            return await self._miss(request, ref, "manifest")
+        self._count(request, ref, "hit")
+        request.setHeader("Content-Type", found.media_type)
+        request.setHeader("Content-Length", str(len(found.data)))
+        request.setHeader("Docker-Content-Digest", found.digest)
+        request.setHeader("ETag", f'"{found.digest}"')
+        if request.method == b"HEAD":
+            return b""
+        metrics.served_bytes_total.labels("local").inc(len(found.data))
+        return found.data
+
+    @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
+    @_observed("blob")
+    async def blob(self, request: Request, name: str, digest: str) -> bytes | None:
+        registry = self._registry(request)
+        ref = Reference(registry, parse_repository(name), digest=parse_digest(digest))
+        self._filter.check(ref)
+        try:
+            found = await self._content.blob(ref.digest)  # type: ignore[arg-type]
+        except BlobUnknown:
+            return await self._miss(request, ref, "blob")
+        self._count(request, ref, "hit")
+        byte_range = parse_range(_header(request, "Range"), found.size)
+        set_blob_headers(request, found.digest, found.size, byte_range)
+        if request.method == b"HEAD":
+            return b""
+        first = byte_range.first if byte_range else 0
+        length = byte_range.length if byte_range else found.size
+        served = metrics.served_bytes_total.labels("local").inc
+        producer: FileBodyProducer | ChunkedReadProducer | None = None
+        if found.path is not None:
+            try:
+                fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                self._log.warn("cannot open {path}, reading through containerd: {e}",
+                               path=found.path, e=e)
+            else:
+                producer = FileBodyProducer(request, fd, first, length, on_bytes=served)
+        if producer is None:
+            producer = ChunkedReadProducer(
+                request,
+                lambda offset, size: self._content.read(found.digest, offset, size),
+                first,
+                length,
+                on_bytes=served,
+            )
+        try:
+            await producer.start()
+        except BodyInterrupted as e:
+            self._log.info("blob {digest} interrupted: {e}", digest=found.digest, e=e)
+            abort_response(request)
+        return None
+
+    @app.route("/v2/<path:rest>", methods=["PUT", "POST", "PATCH", "DELETE"])
+    @_observed("unsupported")
+    def unsupported(self, request: Request, rest: str) -> bytes:
+        raise Unsupported("this registry is a pull-only mirror")
+
+    @app.handle_errors(OCIError)
+    def _oci_error(self, request: Request, failure: Failure) -> bytes:
+        error: OCIError = failure.value  # type: ignore[assignment]
+        return write_oci_error(request, error)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: Request, failure: Failure) -> bytes:
+        return write_oci_error(request, NameUnknown("not found"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def _not_allowed(self, request: Request, failure: Failure) -> bytes:
+        return write_oci_error(request, Unsupported("method not allowed"))
+
+    def _registry(self, request: Request) -> str | None:
+        values: Sequence[bytes] | None = request.args.get(b"ns")
+        if not values:
+            return None
+        try:
+            text = values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            text = repr(values[0])
+        return parse_registry_host(text)
+
+    def _reference(self, request: Request, name: str, reference: str) -> Reference:
+        ref = parse_reference(self._registry(request), name, reference)
+        self._filter.check(ref)
+        if ref.tag is not None and ref.registry is None:
+            # A tag means nothing without its registry: docker.io/x:latest is not quay.io/x:latest.
+            raise ManifestUnknown("a tag request needs ?ns=<registry>")
+        return ref
+
+    async def _miss(self, request: Request, ref: Reference, kind: str) -> bytes | None:
+        """
+        This node does not hold C{ref}: ask the cluster, unless a peer is asking.
+        """
+        if self._mirror is not None and _header(request, MIRRORED_HEADER) != "true":
+            try:
+                if kind == "manifest":
+                    result = await self._mirror.serve_manifest(request, ref)
+                else:
+                    result = await self._mirror.serve_blob(request, ref)
+            except (ManifestUnknown, BlobUnknown):
+                pass
+            else:
+                self._count(request, ref, "hit")
+                return result
+        self._count(request, ref, "miss")
+        if kind == "manifest":
+            raise ManifestUnknown("manifest unknown", {"reference": ref.digest or ref.tag})
+        raise BlobUnknown("blob unknown", {"digest": ref.digest})
+
+    def _count(self, request: Request, ref: Reference, cache: str) -> None:
+        # Only containerd's own requests count; a peer's request is part of another node's.
+        if _header(request, MIRRORED_HEADER) != "true":
+            metrics.mirror_requests_total.labels(ref.registry or "", cache).inc()
+
+
+def _header(request: Request, name: str) -> str | None:
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def set_blob_headers(
+    request: Request, digest: str, size: int, byte_range: ByteRange | None
+) -> None:
+    request.setHeader("Content-Type", "application/octet-stream")
+    request.setHeader("Accept-Ranges", "bytes")
+    request.setHeader("Docker-Content-Digest", digest)
+    request.setHeader("ETag", f'"{digest}"')
+    if byte_range is None:
+        request.setHeader("Content-Length", str(size))
+    else:
+        request.setResponseCode(http.PARTIAL_CONTENT)
+        request.setHeader("Content-Range", byte_range.content_range)
+        request.setHeader("Content-Length", str(byte_range.length))
+
+
+def write_oci_error(request: Request, error: OCIError) -> bytes:
+    """
+    Turn C{error} into the response: status, JSON body, and for a 416 the size of the content.
+    """
+    body = error.to_json()
+    request.setResponseCode(error.status)
+    # Headers of a response that was being prepared must not survive into the error.
+    for name in (b"content-range", b"accept-ranges", b"docker-content-digest", b"etag"):
+        request.responseHeaders.removeHeader(name)
+    if isinstance(error, RangeNotSatisfiable) and error.size is not None:
+        request.setHeader("Content-Range", f"bytes */{error.size}")
+    request.setHeader("Content-Type", "application/json")
+    request.setHeader("Content-Length", str(len(body)))
+    return body
+
+
+def abort_response(request: Request) -> None:
+    """
+    End a response whose body cannot be completed. Closing the connection before the
+    announced length is the only way HTTP/1.1 has to tell the client the body is not whole.
+    """
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+class OCIHTTPChannel(http.HTTPChannel):
+    """
+    An HTTP channel that answers malformed or oversized requests with an OCI error body
+    rather than Twisted's bare 400, so a client (or an operator with curl) sees what was wrong.
+    """
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            error: OCIError = HeadersTooLarge("request headers too large")
+        else:
+            error = MalformedRequest("malformed HTTP request")
+        self._write_error_and_disconnect(error)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._write_error_and_disconnect(HeadersTooLarge("request line or header too long"))
+
+    def _write_error_and_disconnect(self, error: OCIError) -> None:
+        body = error.to_json()
+        reason = http.RESPONSES.get(error.status, b"Request Header Fields Too Large")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body)
+        )
+        self.loseConnection()
+
+
+def make_site(resource: Any) -> Site:
+    site = Site(resource)
+    site.protocol = OCIHTTPChannel
+    site.displayTracebacks = False
+    return site
