@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_dht_protocol -*-
+"""
+The DHT's request/reply protocol over UDP, modelled on Twisted's C{DNSDatagramProtocol}.
+
+Each outstanding request sits in a table C{txid -> _Pending}: a random 8-byte transaction id,
+the L{Deferred} its caller waits on, the timeout call and the address asked.  A reply is
+accepted only if its txid is pending I{and} it comes from that address with the reply kind
+the request expects; anything else is dropped and counted, as are malformed, oversized,
+unauthenticated or unknown datagrams.  Nothing a peer sends can raise into the reactor.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from typing import Callable, Protocol
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from spegel.dht import metrics, wire
+from spegel.dht.wire import Body, Kind, MalformedDatagram, Message, OversizedMessage
+
+Address = tuple[str, int]
+
+REPLY_KIND = {
+    Kind.PING: Kind.PONG,
+    Kind.FIND_NODE: Kind.NODES,
+    Kind.ADD_PROVIDER: Kind.ADD_PROVIDER_ACK,
+    Kind.GET_PROVIDERS: Kind.PROVIDERS,
+}
+
+
+class DHTError(Exception):
+    """
+    Base class of the DHT's request failures.
+    """
+
+
+class DHTTimeout(DHTError):
+    """
+    A request got no acceptable reply in time.
+    """
+
+    def __init__(self, kind: Kind, address: Address) -> None:
+        super().__init__(f"{kind.name} to {address[0]}:{address[1]} timed out")
+        self.kind = kind
+        self.address = address
+
+
+class DHTSendError(DHTError):
+    """
+    A request could not be sent (bad address, socket error, not listening).
+    """
+
+
+class MessageHandler(Protocol):
+    def message_received(self, message: Message, address: Address) -> None:
+        """
+        Called for every accepted message (request or solicited reply): routing upkeep.
+        """
+
+    def handle_request(self, message: Message, address: Address) -> Body:
+        """
+        The body of the reply to a request.
+        """
+
+
+@frozen
+class _Pending:
+    deferred: Deferred[Message]
+    timeout_call: IDelayedCall
+    address: Address
+    kind: Kind
+
+
+def normalize_address(address: tuple) -> Address:
+    """
+    C{(host, port)} with a canonical IP text (IPv6 socket addresses come with flow info and
+    scope, and IPv4 peers of a dual-stack socket look like C{::ffff:a.b.c.d}).
+    """
+    host, port = address[0], address[1]
+    try:
+        host = wire.normalize_host(host)
+    except ValueError:
+        pass
+    return (host, port)
+
+
+class DHTProtocol(DatagramProtocol):
+    """
+    @ivar dropped: per-instance count of dropped datagrams by reason (the metric sums all
+        nodes of a process; tests read this).
+    @ivar sent: per-instance count of datagrams sent, by kind.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: bytes,
+        clock: IReactorTime,
+        handler: MessageHandler,
+        *,
+        secret: bytes | None = None,
+        timeout: float = 0.5,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.handler = handler
+        self.secret = secret
+        self.timeout = timeout
+        self.randbytes = randbytes
+        self.pending: dict[bytes, _Pending] = {}
+        self.dropped: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+
+    def stopProtocol(self) -> None:
+        # The port is gone: nothing pending can be answered any more.
+        for txid in list(self.pending):
+            pending = self.pending.pop(txid)
+            pending.timeout_call.cancel()
+            pending.deferred.errback(DHTSendError("protocol stopped"))
+
+    def request(self, address: Address, body: Body, timeout: float | None = None) -> Deferred[Message]:
+        """
+        Send the request C{body} to C{address}.
+
+        @return: fires with the reply L{Message}, or fails with L{DHTTimeout} or
+            L{DHTSendError}.  Cancelling it forgets the request.
+        """
+        address = normalize_address(address)
+        txid = self.randbytes(wire.TXID_BYTES)
+        while txid in self.pending:
+            txid = self.randbytes(wire.TXID_BYTES)
+
+        def cancel(d: Deferred[Message]) -> None:
+            pending = self.pending.pop(txid, None)
+            if pending is not None:
+                pending.timeout_call.cancel()
+
+        deferred: Deferred[Message] = Deferred(cancel)
+        try:
+            self._send(Message(txid, self.node_id, body), address)
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            deferred.errback(DHTSendError(f"{body.kind.name} to {address}: {e}"))
+            return deferred
+
+        def expire() -> None:
+            pending = self.pending.pop(txid, None)
+            if pending is not None:
+                metrics.RPC_TIMEOUTS.labels(body.kind.name).inc()
+                pending.deferred.errback(DHTTimeout(body.kind, address))
+
+        call = self.clock.callLater(self.timeout if timeout is None else timeout, expire)
+        self.pending[txid] = _Pending(deferred, call, address, body.kind)
+        return deferred
+
+    def _send(self, message: Message, address: Address) -> None:
+        data = self._encode(message)
+        if self.transport is None:
+            raise OSError("not listening")
+        self.transport.write(data, address)
+        kind = message.kind.name
+        self.sent[kind] += 1
+        metrics.DATAGRAMS_SENT.labels(kind).inc()
+
+    def _encode(self, message: Message) -> bytes:
+        body = message.body
+        if isinstance(body, wire.Nodes):
+            contacts = body.contacts
+            return wire.fit(
+                lambda n: Message(message.txid, message.sender_id, wire.Nodes(contacts[:n])),
+                len(contacts),
+                self.secret,
+            )
+        if isinstance(body, wire.Providers):
+            providers, contacts = body.providers, body.contacts
+
+            def make(n: int) -> Message:
+                # Contacts go first: the providers are what the asker came for.
+                kept = min(n, len(providers))
+                trimmed = wire.Providers(providers[:kept], contacts[: n - kept])
+                return Message(message.txid, message.sender_id, trimmed)
+
+            return wire.fit(make, len(providers) + len(contacts), self.secret)
+        return wire.encode(message, self.secret)
+
+    def _drop(self, reason: str, address: tuple, detail: object = "") -> None:
+        self.dropped[reason] += 1
+        metrics.DATAGRAMS_DROPPED.labels(reason).inc()
+        self.log.debug(
+            "Dropped datagram from {address}: {reason} {detail}",
+            address=address,
+            reason=reason,
+            detail=detail,
+        )
+
+    def datagramReceived(self, data: bytes, addr: tuple) -> None:
+        try:
+            self._datagram_received(data, addr)
+        except Exception:
+            # Belt and braces: a bug in handling one datagram must not reach the reactor.
+            self._drop("internal_error", addr)
+            self.log.failure("Error handling a datagram from {address}", address=addr)
+
+    def _datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            message = wire.decode(data, self.secret)
+        except MalformedDatagram as e:
+            self._drop(e.reason, addr, e)
+            return
+        address = normalize_address(addr)
+        if message.is_request:
+            self._count_received(message)
+            self.handler.message_received(message, address)
+            self._reply(message, address)
+            return
+        pending = self.pending.get(message.txid)
+        if pending is None:
+            self._drop("unsolicited", addr)
+            return
+        if pending.address != address:
+            self._drop("wrong_address", addr)
+            return
+        if REPLY_KIND[pending.kind] != message.kind:
+            self._drop("unexpected_kind", addr)
+            return
+        del self.pending[message.txid]
+        pending.timeout_call.cancel()
+        self._count_received(message)
+        self.handler.message_received(message, address)
+        pending.deferred.callback(message)
+
+    def _count_received(self, message: Message) -> None:
+        self.received[message.kind.name] += 1
+        metrics.DATAGRAMS_RECEIVED.labels(message.kind.name).inc()
+
+    def _reply(self, request: Message, address: Address) -> None:
+        try:
+            body = self.handler.handle_request(request, address)
+        except Exception:
+            self._drop("handler_error", address)
+            self.log.failure("Error answering {kind} from {address}", kind=request.kind.name, address=address)
+            return
+        try:
+            self._send(Message(request.txid, self.node_id, body), address)
+        except (OSError, OversizedMessage) as e:
+            self.log.warn("Could not reply to {address}: {error}", address=address, error=e)
+
+

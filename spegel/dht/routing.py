@@ -1,0 +1,179 @@
+# -*- test-case-name: tests.test_dht_routing -*-
+"""
+The Kademlia routing table: k-buckets indexed by shared id prefix length (paper, section 2.2).
+
+Bucket C{i} holds up to C{k} contacts whose ids share exactly C{i} leading bits with ours,
+least-recently seen first.  A new contact for a full bucket does not push anyone out: the
+oldest contact is pinged, and only replaced (by the freshest contact of the bucket's
+replacement cache) if it fails to answer.  Long-lived nodes therefore stay, which the paper
+argues is what makes the table resistant to churn and flooding.
+
+The table does no I/O: L{RoutingTable.observe} returns the contact the caller should ping,
+and the caller reports the outcome with L{RoutingTable.observe} (it answered) or
+L{RoutingTable.evict} (it did not).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, Iterator
+
+from attrs import define, field
+
+from spegel.dht.ids import ID_BITS, Contact, common_prefix_bits, distance
+
+
+@define(eq=False)
+class KBucket:
+    """
+    One k-bucket.  C{contacts} is ordered least-recently seen first.
+    """
+
+    last_lookup: float
+    contacts: OrderedDict[bytes, Contact] = field(factory=OrderedDict)
+    replacements: OrderedDict[bytes, Contact] = field(factory=OrderedDict)
+    pinging: bytes | None = None
+
+
+@define(eq=False)
+class RoutingTable:
+    """
+    @ivar own_id: this node's id (never stored in its own table).
+    @ivar k: bucket capacity (and replacement cache size).
+    @ivar now: current time, for bucket refresh bookkeeping.
+    @ivar max_failures: consecutive failed requests after which a contact is dropped.
+    @ivar on_size_change: called with +1/-1 as contacts come and go (metrics).
+    """
+
+    own_id: bytes
+    k: int
+    now: Callable[[], float]
+    max_failures: int = 2
+    on_size_change: Callable[[int], None] = lambda delta: None
+    _buckets: list[KBucket] = field(init=False)
+    _failures: dict[bytes, int] = field(init=False, factory=dict)
+    _size: int = field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        start = self.now()
+        self._buckets = [KBucket(last_lookup=start) for _ in range(ID_BITS)]
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Contact]:
+        for bucket in self._buckets:
+            yield from bucket.contacts.values()
+
+    def __contains__(self, node_id: bytes) -> bool:
+        return self.get(node_id) is not None
+
+    def get(self, node_id: bytes) -> Contact | None:
+        if node_id == self.own_id:
+            return None
+        return self._bucket(node_id).contacts.get(node_id)
+
+    def bucket_index(self, node_id: bytes) -> int:
+        return common_prefix_bits(self.own_id, node_id)
+
+    def _bucket(self, node_id: bytes) -> KBucket:
+        return self._buckets[self.bucket_index(node_id)]
+
+    def observe(self, contact: Contact) -> Contact | None:
+        """
+        Record that C{contact} was just heard from (a request or a reply).
+
+        @return: the least-recently seen contact of a full bucket, which the caller should
+            ping before C{contact} can take its place; L{None} otherwise.
+        """
+        if contact.node_id == self.own_id:
+            return None
+        self._failures.pop(contact.node_id, None)
+        bucket = self._bucket(contact.node_id)
+        if contact.node_id in bucket.contacts:
+            # Refreshed (and possibly moved address, e.g. a restarted pod): to the tail.
+            del bucket.contacts[contact.node_id]
+            bucket.contacts[contact.node_id] = contact
+            if bucket.pinging == contact.node_id:
+                bucket.pinging = None
+            return None
+        if len(bucket.contacts) < self.k:
+            bucket.contacts[contact.node_id] = contact
+            bucket.replacements.pop(contact.node_id, None)
+            self._resize(+1)
+            return None
+        bucket.replacements.pop(contact.node_id, None)
+        bucket.replacements[contact.node_id] = contact
+        while len(bucket.replacements) > self.k:
+            bucket.replacements.popitem(last=False)
+        if bucket.pinging is not None:
+            return None
+        oldest = next(iter(bucket.contacts.values()))
+        bucket.pinging = oldest.node_id
+        return oldest
+
+    def evict(self, node_id: bytes) -> None:
+        """
+        Drop C{node_id} (it failed to answer) and promote the freshest replacement.
+        """
+        bucket = self._bucket(node_id)
+        if bucket.pinging == node_id:
+            bucket.pinging = None
+        self._failures.pop(node_id, None)
+        if bucket.contacts.pop(node_id, None) is None:
+            bucket.replacements.pop(node_id, None)
+            return
+        self._resize(-1)
+        if bucket.replacements:
+            _, replacement = bucket.replacements.popitem(last=True)
+            bucket.contacts[replacement.node_id] = replacement
+            self._resize(+1)
+
+    def failed(self, node_id: bytes) -> None:
+        """
+        A request to C{node_id} went unanswered; drop it after C{max_failures} in a row.
+        """
+        if node_id not in self:
+            self._bucket(node_id).replacements.pop(node_id, None)
+            return
+        count = self._failures.get(node_id, 0) + 1
+        if count >= self.max_failures:
+            self.evict(node_id)
+        else:
+            self._failures[node_id] = count
+
+    def closest(self, target: bytes, count: int, exclude: Iterable[bytes] = ()) -> list[Contact]:
+        """
+        The (at most) C{count} known contacts nearest to C{target} by XOR distance.
+        """
+        excluded = set(exclude)
+        candidates = [c for c in self if c.node_id not in excluded]
+        target_int = int.from_bytes(target, "big")
+        candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ target_int)
+        return candidates[:count]
+
+    def touch(self, target: bytes) -> None:
+        """
+        A lookup for C{target} just ran: its bucket needs no refresh for a while.
+        """
+        if target != self.own_id:
+            self._bucket(target).last_lookup = self.now()
+
+    def stale_buckets(self, interval: float) -> list[int]:
+        """
+        Indexes of buckets not looked up for C{interval} seconds, among those that can hold
+        anyone: up to one past the deepest non-empty bucket (deeper ones are empty in any
+        network smaller than 2**index nodes, and looking them up only finds our neighbours).
+        """
+        deepest = max((i for i, b in enumerate(self._buckets) if b.contacts), default=0)
+        limit = min(ID_BITS, deepest + 2)
+        now = self.now()
+        return [i for i in range(limit) if now - self._buckets[i].last_lookup >= interval]
+
+    def _resize(self, delta: int) -> None:
+        self._size += delta
+        self.on_size_change(delta)
+
+
+def sort_by_distance(target: bytes, contacts: Iterable[Contact]) -> list[Contact]:
+    return sorted(contacts, key=lambda c: distance(c.node_id, target))

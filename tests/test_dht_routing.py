@@ -1,0 +1,118 @@
+"""
+Tests for L{spegel.dht.routing}.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from spegel.dht.ids import Contact, common_prefix_bits, distance
+from spegel.dht.routing import RoutingTable
+
+OWN = bytes(32)
+
+
+def in_bucket(index: int, n: int) -> Contact:
+    """
+    The C{n}th contact of bucket C{index} of a table owned by C{OWN}.
+    """
+    value = (1 << (255 - index)) | n
+    return Contact(value.to_bytes(32, "big"), "10.0.0.1", 1000 + n)
+
+
+class RoutingTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sizes: list[int] = []
+        self.table = RoutingTable(OWN, 3, self.clock.seconds, on_size_change=self.sizes.append)
+
+    def test_observe_adds_and_ignores_self(self) -> None:
+        self.assertIsNone(self.table.observe(Contact(OWN, "10.0.0.1", 1)))
+        self.assertEqual(len(self.table), 0)
+        c = in_bucket(5, 1)
+        self.assertIsNone(self.table.observe(c))
+        self.assertEqual(len(self.table), 1)
+        self.assertIn(c.node_id, self.table)
+        self.assertEqual(self.table.bucket_index(c.node_id), 5)
+        self.assertEqual(self.sizes, [1])
+
+    def test_observe_moves_to_tail_and_updates_address(self) -> None:
+        a, b = in_bucket(0, 1), in_bucket(0, 2)
+        self.table.observe(a)
+        self.table.observe(b)
+        moved = Contact(a.node_id, "10.9.9.9", 7)
+        self.table.observe(moved)
+        self.assertEqual(list(self.table), [b, moved])
+
+    def test_full_bucket_pings_oldest_once(self) -> None:
+        first, second, third = (in_bucket(0, i) for i in range(3))
+        for c in (first, second, third):
+            self.assertIsNone(self.table.observe(c))
+        self.assertEqual(self.table.observe(in_bucket(0, 10)), first)
+        # Only one eviction ping per bucket at a time.
+        self.assertIsNone(self.table.observe(in_bucket(0, 11)))
+        self.assertEqual(len(self.table), 3)
+
+    def test_oldest_answers_keeps_its_place(self) -> None:
+        contacts = [in_bucket(0, i) for i in range(3)]
+        for c in contacts:
+            self.table.observe(c)
+        newcomer = in_bucket(0, 10)
+        oldest = self.table.observe(newcomer)
+        self.table.observe(oldest)
+        self.assertNotIn(newcomer.node_id, self.table)
+        self.assertEqual(list(self.table), contacts[1:] + contacts[:1])
+        # The bucket can ping again for the next newcomer.
+        self.assertEqual(self.table.observe(in_bucket(0, 11)), contacts[1])
+
+    def test_oldest_silent_is_replaced_by_freshest(self) -> None:
+        for i in range(3):
+            self.table.observe(in_bucket(0, i))
+        oldest = self.table.observe(in_bucket(0, 10))
+        self.table.observe(in_bucket(0, 11))
+        self.table.evict(oldest.node_id)
+        self.assertNotIn(oldest.node_id, self.table)
+        self.assertIn(in_bucket(0, 11).node_id, self.table)
+        self.assertEqual(len(self.table), 3)
+        self.assertEqual(sum(self.sizes), 3)
+
+    def test_failures_evict_after_max(self) -> None:
+        c = in_bucket(3, 1)
+        self.table.observe(c)
+        self.table.failed(c.node_id)
+        self.assertIn(c.node_id, self.table)
+        self.table.failed(c.node_id)
+        self.assertNotIn(c.node_id, self.table)
+        self.assertEqual(sum(self.sizes), 0)
+
+    def test_answer_resets_failures(self) -> None:
+        c = in_bucket(3, 1)
+        self.table.observe(c)
+        self.table.failed(c.node_id)
+        self.table.observe(c)
+        self.table.failed(c.node_id)
+        self.assertIn(c.node_id, self.table)
+
+    def test_failed_unknown_and_evict_unknown_are_harmless(self) -> None:
+        self.table.failed(in_bucket(1, 1).node_id)
+        self.table.evict(in_bucket(1, 1).node_id)
+        self.assertEqual(len(self.table), 0)
+
+    def test_closest(self) -> None:
+        contacts = [in_bucket(i, j) for i in range(0, 40, 3) for j in range(3)]
+        for c in contacts:
+            self.table.observe(c)
+        target = in_bucket(9, 2).node_id
+        best = self.table.closest(target, 4)
+        expected = sorted(contacts, key=lambda c: distance(c.node_id, target))[:4]
+        self.assertEqual(best, expected)
+        self.assertEqual(best[0].node_id, target)
+        self.assertNotIn(target, [c.node_id for c in self.table.closest(target, 4, exclude=[target])])
+
+    def test_stale_buckets(self) -> None:
+        self.table.observe(in_bucket(4, 1))
+        self.assertEqual(self.table.stale_buckets(60), [])
+        self.clock.advance(60)
+        self.assertEqual(self.table.stale_buckets(60), list(range(6)))
+        self.table.touch(in_bucket(2, 9).node_id)
+        self.assertEqual(self.table.stale_buckets(60), [0, 1, 3, 4, 5])
+        self.assertEqual(common_prefix_bits(OWN, in_bucket(2, 9).node_id), 2)
