@@ -11,10 +11,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import sys
 import tarfile
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from spegel.testing.cluster import Cluster, static_bootstrap
 from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.images import (
     DOCKER_CONFIG,
@@ -32,7 +35,8 @@ from spegel.testing.images import (
     build_index,
     iter_chunks,
 )
-from spegel.testing.process import CommandFailed, live_processes
+from spegel.testing.node import SpegelNode
+from spegel.testing.process import CommandFailed, ProcessFailed, live_processes
 from spegel.testing.registry import UpstreamRegistry
 from spegel.testing.shared import Shared
 
@@ -290,3 +294,126 @@ class RegistryAndContainerdTests(TestCase):
         finally:
             self.registry.start()
         self.assertIn("connection refused", error.stderr)
+
+
+FAKE_NODE = [sys.executable, "-m", "spegel.testing.fakenode"]
+
+
+class SpegelNodeProcessTests(TestCase):
+    """
+    L{SpegelNode}'s process handling, exercised with the L{spegel.testing.fakenode} stand-in
+    (the real node has its own end-to-end tests).  No containerd is needed: the stand-in never
+    connects to it.
+    """
+
+    def setUp(self) -> None:
+        self.node = SpegelNode(
+            containerd=ContainerdDaemon(),
+            mirrored_registries=["http://127.0.0.1:5000"],
+            command=FAKE_NODE,
+            name="fake-node",
+        )
+        self.addCleanup(self.node.cleanup)
+        self.addCleanup(shutil.rmtree, self.node.containerd.base_dir, True)
+
+    def test_commandLine(self) -> None:
+        """
+        The node is given its containerd's socket, namespace and content path, its own data
+        directory, loopback addresses and the mirrored registries, then the extra arguments.
+        """
+        self.node.extra_args.extend(["--registry-filters", "x"])
+        args = self.node.args()
+        self.assertEqual(args[: len(FAKE_NODE) + 1], [*FAKE_NODE, "spegel"])
+
+        def value(flag: str) -> str:
+            return args[args.index(flag) + 1]
+
+        self.assertEqual(value("--containerd-sock"), self.node.containerd.socket)
+        self.assertEqual(value("--containerd-namespace"), "k8s.io")
+        self.assertEqual(value("--containerd-content-path"), self.node.containerd.content_path)
+        self.assertEqual(value("--registry-addr"), f"127.0.0.1:{self.node.registry_port}")
+        self.assertEqual(value("--mirrored-registries"), "http://127.0.0.1:5000")
+        self.assertTrue(value("--data-dir").startswith(self.node.base_dir))
+        self.assertEqual(args[-2:], ["--registry-filters", "x"])
+        self.assertEqual(len({self.node.registry_port, self.node.router_port, self.node.metrics_port}), 3)
+
+    def test_lifecycle(self) -> None:
+        """
+        C{start} waits for C{/livez}; metrics parse; C{restart} comes back on the same port;
+        C{kill} leaves no process.
+        """
+        self.node.start()
+        self.node.wait_ready()
+        self.assertEqual(self.node.request("GET", "/v2/x/blobs/y").status, 404)
+        metrics = self.node.metrics()
+        # /livez by start(), /readyz, and the GET above: at least three.
+        self.assertGreaterEqual(metrics.total("spegel_fake_requests_total"), 3)
+        self.assertEqual(metrics[("spegel_fake_requests_total", (("port", "registry"),))], metrics.total("spegel_fake_requests_total"))
+        self.assertEqual(metrics.total("spegel_fake_requests_total", port="other"), 0)
+        firstPid, port = self.node.pid, self.node.registry_port
+        self.node.restart()
+        self.assertNotEqual(self.node.pid, firstPid)
+        self.assertEqual(self.node.registry_port, port)
+        self.assertEqual(self.node.request("GET", "/livez").status, 200)
+        self.assertIn("fakenode: serving", self.node.log_text())
+        self.assertEqual(self.node.log_text().count("==== starting"), 2)
+        pid = self.node.pid
+        self.node.kill()
+        self.assertFalse(self.node.running)
+        self.assertFalse(_isAlive(pid))
+
+    def test_failedStartReportsLog(self) -> None:
+        """
+        A node that exits during start-up makes C{start} raise L{ProcessFailed} quoting its log.
+        """
+        self.node.extra_args.append("--fail-start")
+        error = self.assertRaises(ProcessFailed, self.node.start)
+        self.assertIn("refusing to start", str(error))
+        self.assertIn("exited (3)", str(error))
+
+
+class ClusterLifecycleTests(TestCase):
+    """
+    L{Cluster} starts and stops everything together.
+    """
+
+    def test_stopLeavesNothing(self) -> None:
+        """
+        After the C{with} block no process of the cluster is alive and its directory is gone,
+        also when the block raised.
+        """
+        pids = []
+        cluster = Cluster(2, node_command=FAKE_NODE, node_args=static_bootstrap)
+        with self.assertRaises(ZeroDivisionError):
+            with cluster:
+                pids = [cluster.registry.pid, *(d.pid for d in cluster.containerds), *(n.pid for n in cluster.nodes)]
+                self.assertEqual(len(set(pids)), 5)
+                self.assertTrue(all(_isAlive(pid) for pid in pids))
+                self.assertEqual(cluster.nodes[0].request("GET", "/livez").status, 200)
+                self.assertEqual(cluster.containerds[1].content_digests(), set())
+                self.assertEqual(cluster.nodes[1].mirrored_registries, [cluster.registry.url])
+                1 / 0
+        self.assertEqual([pid for pid in pids if _isAlive(pid)], [])
+        self.assertEqual([p for p in live_processes() if p.pid in pids], [])
+        self.assertFalse(os.path.exists(cluster.base_dir))
+
+    def test_staticBootstrapArgs(self) -> None:
+        """
+        The C{static_bootstrap} hook gives every node the router addresses of the others.
+        """
+        cluster = Cluster(3, node_command=FAKE_NODE, node_args=static_bootstrap)
+        self.addCleanup(cluster.stop)
+        for index, node in enumerate(cluster.nodes):
+            args = node.args()
+            peers = args[args.index("--static-bootstrap-peers") + 1].split(",")
+            self.assertEqual(peers, [n.router_addr for i, n in enumerate(cluster.nodes) if i != index])
+
+    def test_failedStartCleansUp(self) -> None:
+        """
+        When a node fails to start, C{start} raises and nothing keeps running.
+        """
+        cluster = Cluster(2, node_command=FAKE_NODE, node_args=["--fail-start"])
+        self.assertRaises(ProcessFailed, cluster.start)
+        pids = [cluster.registry.pid, *(d.pid for d in cluster.containerds)]
+        self.assertEqual([pid for pid in pids if pid is not None and _isAlive(pid)], [])
+        self.assertFalse(os.path.exists(cluster.base_dir))

@@ -1,0 +1,211 @@
+# -*- test-case-name: tests.test_e2e_node -*-
+"""
+A whole loopback cluster for end-to-end tests: one upstream registry, and per node a containerd
+and a spegel node bound to it.
+
+Use it as a context manager; L{Cluster.stop} kills everything it started, also when the body
+raised, and the process module's C{atexit} hook catches anything left over (a Ctrl-C during
+start-up, a test process torn down abruptly).  Nodes are launched together and then waited for,
+so start-up costs roughly one node's start time, not n of them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+from attrs import define, field
+
+from spegel.testing.containerd import ContainerdDaemon, short_tempdir
+from spegel.testing.node import SpegelNode, twist_command
+from spegel.testing.process import run
+from spegel.testing.registry import UpstreamRegistry
+
+NodeArgs = Callable[[int, "Cluster"], Sequence[str]]
+
+
+def spegel_cli() -> list[str]:
+    """
+    The command that runs the C{spegel} console script of the interpreter running us.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "spegel")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "import sys; from spegel.cli import main; sys.exit(main())"]
+
+
+def static_bootstrap(index: int, cluster: "Cluster") -> list[str]:
+    """
+    A L{Cluster} C{node_args} hook: every node bootstraps from the router addresses of all the
+    others.
+    """
+    peers = [node.router_addr for i, node in enumerate(cluster.nodes) if i != index]
+    if not peers:
+        return ["--bootstrap-kind", "static"]
+    return ["--bootstrap-kind", "static", "--static-bootstrap-peers", ",".join(peers)]
+
+
+@define(eq=False)
+class Cluster:
+    """
+    C{n_nodes} containerd + spegel pairs and one upstream registry, all on 127.0.0.1.
+
+    @ivar node_args: extra node arguments, either the same list for every node or a hook called
+        with (node index, cluster) once every node's ports are known (see L{static_bootstrap}).
+    @ivar mirrored_registries: the nodes' C{--mirrored-registries}; the upstream registry's URL
+        when L{None}.
+    @ivar start_nodes: start the spegel nodes in L{start} (false: only registry and containerds,
+        nodes started later with C{node.start()}).
+    @ivar wait_ready: also wait for every node's C{/readyz}.
+    @ivar log_level: the nodes' log level.
+    @ivar node_command: the runner prefix for nodes instead of L{twist_command} (for example a
+        stand-in, L{spegel.testing.fakenode}).
+    """
+
+    n_nodes: int = 2
+    node_args: Sequence[str] | NodeArgs = ()
+    mirrored_registries: Sequence[str] | None = None
+    start_nodes: bool = True
+    wait_ready: bool = False
+    log_level: str = "debug"
+    node_command: Sequence[str] | None = None
+    base_dir: str = field(factory=lambda: short_tempdir("spc"))
+    keep_dir: bool = False
+    registry: UpstreamRegistry = field(init=False)
+    containerds: list[ContainerdDaemon] = field(init=False, factory=list)
+    nodes: list[SpegelNode] = field(init=False, factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.registry = UpstreamRegistry(base_dir=os.path.join(self.base_dir, "registry"))
+        os.makedirs(self.registry.base_dir, exist_ok=True)
+        mirrored = list(self.mirrored_registries) if self.mirrored_registries is not None else [self.registry.url]
+        for index in range(self.n_nodes):
+            daemon = ContainerdDaemon(base_dir=os.path.join(self.base_dir, f"c{index}"), name=f"containerd-{index}")
+            node_dir = os.path.join(self.base_dir, f"n{index}")
+            os.makedirs(node_dir, exist_ok=True)
+            node = SpegelNode(
+                containerd=daemon,
+                mirrored_registries=mirrored,
+                name=f"spegel-{index}",
+                base_dir=node_dir,
+                command=list(self.node_command) if self.node_command is not None else twist_command(self.log_level),
+            )
+            self.containerds.append(daemon)
+            self.nodes.append(node)
+        for index, node in enumerate(self.nodes):
+            extra = self.node_args(index, self) if callable(self.node_args) else self.node_args
+            node.extra_args.extend(extra)
+
+    def __enter__(self) -> "Cluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 30.0) -> None:
+        """
+        Start the registry, every containerd and (unless C{start_nodes} is false) every node;
+        return once all are live.  On failure everything started is stopped again.
+        """
+        try:
+            self.registry.start()
+            for daemon in self.containerds:
+                daemon.start()
+            if self.start_nodes:
+                for node in self.nodes:
+                    node.launch()
+                for node in self.nodes:
+                    node.wait_live(timeout)
+                if self.wait_ready:
+                    for node in self.nodes:
+                        node.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """
+        Kill every process of the cluster and delete its directory (unless C{keep_dir}).
+        """
+        for node in self.nodes:
+            node.kill()
+        for daemon in self.containerds:
+            daemon.kill()
+        self.registry.kill()
+        if not self.keep_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def mirror_target(self, target: int | str) -> str:
+        return self.nodes[target].registry_url if isinstance(target, int) else target
+
+    def configure_mirrors(
+        self,
+        node_index: int,
+        targets: Sequence[int | str],
+        *,
+        resolve_tags: bool = True,
+        prepend_existing: bool = False,
+        registries: Sequence[str] | None = None,
+    ) -> str:
+        """
+        Run C{spegel configuration} so that containerd C{node_index} tries C{targets} (node
+        indexes or URLs) before the upstream registry.
+
+        @return: the command's output.
+        """
+        args = [
+            *spegel_cli(),
+            "configuration",
+            "--containerd-registry-config-path",
+            self.containerds[node_index].hosts_dir,
+            "--mirrored-registries",
+            ",".join(registries if registries is not None else [self.registry.url]),
+            "--mirror-targets",
+            ",".join(self.mirror_target(t) for t in targets),
+        ]
+        if not resolve_tags:
+            args.append("--resolve-tags=false")
+        if prepend_existing:
+            args.append("--prepend-existing")
+        return run(args)
+
+    def cleanup_mirrors(self, node_index: int) -> str:
+        """
+        Run C{spegel cleanup} on containerd C{node_index}'s hosts directory.
+        """
+        return run(
+            [*spegel_cli(), "cleanup", "--containerd-registry-config-path", self.containerds[node_index].hosts_dir]
+        )
+
+    def hosts_toml(self, node_index: int, registry_host: str | None = None) -> str:
+        """
+        The text of containerd C{node_index}'s hosts.toml for the upstream registry (or
+        C{registry_host}).
+        """
+        path = os.path.join(self.containerds[node_index].hosts_dir, registry_host or self.registry.host, "hosts.toml")
+        with open(path) as f:
+            return f.read()
+
+    def pull(self, node_index: int, ref: str, **kwargs: object) -> float:
+        """
+        Pull C{ref} on containerd C{node_index} through its hosts directory.
+
+        @return: the wall time the pull took, in seconds.
+        """
+        started = time.monotonic()
+        self.containerds[node_index].pull(ref, **kwargs)  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    def dump_logs(self, lines: int = 40) -> str:
+        """
+        The tail of every log of the cluster, for a failing test's message.
+        """
+        parts = [self.registry.log_tail(lines)]
+        for daemon, node in zip(self.containerds, self.nodes):
+            parts += [daemon.log_tail(lines), node.log_tail(lines)]
+        return "\n".join(parts)

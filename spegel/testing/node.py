@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_rig -*-
+"""
+A real spegel node process for end-to-end tests, bound to one L{ContainerdDaemon}.
+
+The node runs as C{python -m twisted spegel ...} (the C{twist} runner and our plugin), on free
+loopback ports chosen once, so a restarted node comes back on the same addresses and peers that
+know it keep working.  Its output goes to a log file read back with L{SpegelNode.log_text}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from attrs import define, field
+from prometheus_client.parser import text_string_to_metric_families
+
+from spegel.testing.containerd import ContainerdDaemon
+from spegel.testing.httputil import Response, get_status, request
+from spegel.testing.ports import free_port
+from spegel.testing.process import ManagedProcess, ProcessFailed, wait_for
+
+MetricKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class Metrics(dict[MetricKey, float]):
+    """
+    Parsed Prometheus text: C{(sample name, sorted label pairs)} to value.
+    """
+
+    @classmethod
+    def parse(cls, text: str) -> "Metrics":
+        metrics = cls()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                metrics[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return metrics
+
+    def total(self, name: str, **labels: str) -> float:
+        """
+        The sum of every sample called C{name} whose labels include C{labels}; 0 when none.
+        """
+        wanted = set(labels.items())
+        return sum(value for (n, pairs), value in self.items() if n == name and wanted <= set(pairs))
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self}
+
+
+def twist_command(log_level: str = "debug") -> list[str]:
+    """
+    The command prefix that runs a twistd plugin in the foreground with text logs on stdout.
+    """
+    return [sys.executable, "-m", "twisted", "--log-format=text", f"--log-level={log_level}", "--log-file=-"]
+
+
+@define(eq=False)
+class SpegelNode:
+    """
+    One spegel node process.
+
+    @ivar containerd: the daemon whose content this node serves.
+    @ivar mirrored_registries: C{--mirrored-registries} (registry URLs).
+    @ivar extra_args: more node arguments (bootstrap, filters...); may be changed before
+        L{start}.
+    @ivar command: the runner prefix (see L{twist_command}).
+    """
+
+    containerd: ContainerdDaemon
+    mirrored_registries: Sequence[str] = ()
+    name: str = "spegel"
+    base_dir: str = field(factory=lambda: tempfile.mkdtemp(prefix="spegel-node-"))
+    extra_args: list[str] = field(factory=list, converter=list)
+    registry_port: int = field(factory=free_port)
+    router_port: int = field(factory=free_port)
+    metrics_port: int = field(factory=free_port)
+    command: list[str] = field(factory=twist_command)
+    env: dict[str, str] | None = None
+    _process: ManagedProcess | None = field(default=None, init=False)
+
+    @property
+    def registry_addr(self) -> str:
+        return f"127.0.0.1:{self.registry_port}"
+
+    @property
+    def registry_url(self) -> str:
+        """
+        C{http://127.0.0.1:<registry port>}: what C{spegel configuration --mirror-targets} takes.
+        """
+        return f"http://{self.registry_addr}"
+
+    @property
+    def router_addr(self) -> str:
+        return f"127.0.0.1:{self.router_port}"
+
+    @property
+    def metrics_addr(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.base_dir, "data")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base_dir, "node.log")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def args(self) -> list[str]:
+        """
+        The full command line.
+        """
+        args = [
+            *self.command,
+            "spegel",
+            "--registry-addr",
+            self.registry_addr,
+            "--router-addr",
+            self.router_addr,
+            "--metrics-addr",
+            self.metrics_addr,
+            "--containerd-sock",
+            self.containerd.socket,
+            "--containerd-namespace",
+            self.containerd.namespace,
+            "--containerd-content-path",
+            self.containerd.content_path,
+            "--data-dir",
+            self.data_dir,
+        ]
+        if self.mirrored_registries:
+            args += ["--mirrored-registries", ",".join(self.mirrored_registries)]
+        return [*args, *self.extra_args]
+
+    def launch(self) -> None:
+        """
+        Start the process without waiting for it (see L{wait_live}); lets a cluster start all its
+        nodes at once.
+        """
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._process = ManagedProcess(name=self.name, args=self.args(), log_path=self.log_path, env=self.env)
+        self._process.start()
+
+    def wait_live(self, timeout: float = 30.0) -> None:
+        """
+        Wait until C{GET /livez} answers 200.
+
+        @raise ProcessFailed: if the node exits first or the time runs out (with its log tail).
+        """
+        wait_for(
+            lambda: get_status("127.0.0.1", self.registry_port, "/livez") == 200,
+            timeout=timeout,
+            what=f"{self.name} /livez on {self.registry_addr}",
+            process=self._process,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """
+        Wait until C{GET /readyz} answers 200.
+        """
+        wait_for(
+            lambda: get_status("127.0.0.1", self.registry_port, "/readyz") == 200,
+            timeout=timeout,
+            what=f"{self.name} /readyz on {self.registry_addr}",
+            process=self._process,
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        """
+        Start the node and wait until it is live.
+        """
+        self.launch()
+        self.wait_live(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """
+        SIGTERM (clean shutdown), SIGKILL after C{timeout}.
+        """
+        if self._process is not None:
+            self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """
+        SIGKILL: the node gets no chance to say goodbye to its peers.
+        """
+        if self._process is not None:
+            self._process.kill()
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """
+        Stop and start again on the same ports and data directory.
+        """
+        self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        self.kill()
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        """
+        Everything the node has logged so far (across restarts).
+        """
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._process is None:
+            return f"---- {self.name}: never started ----"
+        return self._process.log_tail(lines)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = 30.0,
+    ) -> Response:
+        """
+        One HTTP request to the node's registry port; C{path} is sent unencoded.
+        """
+        return request("127.0.0.1", self.registry_port, method, path, headers=headers, body=body, timeout=timeout)
+
+    def metrics_text(self) -> str:
+        response = request("127.0.0.1", self.metrics_port, "GET", "/metrics", timeout=10)
+        if response.status != 200:
+            raise ProcessFailed(f"{self.name} /metrics answered {response.status}")
+        return response.body.decode("utf-8")
+
+    def metrics(self) -> Metrics:
+        """
+        The node's current metrics, parsed.
+        """
+        return Metrics.parse(self.metrics_text())
