@@ -1,0 +1,682 @@
+# -*- test-case-name: tests.test_hostsconfig -*-
+"""
+containerd registry host configuration: the ``hosts.toml`` files that make containerd on a node
+try spegel first for every mirrored registry.
+
+containerd reads ``<config_path>/<host[:port]>/hosts.toml`` (or ``_default/hosts.toml``) each
+time it resolves or fetches from a registry; see containerd's docs/hosts.md. For every mirrored
+registry spegel writes one such file whose ``[host.'<target>']`` tables point at the spegel
+instances on the node, and whose ``server`` is the real registry, containerd's last resort::
+
+    server = 'https://registry-1.docker.io'
+
+    [host.'http://10.0.0.5:30020']
+    capabilities = ['pull', 'resolve']
+    dial_timeout = '200ms'
+
+The module has two layers. The pure one validates URLs and renders text
+(`parse_registry_url`, `render_hosts_toml`, `plan_configuration`) and can be tested without a
+disk. The I/O layer (`configure`, `cleanup`) moves what the operator had in ``config_path`` to
+``_backup/`` once, writes our files atomically, and restores the operator's files on cleanup.
+
+Every step of the I/O layer can be interrupted (the node reboots, the init container is killed)
+and run again without losing the operator's files. That needs two more directory names besides
+``_backup``: ``_backup.partial`` (a backup being assembled: renamed to ``_backup`` only once
+every original entry is inside it, so ``_backup`` existing always means "everything else in
+config_path is ours") and ``_backup.restoring`` (a cleanup that already removed our files and
+is moving the originals back, so nothing outside it may be deleted any more).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import shutil
+import stat
+import tempfile
+import tomllib
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+from twisted.logger import Logger
+
+log = Logger()
+
+BACKUP_DIR = "_backup"
+PARTIAL_BACKUP_DIR = "_backup.partial"
+RESTORING_BACKUP_DIR = "_backup.restoring"
+_OUR_DIRS = frozenset({BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_BACKUP_DIR})
+
+# containerd's name for the configuration that applies to every registry without its own.
+DEFAULT_HOST_DIR = "_default"
+HOSTS_FILE = "hosts.toml"
+DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d"
+
+# Docker Hub's images are named docker.io/..., but its registry API lives elsewhere.
+_DOCKER_HUB_HOST = "docker.io"
+_DOCKER_HUB_SERVER = "https://registry-1.docker.io"
+
+# A failed connection to a dead local instance must not hold up a pull: containerd moves on to
+# the next host (finally the real registry) after this long.
+MIRROR_DIAL_TIMEOUT = "200ms"
+
+_HOSTS_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+
+# Hostname labels as DNS and /etc/hosts allow them (underscores included: clusters use them).
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# TOML literal strings cannot hold a quote or control characters (tab is allowed).
+_LITERAL_SAFE = re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*")
+
+
+class HostsConfigError(Exception):
+    """
+    The mirror configuration cannot be written or cleaned up; the message says why.
+    """
+
+
+class InvalidRegistryURL(HostsConfigError, ValueError):
+    """
+    A registry or mirror target URL is not ``http(s)://host[:port]``.
+    """
+
+
+class InvalidMirrorConfiguration(HostsConfigError, ValueError):
+    """
+    The set of registries and targets, taken together, cannot be written (duplicates, no target).
+    """
+
+
+class ExistingConfigError(HostsConfigError):
+    """
+    The operator's previous ``hosts.toml`` could not be read for ``--prepend-existing``.
+    """
+
+
+@frozen
+class RegistryURL:
+    """
+    A registry or mirror endpoint: scheme and ``host[:port]``, nothing else.
+
+    @ivar scheme: ``http`` or ``https``.
+    @ivar netloc: the lowercased host, brackets around IPv6 addresses, and the port if one was
+        given. It is also the directory name containerd looks up for this registry.
+    """
+
+    scheme: str
+    netloc: str
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+
+@frozen
+class FileContent:
+    """
+    Bytes to write and the permission bits to give them.
+    """
+
+    data: bytes
+    mode: int = _HOSTS_FILE_MODE
+
+
+def parse_registry_url(text: str, *, role: str = "registry") -> RegistryURL:
+    """
+    Validate and normalise one URL.
+
+    @param role: what the URL is for (``mirrored registry``, ``mirror target``), used in the
+        error message so the operator knows which flag to fix.
+    @raise InvalidRegistryURL: unless C{text} is ``http(s)://host[:port]`` with no credentials,
+        path, query or fragment.
+    """
+
+    def invalid(why: str) -> InvalidRegistryURL:
+        return InvalidRegistryURL(f"invalid {role} URL {text!r}: {why}")
+
+    if not text:
+        raise invalid("it is empty")
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise invalid("it contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:
+        raise invalid(str(e)) from None
+    if parts.scheme not in ("http", "https") or not text.lower().startswith(parts.scheme + "://"):
+        raise invalid("it must start with http:// or https://")
+    if "@" in parts.netloc:
+        raise invalid("it must not contain credentials")
+    if parts.path:
+        raise invalid("it must not have a path, not even '/'")
+    if parts.query or "?" in text:
+        raise invalid("it must not have a query")
+    if parts.fragment or "#" in text:
+        raise invalid("it must not have a fragment")
+    host = parts.hostname
+    if not host:
+        raise invalid("it has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise invalid("its port is not a number from 1 to 65535") from None
+    if parts.netloc.endswith(":") or port == 0:
+        raise invalid("its port is not a number from 1 to 65535")
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise invalid("the address in brackets is not an IPv6 address") from None
+        host = f"[{host}]"
+    elif _HOSTNAME.fullmatch(host) is None:
+        raise invalid("its host is not a valid host name or IP address")
+    netloc = host if port is None else f"{host}:{port}"
+    return RegistryURL(scheme=parts.scheme, netloc=netloc)
+
+
+def _parse_distinct(texts: Iterable[str], role: str) -> tuple[RegistryURL, ...]:
+    urls: list[RegistryURL] = []
+    for text in texts:
+        url = parse_registry_url(text, role=role)
+        if url in urls:
+            raise InvalidMirrorConfiguration(f"{role} {str(url)!r} is listed twice")
+        urls.append(url)
+    return tuple(urls)
+
+
+def _no_duplicate_directories(
+    instance: MirrorConfiguration, attribute: Any, value: tuple[RegistryURL, ...]
+) -> None:
+    seen: dict[str, RegistryURL] = {}
+    for url in value:
+        # http://r:5000 and https://r:5000 would both be written to r:5000/hosts.toml.
+        if url.netloc in seen:
+            raise InvalidMirrorConfiguration(
+                f"mirrored registries {str(seen[url.netloc])!r} and {str(url)!r} "
+                f"share the configuration directory {url.netloc!r}"
+            )
+        seen[url.netloc] = url
+
+
+def _at_least_one_target(
+    instance: MirrorConfiguration, attribute: Any, value: tuple[RegistryURL, ...]
+) -> None:
+    if not value:
+        raise InvalidMirrorConfiguration("at least one mirror target is required")
+
+
+@frozen
+class MirrorConfiguration:
+    """
+    What to write: which registries to mirror, where the mirrors are, and how.
+
+    @ivar mirrored_registries: registries to write a ``hosts.toml`` for; empty means one
+        ``_default/hosts.toml`` that applies to every registry.
+    @ivar mirror_targets: spegel endpoints containerd should try, in order.
+    @ivar resolve_tags: let the mirrors resolve tags to digests (``resolve`` capability).
+        Without it tags always go to the real registry, only content comes from the mirrors.
+    @ivar prepend_existing: put our hosts in front of the ``[host]`` entries the operator had,
+        instead of replacing them.
+    """
+
+    mirrored_registries: tuple[RegistryURL, ...] = field(
+        converter=tuple, validator=_no_duplicate_directories
+    )
+    mirror_targets: tuple[RegistryURL, ...] = field(converter=tuple, validator=_at_least_one_target)
+    resolve_tags: bool = True
+    prepend_existing: bool = False
+
+    @classmethod
+    def from_strings(
+        cls,
+        mirrored_registries: Iterable[str],
+        mirror_targets: Iterable[str],
+        *,
+        resolve_tags: bool = True,
+        prepend_existing: bool = False,
+    ) -> MirrorConfiguration:
+        """
+        Validate URLs as given on a command line.
+
+        @raise HostsConfigError: naming the first bad URL, or the duplicate.
+        """
+        return cls(
+            mirrored_registries=_parse_distinct(mirrored_registries, "mirrored registry"),
+            mirror_targets=_parse_distinct(mirror_targets, "mirror target"),
+            resolve_tags=resolve_tags,
+            prepend_existing=prepend_existing,
+        )
+
+    def directories(self) -> tuple[str, ...]:
+        """
+        The directories under config_path this configuration writes a ``hosts.toml`` into.
+        """
+        if not self.mirrored_registries:
+            return (DEFAULT_HOST_DIR,)
+        return tuple(host_directory(r) for r in self.mirrored_registries)
+
+
+def host_directory(registry: RegistryURL | None) -> str:
+    """
+    The directory containerd reads the configuration of C{registry} from; C{None} is the
+    catch-all ``_default``.
+    """
+    return DEFAULT_HOST_DIR if registry is None else registry.netloc
+
+
+def upstream_server(registry: RegistryURL) -> str:
+    """
+    The URL containerd falls back to when no mirror has the content.
+    """
+    if registry == RegistryURL("https", _DOCKER_HUB_HOST):
+        return _DOCKER_HUB_SERVER
+    return str(registry)
+
+
+# ---------------------------------------------------------------------------------------------
+# TOML rendering. tomllib only reads, and hosts.toml needs few types, so the writer is here.
+
+
+def toml_string(text: str) -> str:
+    """
+    A TOML string for C{text}: a literal ``'...'`` string, as containerd's docs write them,
+    unless it holds a quote or control character, then an escaped basic ``"..."`` string.
+    """
+    if _LITERAL_SAFE.fullmatch(text):
+        return f"'{text}'"
+    escaped = []
+    for c in text:
+        if c == '"' or c == "\\":
+            escaped.append("\\" + c)
+        elif c in _BASIC_ESCAPES:
+            escaped.append(_BASIC_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            escaped.append(f"\\u{ord(c):04x}")
+        else:
+            escaped.append(c)
+    return '"' + "".join(escaped) + '"'
+
+
+_BASIC_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_key(key: str) -> str:
+    """
+    A TOML key: bare when TOML allows it, quoted otherwise (URLs always are).
+    """
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
+
+def toml_value(value: Any) -> str:
+    """
+    An inline TOML value for anything tomllib can return.
+
+    @raise TypeError: for a Python value TOML has no syntax for.
+    """
+    # bool first: it is also an int.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        # Only inside arrays: tables elsewhere get their own [header].
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML syntax for {type(value).__name__}")
+
+
+def _render_table(path: tuple[str, ...], table: Mapping[str, Any]) -> list[str]:
+    """
+    A table and its sub-tables as ``[a.'b']`` blocks, one string per block.
+    """
+    lines = ["[" + ".".join(toml_key(p) for p in path) + "]"]
+    lines.extend(
+        f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)
+    )
+    blocks = ["\n".join(lines)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            blocks.extend(_render_table(path + (key,), value))
+    return blocks
+
+
+def parse_existing_hosts(text: str, *, source: str = "hosts.toml") -> dict[str, Any]:
+    """
+    Read the operator's previous ``hosts.toml``.
+
+    @raise ExistingConfigError: if it is not TOML, or its ``host`` entries are not tables.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ExistingConfigError(f"cannot parse {source}: {e}") from None
+    hosts = document.get("host", {})
+    if not isinstance(hosts, dict) or not all(isinstance(h, dict) for h in hosts.values()):
+        raise ExistingConfigError(f"cannot use {source}: its 'host' entries are not tables")
+    return document
+
+
+def render_hosts_toml(
+    registry: RegistryURL | None,
+    mirror_targets: Iterable[RegistryURL],
+    *,
+    resolve_tags: bool = True,
+    existing: Mapping[str, Any] | None = None,
+) -> str:
+    """
+    The ``hosts.toml`` for one mirrored registry.
+
+    @param registry: the mirrored registry; C{None} for ``_default``, which has no ``server``
+        (containerd then uses the registry named in the image reference).
+    @param existing: the operator's previous file, parsed (`parse_existing_hosts`), to keep
+        behind ours. Its ``[host]`` tables follow ours, except any for one of our targets:
+        a table defined twice would make the whole file invalid, and ours are the point.
+        Its server-level settings (``ca``, ``client``, ``header``...) are kept too, since
+        containerd needs them to reach the real registry when no mirror has the content; its
+        ``server`` is replaced by ours.
+    """
+    capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
+    existing = existing or {}
+    head = []
+    if registry is not None:
+        head.append(f"server = {toml_string(upstream_server(registry))}")
+    head.extend(
+        f"{toml_key(k)} = {toml_value(v)}"
+        for k, v in existing.items()
+        if k not in ("server", "host") and not isinstance(v, dict)
+    )
+    blocks = ["\n".join(head)] if head else []
+    ours = []
+    for target in mirror_targets:
+        ours.append(str(target))
+        blocks.extend(
+            _render_table(
+                ("host", str(target)),
+                {"capabilities": capabilities, "dial_timeout": MIRROR_DIAL_TIMEOUT},
+            )
+        )
+    for name, table in existing.get("host", {}).items():
+        if name not in ours:
+            blocks.extend(_render_table(("host", name), table))
+    for key, value in existing.items():
+        if key not in ("server", "host") and isinstance(value, dict):
+            blocks.extend(_render_table((key,), value))
+    return "\n\n".join(blocks) + "\n"
+
+
+def plan_configuration(
+    configuration: MirrorConfiguration, backup: Mapping[str, FileContent]
+) -> dict[str, FileContent]:
+    """
+    Every file the configuration consists of, by path relative to config_path.
+
+    @param backup: the operator's original files, by path relative to ``_backup``. Only read
+        with C{prepend_existing}: then a registry's old ``hosts.toml`` is merged into ours,
+        and the other files in its directory (certificates its hosts refer to) are kept.
+    @raise ExistingConfigError: if an old ``hosts.toml`` to merge cannot be parsed.
+    """
+    registries: tuple[RegistryURL | None, ...] = configuration.mirrored_registries or (None,)
+    files: dict[str, FileContent] = {}
+    for registry in registries:
+        directory = host_directory(registry)
+        hosts_path = f"{directory}/{HOSTS_FILE}"
+        existing = None
+        if configuration.prepend_existing and hosts_path in backup:
+            old = backup[hosts_path].data
+            try:
+                text = old.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ExistingConfigError(
+                    f"cannot parse {BACKUP_DIR}/{hosts_path}: not UTF-8"
+                ) from None
+            existing = parse_existing_hosts(text, source=f"{BACKUP_DIR}/{hosts_path}")
+            for path, content in backup.items():
+                if path.startswith(directory + "/") and path != hosts_path:
+                    files[path] = content
+        rendered = render_hosts_toml(
+            registry,
+            configuration.mirror_targets,
+            resolve_tags=configuration.resolve_tags,
+            existing=existing,
+        )
+        files[hosts_path] = FileContent(rendered.encode("utf-8"))
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# The I/O layer. Blocking on purpose: it runs in a one-shot command, never in the reactor.
+
+
+@frozen
+class ConfigurationResult:
+    """
+    What `configure` did, paths relative to config_path.
+    """
+
+    backed_up: tuple[str, ...]
+    removed: tuple[str, ...]
+    written: tuple[str, ...]
+
+
+@frozen
+class CleanupResult:
+    """
+    What `cleanup` did, paths relative to config_path.
+    """
+
+    removed: tuple[str, ...]
+    restored: tuple[str, ...]
+
+
+def configure(
+    config_path: str | os.PathLike[str], configuration: MirrorConfiguration
+) -> ConfigurationResult:
+    """
+    Make C{config_path} hold exactly C{configuration}'s files, the operator's originals being
+    kept in ``_backup`` (moved there on the first run only: later runs find ``_backup`` and
+    know everything else is ours to replace).
+
+    @raise HostsConfigError: if the directory cannot be read or written, or an old
+        ``hosts.toml`` cannot be merged. Whatever was done before stays consistent: running
+        again finishes the job, `cleanup` undoes it.
+    """
+    root = Path(config_path)
+    try:
+        root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        _finish_interrupted_cleanup(root)
+        backed_up = _back_up(root)
+        backup = (
+            _read_backup(root / BACKUP_DIR, configuration.directories())
+            if configuration.prepend_existing
+            else {}
+        )
+        planned = plan_configuration(configuration, backup)
+        removed = _remove_unplanned(root, planned)
+        for path, content in sorted(planned.items()):
+            _write_atomically(root / path, content)
+            log.info("wrote {path}", path=str(root / path))
+    except OSError as e:
+        raise _os_failure(e) from None
+    return ConfigurationResult(backed_up=backed_up, removed=removed, written=tuple(sorted(planned)))
+
+
+def cleanup(config_path: str | os.PathLike[str]) -> CleanupResult:
+    """
+    Remove our files from C{config_path} and put the operator's originals back, byte for byte.
+    Nothing to do (C{config_path} never configured, or already cleaned) is not an error.
+
+    @raise HostsConfigError: if the directory cannot be read or written; running again
+        finishes the job.
+    """
+    root = Path(config_path)
+    try:
+        if not root.is_dir():
+            return CleanupResult(removed=(), restored=())
+        removed: tuple[str, ...] = ()
+        if not (root / RESTORING_BACKUP_DIR).exists():
+            if (root / BACKUP_DIR).is_dir():
+                removed = _remove_unplanned(root, {})
+                # From here on, what is outside the backup is the operator's again.
+                os.rename(root / BACKUP_DIR, root / RESTORING_BACKUP_DIR)
+            elif (root / PARTIAL_BACKUP_DIR).is_dir():
+                # A backup was interrupted before we wrote anything: only undo the moves.
+                restored = _move_back(root, root / PARTIAL_BACKUP_DIR)
+                return CleanupResult(removed=(), restored=restored)
+            else:
+                log.info(
+                    "nothing to clean up in {root}: no {backup}", root=str(root), backup=BACKUP_DIR
+                )
+                return CleanupResult(removed=(), restored=())
+        restored = _move_back(root, root / RESTORING_BACKUP_DIR)
+    except OSError as e:
+        raise _os_failure(e) from None
+    return CleanupResult(removed=removed, restored=restored)
+
+
+def _os_failure(e: OSError) -> HostsConfigError:
+    where = f"{e.filename}: " if e.filename else ""
+    return HostsConfigError(f"{where}{e.strerror or e}")
+
+
+def _back_up(root: Path) -> tuple[str, ...]:
+    """
+    Move every original entry of C{root} into ``_backup``, unless that was done before.
+    """
+    backup = root / BACKUP_DIR
+    if backup.is_dir():
+        return ()
+    if backup.exists() or backup.is_symlink():
+        raise HostsConfigError(f"{backup} exists but is not a directory; move it away first")
+    partial = root / PARTIAL_BACKUP_DIR
+    # exist_ok: an earlier run may have moved some entries before it was interrupted.
+    partial.mkdir(mode=_DIR_MODE, exist_ok=True)
+    moved = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in _OUR_DIRS:
+            continue
+        os.rename(entry, partial / entry.name)
+        moved.append(entry.name)
+        log.info("backed up {path} to {backup}", path=str(entry), backup=str(backup))
+    _fsync_directory(partial)
+    os.rename(partial, backup)
+    _fsync_directory(root)
+    return tuple(moved)
+
+
+def _finish_interrupted_cleanup(root: Path) -> None:
+    if (root / RESTORING_BACKUP_DIR).is_dir():
+        log.info("finishing an interrupted cleanup of {root}", root=str(root))
+        _move_back(root, root / RESTORING_BACKUP_DIR)
+
+
+def _move_back(root: Path, source: Path) -> tuple[str, ...]:
+    """
+    Move every entry of C{source} back into C{root}, then remove C{source}.
+    """
+    restored = []
+    for entry in sorted(source.iterdir()):
+        destination = root / entry.name
+        # Only something created after our cleanup began can be in the way; the original wins.
+        _remove(destination)
+        os.rename(entry, destination)
+        restored.append(entry.name)
+        log.info("restored {path}", path=str(destination))
+    source.rmdir()
+    _fsync_directory(root)
+    return tuple(restored)
+
+
+def _read_backup(backup: Path, directories: Iterable[str]) -> dict[str, FileContent]:
+    files = {}
+    for directory in directories:
+        top = backup / directory
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for dirpath, _, filenames in os.walk(top):
+            for name in filenames:
+                path = Path(dirpath) / name
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                files[path.relative_to(backup).as_posix()] = FileContent(
+                    path.read_bytes(), stat.S_IMODE(info.st_mode)
+                )
+    return files
+
+
+def _remove_unplanned(root: Path, planned: Mapping[str, FileContent]) -> tuple[str, ...]:
+    """
+    Remove every entry under C{root} that is neither planned, nor a parent directory of a
+    planned file, nor one of our backup directories. Planned files themselves are left for
+    `_write_atomically` to replace, so containerd never sees them missing.
+    """
+    keep_dirs = {p.as_posix() for path in planned for p in Path(path).parents if p != Path(".")}
+    removed = []
+
+    def visit(directory: Path) -> None:
+        for entry in sorted(directory.iterdir()):
+            relative = entry.relative_to(root).as_posix()
+            if directory == root and entry.name in _OUR_DIRS:
+                continue
+            is_dir = entry.is_dir() and not entry.is_symlink()
+            if is_dir and relative in keep_dirs:
+                visit(entry)
+            elif not is_dir and relative in planned:
+                continue
+            else:
+                _remove(entry)
+                removed.append(relative)
+
+    visit(root)
+    return tuple(removed)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _write_atomically(path: Path, content: FileContent) -> None:
+    """
+    Replace C{path} with C{content} so a reader sees the old file or the new one, never a
+    partial one: containerd may read hosts.toml at any moment.
+    """
+    path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.data)
+            os.fchmod(f.fileno(), content.mode)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
