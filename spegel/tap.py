@@ -1,0 +1,240 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The spegel node as a twistd application: C{twistd -n spegel [options]}.
+
+L{Options} validates every flag into a L{NodeConfig}; L{makeService} only wires services.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, TextIO
+
+from attrs import frozen
+from prometheus_client.twisted import MetricsResource
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    textFileLogObserver,
+)
+from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from spegel import flags
+from spegel.flags import ListenAddress
+from spegel.registry import RegistryFilter
+
+LOG_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "warning": LogLevel.warn,
+    "error": LogLevel.error,
+}
+BOOTSTRAP_KINDS = ("static", "dns", "http")
+
+
+@frozen
+class NodeConfig:
+    """
+    Everything a node is told on its command line, validated.
+    """
+
+    registry_addr: ListenAddress
+    router_addr: ListenAddress
+    metrics_addr: ListenAddress
+    containerd_sock: str
+    containerd_namespace: str
+    containerd_content_path: str
+    data_dir: str | None
+    registry_filter: RegistryFilter
+    mirror_resolve_timeout: float
+    mirror_resolve_retries: int
+    log_level: LogLevel
+    bootstrap_kind: str | None
+    static_bootstrap_peers: tuple[str, ...]
+    dns_bootstrap_domain: str | None
+    http_bootstrap_addr: ListenAddress | None
+    http_bootstrap_url: str | None
+    router_secret: bytes | None
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve this node's containerd content as a pull-only OCI registry mirror and share it "
+        "with the other nodes of the cluster."
+    )
+
+    optParameters = [
+        ["registry-addr", None, ":5000", "Address the registry listens on ([host]:port)."],
+        ["router-addr", None, ":5001", "UDP address of the DHT router ([host]:port)."],
+        ["metrics-addr", None, ":9090", "Address serving Prometheus metrics at /metrics."],
+        ["containerd-sock", None, "/run/containerd/containerd.sock", "containerd's gRPC socket."],
+        ["containerd-namespace", None, "k8s.io", "containerd namespace whose images are served."],
+        [
+            "containerd-content-path",
+            None,
+            "/var/lib/containerd/io.containerd.content.v1.content",
+            "containerd's content store, read directly when readable.",
+        ],
+        ["data-dir", None, "/var/lib/spegel", "Where the node keeps its identity; empty for none."],
+        [
+            "mirrored-registries",
+            None,
+            "",
+            "Comma-separated registry URLs to serve (e.g. https://docker.io); empty: all.",
+        ],
+        ["registry-filters", None, "", "Comma-separated regexes on registry/repo[:tag] to refuse."],
+        ["mirror-resolve-timeout", None, "20ms", "How long to look for a peer before a 404."],
+        ["mirror-resolve-retries", None, "3", "How many peers to try for one request."],
+        ["log-level", None, "info", "debug, info, warn or error."],
+        ["bootstrap-kind", None, "", "How to find peers: static, dns or http."],
+        ["static-bootstrap-peers", None, "", "Comma-separated router addresses host:port."],
+        ["dns-bootstrap-domain", None, "", "Domain whose A/AAAA records are peers."],
+        ["http-bootstrap-addr", None, "", "Address to serve this node's id for http bootstrap."],
+        ["http-bootstrap-url", None, "", "URL of a peer's http bootstrap address."],
+        ["router-secret-file", None, "", "File with a cluster key; datagrams are authenticated."],
+    ]
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # One clear line instead of the whole usage text and a traceback.
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"spegel: error: {e}\n")
+            raise SystemExit(2)
+
+    def postOptions(self) -> None:
+        try:
+            self.node = self._node_config()
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger"):
+            parent["logger"] = functools.partial(
+                make_log_observer, self.node.log_level, parent.get("logfile")
+            )
+
+    def _node_config(self) -> NodeConfig:
+        def address(flag: str) -> ListenAddress:
+            try:
+                return flags.parse_listen_address(self[flag])
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {e}") from None
+
+        try:
+            registries = frozenset(
+                flags.parse_registry_url(url) for url in flags.parse_list(self["mirrored-registries"])
+            )
+        except ValueError as e:
+            raise ValueError(f"--mirrored-registries: {e}") from None
+        try:
+            patterns = flags.parse_regexes(flags.parse_list(self["registry-filters"]))
+        except ValueError as e:
+            raise ValueError(f"--registry-filters: {e}") from None
+        try:
+            timeout = flags.parse_duration(self["mirror-resolve-timeout"])
+        except ValueError as e:
+            raise ValueError(f"--mirror-resolve-timeout: {e}") from None
+        retries_text = self["mirror-resolve-retries"]
+        if not retries_text.isdigit() or not 1 <= int(retries_text) <= 100:
+            raise ValueError("--mirror-resolve-retries: must be a whole number from 1 to 100")
+        level = LOG_LEVELS.get(self["log-level"].lower())
+        if level is None:
+            raise ValueError("--log-level: must be one of debug, info, warn, error")
+        kind = self["bootstrap-kind"] or None
+        if kind is not None and kind not in BOOTSTRAP_KINDS:
+            raise ValueError("--bootstrap-kind: must be one of static, dns, http")
+        peers = tuple(flags.parse_list(self["static-bootstrap-peers"]))
+        if kind == "static" and not peers:
+            raise ValueError("--bootstrap-kind static needs --static-bootstrap-peers")
+        if kind == "dns" and not self["dns-bootstrap-domain"]:
+            raise ValueError("--bootstrap-kind dns needs --dns-bootstrap-domain")
+        if kind == "http" and not self["http-bootstrap-url"]:
+            raise ValueError("--bootstrap-kind http needs --http-bootstrap-url")
+        for flag in ("containerd-sock", "containerd-namespace"):
+            if not self[flag]:
+                raise ValueError(f"--{flag} must not be empty")
+        secret = None
+        if self["router-secret-file"]:
+            try:
+                with open(self["router-secret-file"], "rb") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise ValueError(f"--router-secret-file: {e.strerror}: {e.filename}") from None
+            if len(secret) < 16:
+                raise ValueError("--router-secret-file: the key must be at least 16 bytes")
+        return NodeConfig(
+            registry_addr=address("registry-addr"),
+            router_addr=address("router-addr"),
+            metrics_addr=address("metrics-addr"),
+            containerd_sock=self["containerd-sock"],
+            containerd_namespace=self["containerd-namespace"],
+            containerd_content_path=self["containerd-content-path"],
+            data_dir=self["data-dir"] or None,
+            registry_filter=RegistryFilter(registries, patterns),
+            mirror_resolve_timeout=timeout,
+            mirror_resolve_retries=int(retries_text),
+            log_level=level,
+            bootstrap_kind=kind,
+            static_bootstrap_peers=peers,
+            dns_bootstrap_domain=self["dns-bootstrap-domain"] or None,
+            http_bootstrap_addr=address("http-bootstrap-addr") if self["http-bootstrap-addr"] else None,
+            http_bootstrap_url=self["http-bootstrap-url"] or None,
+            router_secret=secret,
+        )
+
+
+def make_log_observer(level: LogLevel, logfile: str | None) -> ILogObserver:
+    """
+    twistd's log observer, less the events below C{--log-level}.
+    """
+    output: TextIO
+    if logfile in (None, "", "-"):
+        output = sys.stdout
+    else:
+        output = open(logfile, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    return FilteringLogObserver(
+        textFileLogObserver(output), [LogLevelFilterPredicate(defaultLogLevel=level)]
+    )
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Wire a node: the containerd bridge, the registry and the metrics endpoint.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # the process boundary: nothing below imports it
+    from spegel.containerd.client import ContainerdClient
+    from spegel.registry import RegistryResource, make_site
+    from spegel.store import ContainerdContent
+
+    config: NodeConfig = options.node
+    node = MultiService()
+
+    client = ContainerdClient(reactor, config.containerd_sock, config.containerd_namespace)
+    client.setServiceParent(node)
+    content = ContainerdContent(client, config.containerd_content_path)
+    registry = RegistryResource(reactor, content, config.registry_filter)
+    _listen(reactor, config.registry_addr, make_site(registry.resource())).setServiceParent(node)
+
+    metrics_root = Resource()
+    metrics_root.putChild(b"metrics", MetricsResource())
+    _listen(reactor, config.metrics_addr, Site(metrics_root)).setServiceParent(node)
+    return node
+
+
+def _listen(reactor: Any, address: ListenAddress, site: Site) -> IService:
+    endpoint = serverFromString(reactor, address.endpoint_description())
+    service = StreamServerEndpointService(endpoint, site)
+    # A port that cannot be bound stops the process instead of leaving a node that serves nothing.
+    service._raiseSynchronously = True
+    return service
