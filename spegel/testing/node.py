@@ -2,7 +2,7 @@
 """
 A real spegel node process for end-to-end tests, bound to one L{ContainerdDaemon}.
 
-The node runs as C{python -m twisted spegel ...} (the C{twist} runner and our plugin), on free
+The node runs as C{twistd -n --pidfile= spegel ...} (our twistd plugin in the foreground), on free
 loopback ports chosen once, so a restarted node comes back on the same addresses and peers that
 know it keep working.  Its output goes to a log file read back with L{SpegelNode.log_text}.
 """
@@ -50,11 +50,15 @@ class Metrics(dict[MetricKey, float]):
         return {name for name, _ in self}
 
 
-def twist_command(log_level: str = "debug") -> list[str]:
+def twistd_command() -> list[str]:
     """
-    The command prefix that runs a twistd plugin in the foreground with text logs on stdout.
+    The command prefix that runs a twistd plugin in the foreground (C{-n}), without a pid file,
+    logging to stdout, with the interpreter running us (so a virtualenv's packages are used).
     """
-    return [sys.executable, "-m", "twisted", "--log-format=text", f"--log-level={log_level}", "--log-file=-"]
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [sys.executable, script, "-n", "--pidfile="]
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())", "-n", "--pidfile="]
 
 
 @define(eq=False)
@@ -66,7 +70,8 @@ class SpegelNode:
     @ivar mirrored_registries: C{--mirrored-registries} (registry URLs).
     @ivar extra_args: more node arguments (bootstrap, filters...); may be changed before
         L{start}.
-    @ivar command: the runner prefix (see L{twist_command}).
+    @ivar command: the runner prefix (see L{twistd_command}).
+    @ivar log_level: the node's C{--log-level}.
     """
 
     containerd: ContainerdDaemon
@@ -77,7 +82,8 @@ class SpegelNode:
     registry_port: int = field(factory=free_port)
     router_port: int = field(factory=free_port)
     metrics_port: int = field(factory=free_port)
-    command: list[str] = field(factory=twist_command)
+    command: list[str] = field(factory=twistd_command)
+    log_level: str = "debug"
     env: dict[str, str] | None = None
     _process: ManagedProcess | None = field(default=None, init=False)
 
@@ -137,6 +143,8 @@ class SpegelNode:
             self.containerd.content_path,
             "--data-dir",
             self.data_dir,
+            "--log-level",
+            self.log_level,
         ]
         if self.mirrored_registries:
             args += ["--mirrored-registries", ",".join(self.mirrored_registries)]
