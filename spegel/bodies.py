@@ -43,7 +43,7 @@ def _plain_tcp_socket_fd(request: Request) -> int | None:
     The socket's file descriptor when the response goes straight to a plain TCP socket (so
     sendfile can write to it), else L{None}.
     """
-    transport = getattr(request.channel, "transport", None)
+    transport = getattr(getattr(request, "channel", None), "transport", None)
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
         return None
     try:
@@ -108,6 +108,13 @@ class FileBodyProducer:
             self._finish(None)
             return self._done
         self._request.registerProducer(self, True)
+        if not self._request.startedWriting:
+            # twisted.web writes the status line and headers with the first body write; they
+            # must be in the transport's buffer before sendfile may touch the socket.
+            try:
+                self._write_chunk(READ_CHUNK)
+            except OSError as e:
+                self._finish(Failure(BodyInterrupted(f"reading the content failed: {e}")))
         self._produce()
         return self._done
 
@@ -139,7 +146,7 @@ class FileBodyProducer:
 
     def _produce_until_paused(self) -> None:
         budget = SENDFILE_TURN_BUDGET
-        transport = self._request.channel.transport if self._request.channel else None
+        transport = getattr(getattr(self._request, "channel", None), "transport", None)
         while not self._paused and self._remaining > 0 and not self._done.called:
             if (
                 self._socket_fd is not None
@@ -157,13 +164,16 @@ class FileBodyProducer:
             chunk_size = READ_CHUNK
             if self._socket_fd is not None and transport is not None:
                 chunk_size = max(READ_CHUNK, getattr(transport, "bufferSize", 65536) + 1)
-            data = os.pread(self._fd, min(chunk_size, self._remaining), self._offset)
-            if not data:
-                raise OSError(errno.EIO, "file ended before the expected length")
-            self._advance(len(data))
-            self._request.write(data)
+            self._write_chunk(chunk_size)
         if self._remaining == 0:
             self._finish(None)
+
+    def _write_chunk(self, size: int) -> None:
+        data = os.pread(self._fd, min(size, self._remaining), self._offset)
+        if not data:
+            raise OSError(errno.EIO, "file ended before the expected length")
+        self._advance(len(data))
+        self._request.write(data)
 
     def _sendfile(self, count: int) -> int:
         try:
