@@ -2,7 +2,8 @@
 """
 A real spegel node process for end-to-end tests, bound to one L{ContainerdDaemon}.
 
-The node runs as C{twistd -n --pidfile= spegel ...} (our twistd plugin in the foreground), on free
+The node runs as C{python -m twisted spegel ...} (our plugin under the C{twist} runner, in the
+foreground; L{twistd_command} runs it under C{twistd -n} instead), on free
 loopback ports chosen once, so a restarted node comes back on the same addresses and peers that
 know it keep working.  Its output goes to a log file read back with L{SpegelNode.log_text}.
 """
@@ -50,10 +51,19 @@ class Metrics(dict[MetricKey, float]):
         return {name for name, _ in self}
 
 
+def twist_command(log_level: str = "debug") -> list[str]:
+    """
+    The default runner prefix: C{python -m twisted} (the C{twist} runner) with text logs on
+    stdout, using the interpreter running us (so a virtualenv's packages are used).  It stops the
+    node cleanly on SIGTERM.
+    """
+    return [sys.executable, "-m", "twisted", "--log-format=text", f"--log-level={log_level}"]
+
+
 def twistd_command() -> list[str]:
     """
-    The command prefix that runs a twistd plugin in the foreground (C{-n}), without a pid file,
-    logging to stdout, with the interpreter running us (so a virtualenv's packages are used).
+    The alternative runner prefix: C{twistd -n --pidfile=} (foreground, no pid file, logs on
+    stdout), which exercises the plugin's twistd log observer hook.
     """
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.path.exists(script):
@@ -70,7 +80,7 @@ class SpegelNode:
     @ivar mirrored_registries: C{--mirrored-registries} (registry URLs).
     @ivar extra_args: more node arguments (bootstrap, filters...); may be changed before
         L{start}.
-    @ivar command: the runner prefix (see L{twistd_command}).
+    @ivar command: the runner prefix (L{twist_command} by default, or L{twistd_command}).
     @ivar log_level: the node's C{--log-level}.
     """
 
@@ -82,7 +92,7 @@ class SpegelNode:
     registry_port: int = field(factory=free_port)
     router_port: int = field(factory=free_port)
     metrics_port: int = field(factory=free_port)
-    command: list[str] = field(factory=twistd_command)
+    command: list[str] = field(factory=twist_command)
     log_level: str = "debug"
     env: dict[str, str] | None = None
     _process: ManagedProcess | None = field(default=None, init=False)
