@@ -1,0 +1,260 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The ``spegel`` console script: one-shot commands run next to the long-running node (which is
+``twistd spegel``, see spegel.tap).
+
+    spegel configuration --containerd-registry-config-path /etc/containerd/certs.d \\
+        --mirrored-registries https://docker.io,https://ghcr.io \\
+        --mirror-targets http://10.0.0.5:30020 [--resolve-tags=false] [--prepend-existing]
+    spegel cleanup --containerd-registry-config-path /etc/containerd/certs.d
+    spegel version
+
+Flag names are the reference's, so existing manifests keep working. Lists are comma-separated
+and may also be given as several words or by repeating the flag. Exit status: 0 done, 1 the
+configuration directory could not be read or written, 2 bad command line; errors are one line
+on stderr, ``spegel: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from typing import Any, NoReturn, Sequence, TextIO
+
+import spegel
+from spegel.hostsconfig import (
+    DEFAULT_CONFIG_PATH,
+    HostsConfigError,
+    InvalidMirrorConfiguration,
+    InvalidRegistryURL,
+    MirrorConfiguration,
+    cleanup,
+    configure,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
+
+
+class UsageError(Exception):
+    """
+    The command line is wrong; the message says how.
+    """
+
+
+class _Exit(Exception):
+    """
+    argparse finished on its own (``--help``): leave main with this status.
+    """
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    An ArgumentParser that raises instead of printing usage and calling sys.exit, so main
+    decides what the operator sees (one line) and returns a status instead of exiting, and
+    that prints help to the streams main was given.
+    """
+
+    def __init__(
+        self, *args: Any, out: TextIO | None = None, err: TextIO | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._out = out
+        self._err = err
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            self._print_message(message, sys.stderr)
+        raise _Exit(status)
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message:
+            stream = (self._err or sys.stderr) if file is sys.stderr else (self._out or sys.stdout)
+            stream.write(message)
+
+
+def parse_bool(text: str) -> bool:
+    """
+    ``true``/``false`` and the usual spellings of them, as the reference's flags accept.
+    """
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+class _CommaSeparated(argparse.Action):
+    """
+    Collect ``--flag a,b --flag c d`` into ``[a, b, c, d]``; ``--flag=`` alone means empty.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        collected = list(getattr(namespace, self.dest) or [])
+        for value in values:
+            collected.extend(item.strip() for item in value.split(",") if item.strip())
+        setattr(namespace, self.dest, collected)
+
+
+def _add_config_path(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--containerd-registry-config-path",
+        metavar="DIR",
+        default=DEFAULT_CONFIG_PATH,
+        help="containerd's registry config_path (default: %(default)s)",
+    )
+
+
+def build_parser(
+    stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> argparse.ArgumentParser:
+    """
+    The whole command line; tests use it to check the flags the manifests pass.
+    """
+    parser = _Parser(prog="spegel", description="One-shot spegel commands.", out=stdout, err=stderr)
+    parser.add_argument("--version", action="version", version=spegel.__version__)
+    commands = parser.add_subparsers(
+        dest="command",
+        # Shown in "the following arguments are required: ...", so list the choices.
+        metavar="{configuration,cleanup,version}",
+        required=True,
+        parser_class=partial(_Parser, out=stdout, err=stderr),
+    )
+
+    configuration = commands.add_parser(
+        "configuration",
+        help="point containerd at spegel for the mirrored registries",
+        description="Write <config path>/<registry>/hosts.toml for every mirrored registry, "
+        "moving what was there to <config path>/_backup (once).",
+    )
+    _add_config_path(configuration)
+    configuration.add_argument(
+        "--mirrored-registries",
+        metavar="URL",
+        nargs="*",
+        action=_CommaSeparated,
+        default=[],
+        help="registries to mirror, e.g. https://docker.io,https://ghcr.io; "
+        "none means every registry (_default)",
+    )
+    configuration.add_argument(
+        "--mirror-targets",
+        metavar="URL",
+        nargs="*",
+        action=_CommaSeparated,
+        required=True,
+        help="spegel endpoints containerd tries first, in order, e.g. http://10.0.0.5:30020",
+    )
+    configuration.add_argument(
+        "--resolve-tags",
+        metavar="BOOL",
+        nargs="?",
+        const=True,
+        default=True,
+        type=parse_bool,
+        help="let spegel resolve tags to digests (default: true)",
+    )
+    configuration.add_argument(
+        "--prepend-existing",
+        metavar="BOOL",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_bool,
+        help="keep the [host] entries of existing hosts.toml files after ours (default: false)",
+    )
+
+    cleanup_command = commands.add_parser(
+        "cleanup",
+        help="remove spegel's configuration and restore the original",
+        description="Remove what 'configuration' wrote and move <config path>/_backup back.",
+    )
+    _add_config_path(cleanup_command)
+
+    commands.add_parser("version", help="print the version", description="Print the version.")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """
+    Run one command.
+
+    @param argv: the arguments after the program name; C{sys.argv[1:]} by default.
+    @return: the exit status.
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+    try:
+        arguments = build_parser(out, err).parse_args(sys.argv[1:] if argv is None else list(argv))
+        if arguments.command == "version":
+            print(spegel.__version__, file=out)
+            return EXIT_OK
+        if not arguments.containerd_registry_config_path:
+            raise UsageError("--containerd-registry-config-path must not be empty")
+        if arguments.command == "configuration":
+            return _configuration(arguments, out)
+        return _cleanup(arguments, out)
+    except _Exit as e:
+        return e.status
+    except (UsageError, InvalidRegistryURL, InvalidMirrorConfiguration) as e:
+        print(f"spegel: error: {e}", file=err)
+        return EXIT_USAGE
+    except (HostsConfigError, OSError) as e:
+        print(f"spegel: error: {e}", file=err)
+        return EXIT_FAILED
+
+
+def _configuration(arguments: argparse.Namespace, out: TextIO) -> int:
+    # Validated in full before the directory is touched.
+    wanted = MirrorConfiguration.from_strings(
+        arguments.mirrored_registries,
+        arguments.mirror_targets,
+        resolve_tags=arguments.resolve_tags,
+        prepend_existing=arguments.prepend_existing,
+    )
+    root = arguments.containerd_registry_config_path.rstrip("/") or "/"
+    result = configure(root, wanted)
+    for name in result.backed_up:
+        print(f"backed up {root}/{name} to {root}/_backup/{name}", file=out)
+    for path in result.removed:
+        print(f"removed {root}/{path}", file=out)
+    for path in result.written:
+        print(f"wrote {root}/{path}", file=out)
+    return EXIT_OK
+
+
+def _cleanup(arguments: argparse.Namespace, out: TextIO) -> int:
+    root = arguments.containerd_registry_config_path.rstrip("/") or "/"
+    result = cleanup(root)
+    if not result.removed and not result.restored:
+        print(f"nothing to clean up in {root}", file=out)
+    for path in result.removed:
+        print(f"removed {root}/{path}", file=out)
+    for name in result.restored:
+        print(f"restored {root}/{name}", file=out)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
