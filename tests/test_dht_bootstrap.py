@@ -15,12 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field, frozen
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
 from twisted.logger import LogLevel, capturedLogs
 from twisted.names import authority, client, common, dns, server
 from twisted.names import error as dnsError
@@ -28,6 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from spegel.dht.bootstrap import (
     JITTER,
@@ -45,6 +50,7 @@ from spegel.dht.bootstrap import (
     NoCandidates,
     NobodyAnswered,
     StaticBootstrapper,
+    parse_bootstrap_document,
     bootstrapper_from_config,
     parse_host_port,
 )
@@ -211,6 +217,59 @@ class ParseHostPortTests(SynchronousTestCase):
         self.assertRejected("[::1:5001", "missing ']'")
         self.assertRejected("[10.0.0.1]:5001", "not an IPv6 address")
         self.assertRejected("[::1]5001", "after ']'")
+
+
+class ParserPropertyTests(SynchronousTestCase):
+    """Whatever the input, the parsers answer with a value or their documented error."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=80))
+    def test_parse_host_port_never_crashes(self, text: str) -> None:
+        try:
+            host, port = parse_host_port(text)
+        except ValueError:
+            return
+        self.assertTrue(1 <= port <= 65535)
+        self.assertTrue(host)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(1, 65535))
+    def test_parse_host_port_round_trip(self, address: Any, port: int) -> None:
+        text = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        self.assertEqual(parse_host_port(text), (str(address), port))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=200),
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70),
+                lambda inner: st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(["node_id", "host", "port", "other"]), inner, max_size=4
+                ),
+                max_leaves=8,
+            ).map(lambda value: json.dumps(value).encode()),
+        )
+    )
+    def test_bootstrap_document_never_crashes(self, body: bytes) -> None:
+        try:
+            info = parse_bootstrap_document(body, "10.0.0.9")
+        except BootstrapResponseInvalid:
+            return
+        self.assertEqual(len(info.node_id), 32)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.binary(min_size=32, max_size=32),
+        st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).filter(
+            lambda address: not address.is_unspecified
+        ),
+        st.integers(1, 65535),
+    )
+    def test_bootstrap_document_round_trip(self, node_id: bytes, host: Any, port: int) -> None:
+        info = BootstrapInfo(node_id=node_id, host=str(host), port=port)
+        self.assertEqual(parse_bootstrap_document(info.to_json(), "10.0.0.9"), info)
 
 
 # --- StaticBootstrapper ------------------------------------------------------------------------
@@ -563,6 +622,34 @@ class HTTPBootstrapperTests(SynchronousTestCase):
         self.assertIn("longer than 2.0s", str(failure.value))
         self.assertIsNone(failure.value.status)
 
+    def test_timer_cancelled_after_answer(self) -> None:
+        clock = Clock()
+        info = BootstrapInfo(node_id=NODE_ID, host="10.0.0.9", port=5001)
+        bootstrapper = self.bootstrapper(BootstrapInfoResource(lambda: info), clock=clock)
+        self.assertEqual(self.successResultOf(bootstrapper.info()), info)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stopping_bootstrapping_cancels_request(self) -> None:
+        requests = []
+
+        class Silent(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> object:
+                requests.append(request)
+                return NOT_DONE_YET
+
+        clock = Clock()
+        service = Bootstrapping(
+            clock, self.bootstrapper(Silent(), clock=clock), ScriptedJoin([FOUND])
+        )
+        service.startService()
+        self.assertEqual(len(requests), 1)
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertFalse(service.joined)
+
     def test_connection_failure(self) -> None:
         class Refusing:
             def get(self, url: str, **kwargs: Any) -> Deferred:
@@ -619,6 +706,45 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
     def test_listening_port_before_start(self) -> None:
         server = HTTPBootstrapServer(Clock(), "tcp:0", lambda: None)  # type: ignore[arg-type]
         self.assertRaises(RuntimeError, server.listening_port)
+
+    def test_listens_on_endpoint_and_stops(self) -> None:
+        memory = MemoryReactor()
+        info = BootstrapInfo(node_id=NODE_ID, host="10.0.0.9", port=5001)
+        server = HTTPBootstrapServer(memory, "tcp:5002:interface=127.0.0.1", lambda: info)
+        server.startService()
+        ((port, site, _backlog, interface),) = memory.tcpServers
+        self.assertEqual((port, interface), (5002, "127.0.0.1"))
+        self.assertIs(site.resource, server.resource)
+        self.successResultOf(server.listening_port())
+        self.successResultOf(server.stopService())
+        self.assertFalse(server.running)
+
+    def test_listen_failure_logged_and_reported(self) -> None:
+        failing = RaisingMemoryReactor(listenException=CannotListenError("", 5002, "in use"))
+        server = HTTPBootstrapServer(failing, "tcp:5002", lambda: None)  # type: ignore[arg-type]
+        server.startService()
+        self.failureResultOf(server.listening_port(), CannotListenError)
+        self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
+        self.successResultOf(server.stopService())
+
+    def test_stop_while_listening_pending(self) -> None:
+        cancelled: list[Deferred] = []
+        pending: Deferred = Deferred(cancelled.append)
+
+        @implementer(IStreamServerEndpoint)
+        class SlowEndpoint:
+            def listen(self, factory: Any) -> Deferred:
+                return pending
+
+        server = HTTPBootstrapServer(Clock(), "tcp:0", lambda: None)  # type: ignore[arg-type]
+        server._endpoint = SlowEndpoint()
+        server.startService()
+        waiter = server.listening_port()
+        self.assertNoResult(waiter)
+        self.successResultOf(server.stopService())
+        self.assertEqual(cancelled, [pending])
+        self.failureResultOf(waiter, CancelledError)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class LoopbackHTTPTests(TestCase):

@@ -37,6 +37,8 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     TimeoutError as DeferredTimeoutError,
+    fail,
+    maybeDeferred,
     succeed,
 )
 from twisted.internet.endpoints import serverFromString
@@ -418,7 +420,7 @@ class BootstrapInfo:
         ).encode("utf-8")
 
 
-def _parse_bootstrap_document(body: bytes, url_host: str) -> BootstrapInfo:
+def parse_bootstrap_document(body: bytes, url_host: str) -> BootstrapInfo:
     """
     Validate the JSON document of an L{HTTPBootstrapServer}.
 
@@ -539,7 +541,7 @@ class HTTPBootstrapper:
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
-        return _parse_bootstrap_document(body, self._host)
+        return parse_bootstrap_document(body, self._host)
 
     async def _fetch(self) -> bytes:
         kwargs = {}
@@ -632,49 +634,69 @@ class HTTPBootstrapServer(Service):
         self.resource = BootstrapInfoResource(info)
         self._listening: Deferred[IListeningPort] | None = None
         self._port: IListeningPort | None = None
+        self._listen_failure: Failure | None = None
+        self._port_waiters: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         super().startService()
+        self._port = self._listen_failure = None
         site = Site(self.resource)
         site.noisy = False
         self._listening = self._endpoint.listen(site)
         self._listening.addCallbacks(self._listened, self._listen_failed)
 
-    def _listened(self, port: IListeningPort) -> IListeningPort:
+    def _listened(self, port: IListeningPort) -> None:
+        self._listening = None
         self._port = port
         _log.info("HTTP bootstrap server listening on {address}", address=port.getHost())
-        return port
+        self._notify(port)
 
-    def _listen_failed(self, failure: Failure) -> Failure:
+    def _listen_failed(self, failure: Failure) -> None:
+        self._listening = None
         if not failure.check(CancelledError):
+            # Logged here, not raised: the DHT works without this server, peers that use it
+            # to bootstrap retry, and the log says why they find nobody.
             _log.failure(
                 "HTTP bootstrap server could not listen on {endpoint}",
                 failure,
                 endpoint=self._description,
             )
-        return failure
+        self._listen_failure = failure
+        self._notify(failure)
+
+    def _notify(self, outcome: IListeningPort | Failure) -> None:
+        waiters, self._port_waiters = self._port_waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
 
     def listening_port(self) -> Deferred[IListeningPort]:
-        """Fires with the listening port once started (for tests listening on port 0)."""
+        """
+        Fires with the listening port once started (for tests listening on port 0), or fails
+        as listening failed.
+        """
+        if self._port is not None:
+            return succeed(self._port)
+        if self._listen_failure is not None:
+            return fail(self._listen_failure)
         if self._listening is None:
             raise RuntimeError("HTTPBootstrapServer is not started")
-        result: Deferred[IListeningPort] = Deferred()
-        self._listening.addBoth(lambda outcome: (result.callback(outcome), outcome)[1])
-        return result
+        waiter: Deferred[IListeningPort] = Deferred(lambda d: self._port_waiters.remove(d))
+        self._port_waiters.append(waiter)
+        return waiter
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         listening, self._listening = self._listening, None
         port, self._port = self._port, None
-        if port is not None:
-            return Deferred.fromCoroutine(self._stop(port))
         if listening is not None:
             listening.cancel()
-            listening.addErrback(lambda failure: None)
-        return None
-
-    async def _stop(self, port: IListeningPort) -> None:
-        await port.stopListening()
+        if port is None:
+            return succeed(None)
+        # stopListening may return a Deferred or None.
+        return maybeDeferred(port.stopListening)
 
 
 # --- the service that keeps the node joined ----------------------------------------------------
