@@ -21,7 +21,7 @@ from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import CannotListenError, ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
@@ -29,7 +29,8 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.names import authority, client, common, dns, server
 from twisted.names import error as dnsError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
@@ -658,6 +659,17 @@ class HTTPBootstrapperTests(SynchronousTestCase):
         bootstrapper = HTTPBootstrapper(URL, treq=Refusing())
         failure = self.failureResultOf(bootstrapper.peers(), BootstrapHTTPError)
         self.assertIn("nobody home", str(failure.value))
+
+    def test_wrapped_failure_described(self) -> None:
+        class Failing:
+            def get(self, url: str, **kwargs: Any) -> Deferred:
+                return fail(ResponseNeverReceived([Failure(ConnectionLost("peer went away"))]))
+
+        failure = self.failureResultOf(
+            HTTPBootstrapper(URL, treq=Failing()).peers(), BootstrapHTTPError
+        )
+        self.assertIn("peer went away", str(failure.value))
+        self.assertNotIn("<twisted.python.failure", str(failure.value))
 
     def test_invalid_urls(self) -> None:
         for url in ("", "ftp://peer/", "peer:5002", "http:///nohost"):

@@ -537,7 +537,7 @@ class HTTPBootstrapper:
                 ) from None
             if isinstance(e, (BootstrapError, CancelledError)):
                 raise
-            raise BootstrapHTTPError(f"GET {self._url} failed: {e or type(e).__name__}") from e
+            raise BootstrapHTTPError(f"GET {self._url} failed: {_describe(e)}") from e
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
@@ -570,6 +570,21 @@ class HTTPBootstrapper:
 
         await treq.collect(response, collect)
         return b"".join(chunks)
+
+
+def _describe(error: BaseException) -> str:
+    """
+    A one-line reason for a failed request. twisted.web's ResponseFailed and friends wrap
+    the real causes in a list of Failures whose repr says nothing to an operator.
+    """
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(
+            reason.getErrorMessage() or reason.type.__name__
+            for reason in reasons
+            if isinstance(reason, Failure)
+        ) or type(error).__name__
+    return str(error) or type(error).__name__
 
 
 class _Discard:
