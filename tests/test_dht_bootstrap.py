@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
 from twisted.logger import LogLevel, capturedLogs
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from spegel.dht.bootstrap import (
@@ -51,8 +53,8 @@ from spegel.dht.bootstrap import (
     NoCandidates,
     NobodyAnswered,
     StaticBootstrapper,
-    parse_bootstrap_document,
     bootstrapper_from_config,
+    parse_bootstrap_document,
     parse_host_port,
 )
 
@@ -518,6 +520,29 @@ class BootstrapInfoResourceTests(SynchronousTestCase):
         self.info = BootstrapInfo(node_id=NODE_ID, host="10.0.0.10", port=6001)
         self.assertEqual(json.loads(self.get()[1])["host"], "10.0.0.10")
 
+    def test_unspecified_host_becomes_local_address(self) -> None:
+        """A router on every interface serves the address the request came in on."""
+        for unspecified in ("0.0.0.0", "::"):
+            self.info = BootstrapInfo(node_id=NODE_ID, host=unspecified, port=5001)
+            document = json.loads(self.get()[1])
+            # StubTreq's fake connections arrive at 127.0.0.1.
+            self.assertEqual(document["host"], "127.0.0.1")
+            self.assertEqual(document["port"], 5001)
+
+    def test_local_address_mapping(self) -> None:
+        resource = BootstrapInfoResource(lambda: BootstrapInfo(NODE_ID, "::", 5001))
+        for local, expected in (
+            # A dual-stack socket reports IPv4 as IPv4-mapped IPv6; the router wants IPv4.
+            (IPv6Address("TCP", "::ffff:10.0.0.4", 5002), "10.0.0.4"),
+            (IPv6Address("TCP", "fd00::4", 5002), "fd00::4"),
+            (IPv4Address("TCP", "10.0.0.5", 5002), "10.0.0.5"),
+            # No IP to offer: served as is, and the client falls back to the URL's host.
+            (UNIXAddress(b"/run/x.sock"), "::"),
+        ):
+            request = DummyRequest([b""])
+            request.getHost = lambda local=local: local  # type: ignore[method-assign]
+            self.assertEqual(json.loads(resource.render(request))["host"], expected)
+
     def test_other_paths_not_found(self) -> None:
         self.assertEqual(self.get(URL + "id")[0], 404)
 
@@ -777,6 +802,9 @@ class LoopbackHTTPTests(TestCase):
         url = f"http://127.0.0.1:{port.getHost().port}/"
         bootstrapper = HTTPBootstrapper(url, treq=HTTPClient(Agent(reactor)), clock=reactor)
         self.assertEqual(await bootstrapper.info(), info)
+        # A router on every interface: the peer is told the address it connected to.
+        info = BootstrapInfo(node_id=NODE_ID, host="0.0.0.0", port=5001)
+        self.assertEqual(await bootstrapper.peers(), [("127.0.0.1", 5001)])
         await server.stopService()
         stopped = True
         with self.assertRaises(BootstrapHTTPError):

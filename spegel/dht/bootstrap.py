@@ -27,7 +27,7 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 
 import treq
-from attrs import frozen
+from attrs import evolve, frozen
 from treq.client import HTTPClient
 from hyperlink import DecodedURL
 from twisted.application.service import Service
@@ -622,12 +622,30 @@ class BootstrapInfoResource(Resource):
             request.setResponseCode(404)
             return b'{"error": "not found: the bootstrap document is at /"}'
         try:
-            body = self._info().to_json()
+            info = self._info()
         except Exception:
             _log.failure("Could not describe this node for HTTP bootstrap")
             request.setResponseCode(503)
             return b'{"error": "this node cannot describe itself yet"}'
-        return body
+        return _with_reachable_host(info, request).to_json()
+
+
+def _with_reachable_host(info: BootstrapInfo, request: Request) -> BootstrapInfo:
+    """
+    C{info}, its unspecified host (a router listening on every interface) replaced by the
+    address this request arrived at: that one is reachable from the asking peer, and behind
+    a Kubernetes Service it is the pod's own IP, as kube-proxy rewrites the destination.
+    """
+    canonical = _ip_literal(info.host)
+    if canonical is None or not ipaddress.ip_address(canonical).is_unspecified:
+        return info
+    local = _ip_literal(getattr(request.getHost(), "host", "") or "")
+    if local is None:
+        return info
+    address = ipaddress.ip_address(local)
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; the UDP router wants a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return evolve(info, host=str(mapped or address))
 
 
 class HTTPBootstrapServer(Service):
