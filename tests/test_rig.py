@@ -12,13 +12,15 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.containerd import ContainerdDaemon
+from spegel.testing.containerd import ContainerdDaemon, short_tempdir
 from spegel.testing.images import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -36,7 +38,7 @@ from spegel.testing.images import (
     iter_chunks,
 )
 from spegel.testing.node import SpegelNode
-from spegel.testing.process import CommandFailed, ProcessFailed, live_processes
+from spegel.testing.process import CommandFailed, ProcessFailed, live_processes, wait_for
 from spegel.testing.registry import UpstreamRegistry
 from spegel.testing.shared import Shared
 
@@ -417,3 +419,30 @@ class ClusterLifecycleTests(TestCase):
         pids = [cluster.registry.pid, *(d.pid for d in cluster.containerds)]
         self.assertEqual([pid for pid in pids if pid is not None and _isAlive(pid)], [])
         self.assertFalse(os.path.exists(cluster.base_dir))
+
+
+class OrphanTests(TestCase):
+    """
+    Rig processes die with the process that started them, even when it gets no chance to clean
+    up.
+    """
+
+    def test_killedParentTakesChildrenAlong(self) -> None:
+        """
+        A script that starts a containerd and is then SIGKILLed leaves no containerd running.
+        """
+        base = short_tempdir()
+        self.addCleanup(shutil.rmtree, base, True)
+        script = (
+            "import os, signal, sys\n"
+            "from spegel.testing.containerd import ContainerdDaemon\n"
+            f"d = ContainerdDaemon(base_dir={base!r})\n"
+            "d.start()\n"
+            "print(d.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        completed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+        self.assertEqual(completed.returncode, -signal.SIGKILL, completed.stderr)
+        pid = int(completed.stdout.split()[0])
+        wait_for(lambda: not _isAlive(pid), timeout=10, what=f"orphaned containerd {pid} to die")
+        self.assertFalse(_isAlive(pid))

@@ -13,6 +13,8 @@ have children of its own.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -47,6 +49,20 @@ class CommandFailed(Exception):
 
 
 _live: dict[int, "ManagedProcess"] = {}
+
+# prctl(PR_SET_PDEATHSIG, SIGKILL) in the child makes the kernel kill it when the thread that
+# started it dies, so even a SIGKILLed test run (no atexit) leaves no daemon behind.  libc is
+# loaded here, in the parent: the child between fork and exec should do as little as possible.
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:
+    _libc = None
+
+
+def _die_with_parent() -> None:
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def kill_all() -> None:
@@ -142,6 +158,8 @@ class ManagedProcess:
     @ivar log_path: file that receives stdout and stderr, appended to across restarts.
     @ivar env: environment, or L{None} to inherit ours.
     @ivar cwd: working directory, or L{None} for ours.
+    @ivar die_with_parent: have the kernel SIGKILL the process when the thread that started it
+        exits.  Leave it on unless you start processes from a short-lived thread.
     """
 
     name: str
@@ -149,6 +167,7 @@ class ManagedProcess:
     log_path: str
     env: dict[str, str] | None = None
     cwd: str | None = None
+    die_with_parent: bool = True
     _popen: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -180,6 +199,7 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         _live[self._popen.pid] = self
 
