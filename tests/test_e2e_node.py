@@ -11,6 +11,10 @@ Tests that stop the upstream registry start it again before they return.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import urllib.parse
 
 from twisted.trial.unittest import TestCase
@@ -339,3 +343,71 @@ class LiveNodeHTTPTests(TestCase):
         self.assertEqual(self.get("/v2/").status, 200)
         self.assertEqual(self.get(self.blobPath).body, self.layerBytes)
         self.assertTrue(self.node.running)
+
+
+class DemoTests(TestCase):
+    """
+    The README demo, C{python -m spegel.testing.demo}, run as a user would.
+    """
+
+    def runDemo(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "spegel.testing.demo", "--layers", "2", "--size-mib", "2", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def assertCleanedUp(self, stdout: str) -> None:
+        """
+        The cluster directory the demo printed is gone and no process mentions it.
+        """
+        match = re.search(r"\(containerd (/tmp/[^/ ]+)/c0/c\.sock\)", stdout)
+        self.assertIsNotNone(match, stdout)
+        baseDir = match.group(1)
+        self.assertFalse(os.path.exists(baseDir))
+        self.assertEqual(_processesMentioning(baseDir), [])
+
+    def test_succeeds(self) -> None:
+        """
+        The demo exits 0, reports equal digests and node 1's served bytes, and leaves no process.
+        """
+        result = self.runDemo()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("by tag through node 1", result.stdout)
+        self.assertIn("upstream = node 1 = node 2: yes", result.stdout)
+        served = re.search(r"node 1 served\s+([0-9.]+) MiB from its own containerd", result.stdout)
+        self.assertIsNotNone(served, result.stdout)
+        self.assertGreaterEqual(float(served.group(1)), 2.0)
+        self.assertTrue(result.stdout.rstrip().endswith("demo ok"))
+        self.assertCleanedUp(result.stdout)
+
+    def test_failsWithOneLineReason(self) -> None:
+        """
+        When node 1 serves nothing (a filter refusing every repository), node 2's pull fails with
+        upstream stopped: the demo exits 1 with a one-line reason on stderr and leaves no process.
+        """
+        result = self.runDemo("--node-arg=--registry-filters=.")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("demo failed: "), result.stderr)
+        self.assertNotIn("through node 1 in", result.stdout)
+        self.assertCleanedUp(result.stdout)
+
+
+def _processesMentioning(text: str) -> list[str]:
+    """
+    The command lines of every process on the machine that contain C{text}.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(f"{entry}: {command}")
+    return found

@@ -39,9 +39,11 @@ def _mib(n: float) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
-def run_demo(layers: int, total_mib: float, seed: str, keep: bool) -> None:
+def run_demo(layers: int, total_mib: float, seed: str, keep: bool, node_args: Sequence[str] = ()) -> None:
     """
     Run the demo, printing progress.
+
+    @param node_args: extra arguments for both nodes.
 
     @raise DemoFailed: when a pull does not end with the expected content.
     """
@@ -51,7 +53,7 @@ def run_demo(layers: int, total_mib: float, seed: str, keep: bool) -> None:
         _say(f"building a {layers}-layer image of {_mib(layer_size * layers)} of random bytes (seed {seed!r})", started)
         image = build_image(seed=seed, layer_sizes=[layer_size] * layers, directory=scratch)
         _say("starting an upstream registry, 2 containerd daemons and 2 spegel nodes on 127.0.0.1", started)
-        with Cluster(2, keep_dir=keep) as cluster:
+        with Cluster(2, keep_dir=keep, node_args=list(node_args)) as cluster:
             try:
                 _run_in(cluster, image, started)
             except BaseException:
@@ -129,11 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=float, default=20.0, help="total layer payload in MiB (default 20)")
     parser.add_argument("--seed", default="demo", help="seed of the random image bytes")
     parser.add_argument("--keep", action="store_true", help="keep logs and data, print log tails on failure")
+    parser.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for both spegel nodes, repeatable (e.g. --node-arg=--mirror-resolve-retries=1)",
+    )
     args = parser.parse_args(argv)
     if args.layers < 1 or args.size_mib <= 0:
         parser.error("--layers must be at least 1 and --size-mib positive")
     try:
-        run_demo(args.layers, args.size_mib, args.seed, args.keep)
+        run_demo(args.layers, args.size_mib, args.seed, args.keep, args.node_arg)
     except DemoFailed as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
