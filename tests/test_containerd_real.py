@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -203,6 +204,9 @@ class RealContainerdTests(TestCase):
             self.events[:3],
             [ImageEvent("create", name), ContentEvent("delete", layer), ImageEvent("delete", name)],
         )
+
+        await subscriber.stopService()
+        self.assertEqual([t for t in threading.enumerate() if t.name == "spegel-containerd-events"], [])
         self.assertEqual(self.resubscriptions, 1)
 
     def test_restart(self) -> Deferred[None]:
