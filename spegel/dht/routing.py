@@ -15,6 +15,7 @@ L{RoutingTable.evict} (it did not).
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
 
@@ -53,6 +54,8 @@ class RoutingTable:
     _buckets: list[KBucket] = field(init=False)
     _failures: dict[bytes, int] = field(init=False, factory=dict)
     _size: int = field(init=False, default=0)
+    # Every contact of every bucket, for iteration without visiting 256 buckets.
+    _all: dict[bytes, Contact] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         start = self.now()
@@ -62,8 +65,13 @@ class RoutingTable:
         return self._size
 
     def __iter__(self) -> Iterator[Contact]:
-        for bucket in self._buckets:
-            yield from bucket.contacts.values()
+        return iter(list(self._all.values()))
+
+    def bucket(self, index: int) -> list[Contact]:
+        """
+        The contacts of bucket C{index}, least-recently seen first.
+        """
+        return list(self._buckets[index].contacts.values())
 
     def __contains__(self, node_id: bytes) -> bool:
         return self.get(node_id) is not None
@@ -94,11 +102,13 @@ class RoutingTable:
             # Refreshed (and possibly moved address, e.g. a restarted pod): to the tail.
             del bucket.contacts[contact.node_id]
             bucket.contacts[contact.node_id] = contact
+            self._all[contact.node_id] = contact
             if bucket.pinging == contact.node_id:
                 bucket.pinging = None
             return None
         if len(bucket.contacts) < self.k:
             bucket.contacts[contact.node_id] = contact
+            self._all[contact.node_id] = contact
             bucket.replacements.pop(contact.node_id, None)
             self._resize(+1)
             return None
@@ -123,10 +133,12 @@ class RoutingTable:
         if bucket.contacts.pop(node_id, None) is None:
             bucket.replacements.pop(node_id, None)
             return
+        del self._all[node_id]
         self._resize(-1)
         if bucket.replacements:
             _, replacement = bucket.replacements.popitem(last=True)
             bucket.contacts[replacement.node_id] = replacement
+            self._all[replacement.node_id] = replacement
             self._resize(+1)
 
     def failed(self, node_id: bytes) -> None:
@@ -147,10 +159,12 @@ class RoutingTable:
         The (at most) C{count} known contacts nearest to C{target} by XOR distance.
         """
         excluded = set(exclude)
-        candidates = [c for c in self if c.node_id not in excluded]
         target_int = int.from_bytes(target, "big")
-        candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ target_int)
-        return candidates[:count]
+        return heapq.nsmallest(
+            count,
+            (c for c in self._all.values() if c.node_id not in excluded),
+            key=lambda c: int.from_bytes(c.node_id, "big") ^ target_int,
+        )
 
     def touch(self, target: bytes) -> None:
         """

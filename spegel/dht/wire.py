@@ -22,6 +22,7 @@ trimmed to fit by L{fit}.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -147,21 +148,30 @@ class Message:
         return self.body.kind in REQUEST_KINDS
 
 
+@functools.lru_cache(maxsize=4096)
 def _pack_ip(host: str) -> bytes:
     return ipaddress.ip_address(host).packed
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_text(packed: bytes) -> str:
+    return normalize_host(str(ipaddress.ip_address(packed)))
 
 
 def _unpack_ip(packed: object) -> str:
     if not isinstance(packed, bytes) or len(packed) not in (4, 16):
         raise MalformedDatagram("bad_field", "ip")
-    address = ipaddress.ip_address(packed)
-    return normalize_host(str(address))
+    # Cached: the same few hundred addresses arrive over and over, and ipaddress is slow.
+    return _ip_text(packed)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(host: str) -> str:
     """
     Canonical text form of an IP literal; IPv4-mapped IPv6 addresses (from dual-stack sockets)
     become plain IPv4.
+
+    @raise ValueError: C{host} is not an IP literal.
     """
     address = ipaddress.ip_address(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

@@ -1,0 +1,360 @@
+# -*- test-case-name: tests.test_dht_node -*-
+"""
+A Kademlia node: the routing table, the provider store and the protocol, tied together.
+
+L{KademliaNode} answers the four requests (PING, FIND_NODE, ADD_PROVIDER, GET_PROVIDERS),
+keeps its routing table fresh from every message it accepts (pinging the oldest contact of a
+full bucket before letting a newcomer in), and runs the iterative lookups, the join used by
+bootstrapping, bucket refresh and the announcement of the keys it provides.
+
+Announcing many keys cheaply
+============================
+Announcing each key with its own lookup plus k ADD_PROVIDER messages costs dozens of
+datagrams per key.  Instead, L{KademliaNode.announce} works on the whole sorted key set:
+
+ 1. From the distance to our k-th closest contact it estimates the network size C{n}, and
+    cuts the id space into C{2**b} regions by the keys' first C{b} bits, with C{b} chosen so
+    a region holds about k nodes or fewer (C{b = ceil(log2(n / k))}).  In the XOR metric the
+    k closest nodes of any key in a region are the region's nodes, topped up from its
+    nearest neighbours.
+ 2. It runs one node lookup per region that holds keys (not per key), which finds those
+    nodes; every node that answers also lands in the routing table.
+ 3. For each key it picks the k closest of the nodes now known, groups keys by destination,
+    and sends each destination its keys, up to L{wire.KEYS_PER_MESSAGE} per datagram, with a
+    bounded window of requests in flight.
+
+The cost is a fixed number of lookups plus about C{k / KEYS_PER_MESSAGE} datagrams per key.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+from collections import defaultdict
+from typing import Callable, Collection, Iterable
+
+from attrs import frozen
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    gatherResults,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from spegel.dht import metrics, wire
+from spegel.dht.config import RouterConfig
+from spegel.dht.ids import ID_BITS, Contact, Provider, random_id_in_bucket
+from spegel.dht.lookup import IterativeLookup, LookupResult
+from spegel.dht.protocol import Address, DHTError, DHTProtocol
+from spegel.dht.providers import ProviderStore
+from spegel.dht.routing import RoutingTable
+from spegel.dht.wire import Message
+
+KEYS_PER_MESSAGE = 32
+MAX_REGION_BITS = 12
+PROVIDERS_PER_REPLY = 20
+
+
+@frozen
+class JoinOutcome:
+    """
+    @ivar peers_found: routing table size after the join.
+    @ivar only_self: some address answered, and every one that did was this very node.
+    """
+
+    peers_found: int
+    only_self: bool
+
+
+@frozen
+class AnnounceResult:
+    """
+    @ivar keys: keys announced.
+    @ivar lookups: region lookups run.
+    @ivar messages: ADD_PROVIDER datagrams sent.
+    @ivar acknowledged: ADD_PROVIDER datagrams acknowledged.
+    @ivar replicas: (key, node) records sent.
+    """
+
+    keys: int
+    lookups: int
+    messages: int
+    acknowledged: int
+    replicas: int
+
+
+class KademliaNode:
+    log = Logger()
+
+    def __init__(
+        self,
+        node_id: bytes,
+        clock: IReactorTime,
+        config: RouterConfig,
+        *,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.config = config
+        self.k = config.k
+        self.alpha = config.alpha
+        self.randbytes = randbytes
+        self.routing = RoutingTable(
+            node_id,
+            config.k,
+            clock.seconds,
+            max_failures=config.max_failures,
+            on_size_change=metrics.ROUTING_TABLE_CONTACTS.inc,
+        )
+        self.store = ProviderStore(
+            clock.seconds,
+            config.provider_ttl,
+            on_change=metrics.PROVIDER_RECORDS.inc,
+            random=rng or random.Random(),
+        )
+        self.protocol = DHTProtocol(
+            node_id,
+            clock,
+            self,
+            secret=config.secret,
+            timeout=config.rpc_timeout,
+            randbytes=randbytes,
+        )
+
+    # -- MessageHandler -------------------------------------------------------------------
+
+    def message_received(self, message: Message, address: Address) -> None:
+        known = self.routing.get(message.sender_id)
+        if known is not None and known.address != address:
+            # The node moved (a restarted pod keeps its id): its records point at the old IP.
+            self.store.remove_provider(message.sender_id)
+        oldest = self.routing.observe(Contact(message.sender_id, address[0], address[1]))
+        if oldest is not None:
+            self._check_oldest(oldest)
+
+    def _check_oldest(self, oldest: Contact) -> None:
+        # A reply refreshes it through message_received; silence evicts it.
+        d = self.protocol.request(oldest.address, wire.Ping())
+
+        def silent(failure: Failure) -> None:
+            failure.trap(DHTError)
+            self.routing.evict(oldest.node_id)
+
+        d.addErrback(silent)
+
+    def handle_request(self, message: Message, address: Address) -> wire.Body:
+        body = message.body
+        if isinstance(body, wire.Ping):
+            return wire.Pong()
+        if isinstance(body, wire.FindNode):
+            return wire.Nodes(self._closest_for(body.target, message.sender_id))
+        if isinstance(body, wire.AddProvider):
+            provider = Provider(message.sender_id, address[0], body.registry_port)
+            stored = sum(1 for key in body.keys if self.store.add(key, provider))
+            return wire.AddProviderAck(stored)
+        if isinstance(body, wire.GetProviders):
+            providers = tuple(self.store.get(body.key, PROVIDERS_PER_REPLY))
+            return wire.Providers(providers, self._closest_for(body.key, message.sender_id))
+        raise TypeError(f"not a request: {body!r}")
+
+    def _closest_for(self, target: bytes, asker: bytes) -> tuple[Contact, ...]:
+        return tuple(self.routing.closest(target, self.k, exclude=(asker,)))
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def _lookup(
+        self,
+        target: bytes,
+        request: wire.Body,
+        on_reply: Callable[[Contact, Message], bool] = lambda c, m: False,
+        seeds: Iterable[Contact] | None = None,
+    ) -> Deferred[LookupResult]:
+        self.routing.touch(target)
+        lookup = IterativeLookup(
+            target,
+            self.k,
+            self.alpha,
+            query=lambda contact: self.protocol.request(contact.address, request),
+            on_reply=on_reply,
+            on_failure=lambda contact: self.routing.failed(contact.node_id),
+            exclude=frozenset({self.node_id}),
+        )
+        return lookup.start(self.routing.closest(target, self.k) if seeds is None else seeds)
+
+    def find_node(self, target: bytes) -> Deferred[LookupResult]:
+        """
+        Iterative FIND_NODE: the k nodes closest to C{target} that answered.
+        """
+        started = self.clock.seconds()
+        d = self._lookup(target, wire.FindNode(target))
+        return d.addBoth(self._observe_lookup, "find_node", started)
+
+    def find_providers(
+        self,
+        key: bytes,
+        *,
+        limit: int = 20,
+        on_provider: Callable[[Provider], None] | None = None,
+    ) -> Deferred[list[Provider]]:
+        """
+        Iterative GET_PROVIDERS for the key id C{key}: up to C{limit} providers, never this
+        node.  C{on_provider} sees each one as soon as it is found; the lookup stops once
+        C{limit} are found, else when the k closest nodes to the key have all answered.
+        """
+        found: dict[bytes, Provider] = {}
+
+        def take(providers: Iterable[Provider]) -> bool:
+            for provider in providers:
+                if provider.node_id == self.node_id or provider.node_id in found:
+                    continue
+                found[provider.node_id] = provider
+                if on_provider is not None:
+                    try:
+                        on_provider(provider)
+                    except Exception:
+                        self.log.failure("Error in an on_provider callback")
+                if len(found) >= limit:
+                    return True
+            return False
+
+        # Records we store ourselves (we are among the key's k closest) need no round trip.
+        if take(self.store.get(key, limit)):
+            return succeed(list(found.values()))
+
+        def on_reply(contact: Contact, message: Message) -> bool:
+            body = message.body
+            return isinstance(body, wire.Providers) and take(body.providers)
+
+        started = self.clock.seconds()
+        d = self._lookup(key, wire.GetProviders(key), on_reply)
+        d.addBoth(self._observe_lookup, "get_providers", started)
+        return d.addCallback(lambda result: list(found.values()))
+
+    def _observe_lookup(self, result: object, kind: str, started: float) -> object:
+        outcome = "ok" if isinstance(result, LookupResult) else "error"
+        if isinstance(result, Failure) and result.check("twisted.internet.defer.CancelledError"):
+            outcome = "cancelled"
+        metrics.LOOKUPS.labels(kind, outcome).inc()
+        metrics.LOOKUP_DURATION.labels(kind).observe(self.clock.seconds() - started)
+        return result
+
+    # -- joining and upkeep ---------------------------------------------------------------
+
+    def ping(self, address: Address) -> Deferred[Message]:
+        return self.protocol.request(address, wire.Ping())
+
+    def join(self, addresses: Collection[Address]) -> Deferred[JoinOutcome]:
+        """
+        Ping every candidate address (answers from our own id mean the address was us), let
+        the others into the routing table, then look up our own id to fill the buckets.
+        """
+        return Deferred.fromCoroutine(self._join(addresses))
+
+    async def _join(self, addresses: Collection[Address]) -> JoinOutcome:
+        pings = [self.ping(address) for address in addresses]
+        results = await DeferredList(pings, consumeErrors=True)
+        answered = [message for ok, message in results if ok]
+        only_self = bool(answered) and all(m.sender_id == self.node_id for m in answered)
+        if len(self.routing):
+            await self.find_node(self.node_id)
+        return JoinOutcome(peers_found=len(self.routing), only_self=only_self)
+
+    def refresh(self) -> Deferred[None]:
+        """
+        Look up a random id in every bucket no lookup touched for C{refresh_interval}.
+        """
+        stale = self.routing.stale_buckets(self.config.refresh_interval)
+        lookups = [
+            self.find_node(random_id_in_bucket(self.node_id, index, self.randbytes))
+            for index in stale
+        ]
+        return gatherResults(lookups, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- announcing -----------------------------------------------------------------------
+
+    def estimated_network_size(self) -> int:
+        """
+        Nodes in the network, estimated from how close our k-th closest contact is: n nodes
+        spread uniformly put the k-th nearest at about C{k / n} of the id space.
+        """
+        closest = self.routing.closest(self.node_id, self.k)
+        if len(closest) < self.k:
+            return len(closest) + 1
+        kth = int.from_bytes(closest[-1].node_id, "big") ^ int.from_bytes(self.node_id, "big")
+        return max(self.k, (self.k << ID_BITS) // max(kth, 1))
+
+    def region_bits(self) -> int:
+        ratio = self.estimated_network_size() / self.k
+        if ratio <= 1:
+            return 0
+        return min(MAX_REGION_BITS, math.ceil(math.log2(ratio)))
+
+    def announce(self, keys: Collection[bytes]) -> Deferred[AnnounceResult]:
+        """
+        Store provider records for C{keys} (key ids) at the k closest nodes of each, with
+        batched messages (see the module docstring).
+        """
+        return Deferred.fromCoroutine(self._announce(sorted(set(keys))))
+
+    async def _announce(self, keys: list[bytes]) -> AnnounceResult:
+        if not keys:
+            return AnnounceResult(0, 0, 0, 0, 0)
+        bits = self.region_bits()
+        regions: dict[int, list[bytes]] = defaultdict(list)
+        for key in keys:
+            regions[int.from_bytes(key, "big") >> (ID_BITS - bits)].append(key)
+        # One lookup per region, a few at a time: each has alpha requests in flight already.
+        limiter = DeferredSemaphore(4)
+        lookups = [limiter.run(self.find_node, members[0]) for members in regions.values()]
+        results: list[LookupResult] = await gatherResults(lookups, consumeErrors=True)
+        known = {c.node_id: c for c in self.routing}
+        for result in results:
+            known.update((c.node_id, c) for c in result.closest)
+        batches: dict[Contact, list[bytes]] = defaultdict(list)
+        for members in regions.values():
+            # Candidates for the whole region first, so each key sorts a short list.
+            region_target = int.from_bytes(members[0], "big")
+            pool = sorted(
+                known.values(),
+                key=lambda c: int.from_bytes(c.node_id, "big") ^ region_target,
+            )[: 3 * self.k]
+            for key in members:
+                key_int = int.from_bytes(key, "big")
+                pool.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ key_int)
+                for contact in pool[: self.k]:
+                    batches[contact].append(key)
+        return await self._send_batches(len(keys), len(regions), batches)
+
+    async def _send_batches(
+        self, key_count: int, lookups: int, batches: dict[Contact, list[bytes]]
+    ) -> AnnounceResult:
+        limiter = DeferredSemaphore(self.config.announce_window)
+        sends: list[Deferred[Message]] = []
+        replicas = 0
+        for contact, keys in batches.items():
+            for start in range(0, len(keys), KEYS_PER_MESSAGE):
+                chunk = tuple(keys[start : start + KEYS_PER_MESSAGE])
+                replicas += len(chunk)
+                request = wire.AddProvider(self.config.registry_port, chunk)
+                sends.append(limiter.run(self._add_provider, contact, request))
+        metrics.ANNOUNCED_KEYS.inc(replicas)
+        outcomes = await DeferredList(sends, consumeErrors=True)
+        acknowledged = sum(1 for ok, _ in outcomes if ok)
+        return AnnounceResult(key_count, lookups, len(sends), acknowledged, replicas)
+
+    def _add_provider(self, contact: Contact, request: wire.AddProvider) -> Deferred[Message]:
+        d = self.protocol.request(contact.address, request)
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(DHTError):
+                self.routing.failed(contact.node_id)
+            return failure
+
+        return d.addErrback(failed)
