@@ -292,6 +292,13 @@ class RegistryResource:
                     result = await self._mirror.serve_blob(request, ref)
             except (ManifestUnknown, BlobUnknown):
                 pass
+            except Exception:
+                # A bug in the mirror must not turn a miss into a 5xx: containerd would stall
+                # instead of falling back. A response already under way can only be cut short.
+                self._log.failure("mirroring {ref} failed", ref=ref)
+                if request.startedWriting:
+                    abort_response(request)
+                    return None
             else:
                 self._count(request, ref, "hit")
                 return result

@@ -1,0 +1,791 @@
+# -*- test-case-name: tests.test_mirror -*-
+"""
+The P2P mirror: what the registry does with a request this node cannot answer itself.
+
+It finds providers of the content in the DHT, asks them with hedging (one peer at once, another
+when the first is slower than observed latency says it should be), and streams the winner's
+answer to the client:
+
+  - unbuffered, with backpressure end to end: the client's transport pauses the peer's;
+  - verified: a whole blob is hashed on the way and its last chunk is held back until the hash
+    matches, so a client never receives every byte of wrong content; manifests are small, so
+    they are read whole, checked, and only then sent;
+  - resumed: when a peer fails midway, the copy continues on the next provider with a Range
+    request, and the client never notices.
+
+A peer that sends wrong bytes, or fails, is put aside for a while.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any, Callable, Protocol as TypingProtocol
+from urllib.parse import quote
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from spegel import metrics
+from spegel.dht.ids import Provider
+from spegel.oci import (
+    MAX_MANIFEST_SIZE,
+    BlobUnknown,
+    ManifestUnknown,
+    OCIError,
+    Reference,
+)
+from spegel.registry import MIRRORED_HEADER, abort_response
+
+# Headers of a peer's answer that the client gets as they are.
+_FORWARDED_HEADERS = (
+    b"content-type",
+    b"content-length",
+    b"content-range",
+    b"accept-ranges",
+    b"docker-content-digest",
+    b"etag",
+)
+
+
+class Router(TypingProtocol):
+    def find_providers(
+        self,
+        key: str,
+        *,
+        on_provider: Callable[[Provider], None] | None = None,
+        limit: int = 20,
+    ) -> Deferred[list[Provider]]: ...
+
+
+class HTTPClient(TypingProtocol):
+    """
+    What the mirror needs of treq: C{treq.HTTPClient} and C{StubTreq} both fit.
+    """
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+
+
+class PeerFailed(Exception):
+    """
+    A peer could not serve the request: refused, failed or sent the wrong thing.
+    """
+
+
+@define
+class LatencyTracker:
+    """
+    Learns how long peers take to answer (time to response headers) and from that how long to
+    wait before hedging with a second peer: a generous percentile of what was seen, clamped.
+    """
+
+    window: deque[float] = field(factory=lambda: deque(maxlen=200))
+    percentile: float = 0.95
+    factor: float = 1.5
+    minimum: float = 0.005
+    maximum: float = 2.0
+    initial: float = 0.1
+
+    def observe(self, seconds: float) -> None:
+        self.window.append(seconds)
+
+    def hedge_delay(self) -> float:
+        if len(self.window) < 5:
+            return self.initial
+        ordered = sorted(self.window)
+        seen = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
+        return min(self.maximum, max(self.minimum, seen * self.factor))
+
+
+@define
+class PutAside:
+    """
+    Peers not to ask for a while, after they failed or lied.
+    """
+
+    clock: IReactorTime
+    duration: float = 60.0
+    _until: dict[tuple[str, int], float] = field(factory=dict)
+
+    def put_aside(self, provider: Provider) -> None:
+        self._until[(provider.host, provider.registry_port)] = self.clock.seconds() + self.duration
+
+    def is_aside(self, provider: Provider) -> bool:
+        key = (provider.host, provider.registry_port)
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= self.clock.seconds():
+            del self._until[key]
+            return False
+        return True
+
+
+class _ProviderQueue:
+    """
+    Providers as the DHT lookup finds them, less the ones put aside and duplicates.
+    L{next} waits for the next one; it fires L{None} when the lookup has ended and none is left.
+    """
+
+    def __init__(self, put_aside: PutAside):
+        self._put_aside = put_aside
+        self._ready: deque[Provider] = deque()
+        self._seen: set[tuple[str, int]] = set()
+        self._waiting: list[Deferred[Provider | None]] = []
+        self.finished = False
+        self.found_any = Deferred[None]()
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def add(self, provider: Provider) -> None:
+        key = (provider.host, provider.registry_port)
+        if key in self._seen or self._put_aside.is_aside(provider):
+            return
+        self._seen.add(key)
+        if not self.found_any.called:
+            self.found_any.callback(None)
+        if self._waiting:
+            self._waiting.pop(0).callback(provider)
+        else:
+            self._ready.append(provider)
+
+    def finish(self) -> None:
+        self.finished = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def next(self) -> Deferred[Provider | None]:
+        if self._ready:
+            return succeed(self._ready.popleft())
+        if self.finished:
+            return succeed(None)
+        d: Deferred[Provider | None] = Deferred(self._forget)
+        self._waiting.append(d)
+        return d
+
+    def _forget(self, d: Deferred[Provider | None]) -> None:
+        if d in self._waiting:
+            self._waiting.remove(d)
+
+
+@define
+class _Budget:
+    """
+    How many more peers one request may ask.
+    """
+
+    left: int
+
+
+def _has_span(response: Any) -> bool:
+    try:
+        _span(response)
+    except PeerFailed:
+        return False
+    return True
+
+
+@frozen
+class _Upstream:
+    provider: Provider
+    response: Any
+
+
+class Mirror:
+    """
+    Serves requests this node cannot answer from peers that can (L{spegel.registry.Mirror}).
+
+    @param clock: for timeouts and latency.
+    @param router: finds providers of a key.
+    @param http: a treq-like client for talking to peers.
+    @param resolve_timeout: how long to wait for a first provider before answering 404.
+    @param retries: at most this many peers are asked for one request.
+    @param idle_timeout: a peer silent this long while we are not pausing it has failed.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        router: Router,
+        http: HTTPClient,
+        *,
+        resolve_timeout: float = 0.02,
+        retries: int = 3,
+        idle_timeout: float = 10.0,
+        put_aside: PutAside | None = None,
+        latency: LatencyTracker | None = None,
+    ):
+        self._clock = clock
+        self._router = router
+        self._http = http
+        self._resolve_timeout = resolve_timeout
+        self._retries = retries
+        self._idle_timeout = idle_timeout
+        self.put_aside = put_aside or PutAside(clock)
+        self.latency = latency or LatencyTracker()
+
+    # The registry's seam ------------------------------------------------------------------
+
+    async def serve_manifest(self, request: Request, reference: Reference) -> bytes:
+        key = reference.digest or reference.tag_key
+        providers = await self._providers(key, ManifestUnknown)
+        method = request.method.decode("ascii")
+        path = _peer_path(reference, "manifests", reference.digest or reference.tag)  # type: ignore[arg-type]
+        budget = _Budget(self._retries)
+        try:
+            while budget.left > 0:
+                upstream = await self._first_response(
+                    providers, method, path, {"Accept": _header_text(request, "accept")}, budget
+                )
+                if upstream is None:
+                    break
+                try:
+                    data = await self._manifest_body(upstream, method, reference)
+                except PeerFailed as e:
+                    self._log.info(
+                        "peer {peer} failed a manifest: {e}", peer=_peer(upstream.provider), e=e
+                    )
+                    self.put_aside.put_aside(upstream.provider)
+                    continue
+                _copy_headers(upstream.response.headers, request)
+                self._succeeded()
+                if method == "HEAD":
+                    return b""
+                request.setHeader("Content-Length", str(len(data)))
+                metrics.served_bytes_total.labels("peer").inc(len(data))
+                return data
+        finally:
+            providers.finish()
+        raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
+
+    async def serve_blob(self, request: Request, reference: Reference) -> bytes | None:
+        digest: str = reference.digest  # type: ignore[assignment]
+        providers = await self._providers(digest, BlobUnknown)
+        method = request.method.decode("ascii")
+        path = _peer_path(reference, "blobs", digest)
+        client_range = _header_text(request, "range")
+        try:
+            upstream = await self._first_response(
+                providers, method, path, {"Range": client_range}, _Budget(self._retries),
+                acceptable=_has_span if method == "GET" else lambda response: True,
+            )
+            if upstream is None:
+                raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
+            response = upstream.response
+            request.setResponseCode(response.code)
+            _copy_headers(response.headers, request)
+            if method == "HEAD":
+                _discard(response)
+                self._succeeded()
+                return b""
+            request.setHeader("Content-Length", str(response.length))
+            copy = _BlobCopy(self, request, digest, path, providers, upstream)
+            try:
+                await copy.run()
+            except PeerFailed as e:
+                self._log.warn("copy of {digest} failed: {e}", digest=digest, e=e)
+                abort_response(request)
+                return None
+            self._succeeded()
+            return None
+        finally:
+            providers.finish()
+
+    # Finding and asking peers ---------------------------------------------------------------
+
+    async def _providers(self, key: str, unknown: type[OCIError]) -> _ProviderQueue:
+        """
+        Start a lookup of C{key}; wait (at most the resolve timeout) for its first provider.
+        """
+        queue = _ProviderQueue(self.put_aside)
+        started = self._clock.seconds()
+        lookup = self._router.find_providers(key, on_provider=queue.add, limit=max(self._retries * 2, 5))
+        lookup.addBoth(lambda _: queue.finish())
+        first = queue.found_any
+        timer = self._clock.callLater(self._resolve_timeout, first.cancel)
+        # A lookup that ends with nothing found ends the wait too.
+        lookup.addBoth(lambda _: None if first.called else first.cancel())
+        try:
+            await first
+        except CancelledError:
+            lookup.cancel()
+            raise unknown("not found in the cluster", {"key": key})
+        finally:
+            if timer.active():
+                timer.cancel()
+        metrics.resolve_duration_seconds.labels("dht").observe(self._clock.seconds() - started)
+        return queue
+
+    async def _first_response(
+        self,
+        providers: _ProviderQueue,
+        method: str,
+        path: str,
+        headers: dict[str, str | None],
+        budget: "_Budget",
+        acceptable: Callable[[Any], bool] = lambda response: True,
+    ) -> _Upstream | None:
+        """
+        Ask providers for C{path}, hedging, until one answers 200/206 with an C{acceptable}
+        response: that one wins and every other attempt is cancelled. L{None} when no provider
+        answered well before C{budget} ran out or the providers did.
+        """
+        result: Deferred[_Upstream | None] = Deferred()
+        pending: dict[Deferred[Any], Provider] = {}
+        state: dict[str, Any] = {"hedge": None, "waiting": None}
+
+        def settle(value: _Upstream | None) -> None:
+            if result.called:
+                if value is not None:
+                    _discard(value.response)
+                return
+            hedge = state["hedge"]
+            if hedge is not None and hedge.active():
+                hedge.cancel()
+            waiting = state["waiting"]
+            if waiting is not None and not waiting.called:
+                waiting.cancel()
+            for d in list(pending):
+                d.cancel()
+            result.callback(value)
+
+        def maybe_done() -> None:
+            if not pending and state["waiting"] is None and not result.called:
+                if budget.left <= 0 or (providers.finished and not providers.has_ready()):
+                    settle(None)
+                else:
+                    start_next()
+
+        def start_next() -> None:
+            if result.called or budget.left <= 0 or state["waiting"] is not None:
+                return
+            waiting = providers.next()
+            state["waiting"] = waiting
+
+            def got(provider: Provider | None) -> None:
+                state["waiting"] = None
+                if provider is None:
+                    maybe_done()
+                    return
+                attempt(provider)
+
+            def cancelled(failure: Failure) -> None:
+                failure.trap(CancelledError)
+
+            waiting.addCallbacks(got, cancelled)
+
+        def attempt(provider: Provider) -> None:
+            budget.left -= 1
+            asked_at = self._clock.seconds()
+            d = self._http.request(
+                method, _peer_url(provider, path),
+                headers={MIRRORED_HEADER: "true", **{k: v for k, v in headers.items() if v}},
+                unbuffered=True,
+            )
+            pending[d] = provider
+            arm_hedge()
+
+            def answered(response: Any) -> None:
+                pending.pop(d, None)
+                self.latency.observe(self._clock.seconds() - asked_at)
+                if response.code in (200, 206) and acceptable(response):
+                    settle(_Upstream(provider, response))
+                    return
+                _discard(response)
+                if response.code not in (404, 416):
+                    self.put_aside.put_aside(provider)
+                maybe_done()
+
+            def failed(failure: Failure) -> None:
+                pending.pop(d, None)
+                if failure.check(CancelledError):
+                    return
+                self._log.info("peer {peer} failed: {e}", peer=_peer(provider), e=failure.value)
+                self.put_aside.put_aside(provider)
+                maybe_done()
+
+            d.addCallbacks(answered, failed)
+
+        def arm_hedge() -> None:
+            hedge = state["hedge"]
+            if hedge is not None and hedge.active():
+                hedge.cancel()
+            if budget.left > 0:
+                state["hedge"] = self._clock.callLater(self.latency.hedge_delay(), start_next)
+
+        start_next()
+        return await result
+
+    async def _manifest_body(self, upstream: _Upstream, method: str, reference: Reference) -> bytes:
+        response = upstream.response
+        announced = _header(response.headers, b"docker-content-digest")
+        expected = reference.digest or announced
+        if expected is None:
+            _discard(response)
+            raise PeerFailed("the peer named no digest for a tag")
+        if reference.digest is not None and announced not in (None, reference.digest):
+            _discard(response)
+            raise PeerFailed("the peer announced another digest")
+        if method == "HEAD":
+            _discard(response)
+            return b""
+        if response.length is not None and response.length > MAX_MANIFEST_SIZE:
+            _discard(response)
+            raise PeerFailed("manifest too large")
+        collector = _BoundedCollector(MAX_MANIFEST_SIZE)
+        response.deliverBody(collector)
+        data = await collector.done
+        if _digest_of(expected, data) != expected:
+            metrics.digest_mismatches_total.inc()
+            raise PeerFailed("manifest bytes do not match their digest")
+        return data
+
+    def _succeeded(self) -> None:
+        metrics.mirror_last_success_timestamp_seconds.set(self._clock.seconds())
+
+    def _open(self, provider: Provider, path: str, range_header: str) -> Deferred[Any]:
+        return self._http.request(
+            "GET", _peer_url(provider, path),
+            headers={MIRRORED_HEADER: "true", "Range": range_header}, unbuffered=True,
+        )
+
+
+@implementer(IPushProducer)
+class _BlobCopy:
+    """
+    One blob body streamed from peers to the client, verified, resumed across peers.
+    """
+
+    def __init__(
+        self,
+        mirror: Mirror,
+        request: Request,
+        digest: str,
+        path: str,
+        providers: _ProviderQueue,
+        upstream: _Upstream,
+    ):
+        self._mirror = mirror
+        self._request = request
+        self._digest = digest
+        self._path = path
+        self._providers = providers
+        self._upstream = upstream
+        first, last, size = _span(upstream.response)
+        self._first, self._last = first, last
+        self._expected = last - first + 1
+        # Only a whole blob can be checked against its digest.
+        self._hasher = hashlib.new(digest.split(":")[0]) if first == 0 and last == size - 1 else None
+        self._received = 0
+        self._held = b""
+        self._paused = False
+        self._body: _BodyReader | None = None
+        self._done: Deferred[None] = Deferred()
+        self._resumes = 0
+
+    async def run(self) -> None:
+        self._request.registerProducer(self, True)
+        try:
+            self._read(self._upstream)
+            await self._done
+        finally:
+            if self._request.producer is self:
+                self._request.unregisterProducer()
+
+    # IPushProducer, driven by the client's transport.
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._body is not None:
+            self._body.pause()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._body is not None:
+            self._body.resume()
+
+    def stopProducing(self) -> None:
+        if self._body is not None:
+            self._body.stop()
+        if not self._done.called:
+            self._done.errback(PeerFailed("the client went away"))
+
+    def _read(self, upstream: _Upstream) -> None:
+        self._upstream = upstream
+        body = self._body = _BodyReader(self._mirror._clock, self._mirror._idle_timeout, self._data, self._ended)
+        upstream.response.deliverBody(body)
+        if self._paused:
+            body.pause()
+
+    def _data(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        if self._received + len(data) > self._expected:
+            self._failed_peer("the peer sent more bytes than announced", lied=True)
+            return
+        self._received += len(data)
+        if self._hasher is None:
+            self._forward(data)
+            return
+        self._hasher.update(data)
+        # Hold the latest chunk back until the digest is known to match.
+        held, self._held = self._held, data
+        if held:
+            self._forward(held)
+
+    def _forward(self, data: bytes) -> None:
+        metrics.served_bytes_total.labels("peer").inc(len(data))
+        self._request.write(data)
+
+    def _ended(self, reason: Failure) -> None:
+        if self._done.called:
+            return
+        self._body = None
+        if self._received < self._expected:
+            self._failed_peer(f"the peer stopped after {self._received} of {self._expected} bytes: "
+                              f"{reason.getErrorMessage()}", lied=False)
+            return
+        if self._hasher is not None:
+            actual = f"{self._digest.split(':')[0]}:{self._hasher.hexdigest()}"
+            if actual != self._digest:
+                metrics.digest_mismatches_total.inc()
+                self._mirror.put_aside.put_aside(self._upstream.provider)
+                self._done.errback(PeerFailed(
+                    f"bytes from {_peer(self._upstream.provider)} do not match {self._digest}"
+                ))
+                return
+        if self._held:
+            self._forward(self._held)
+            self._held = b""
+        self._done.callback(None)
+
+    def _failed_peer(self, why: str, lied: bool) -> None:
+        provider = self._upstream.provider
+        self._mirror._log.info("peer {peer}: {why}", peer=_peer(provider), why=why)
+        self._mirror.put_aside.put_aside(provider)
+        if self._body is not None:
+            self._body.stop()
+            self._body = None
+        if lied:
+            metrics.digest_mismatches_total.inc()
+            # Bytes already forwarded may be wrong: only a new request can start clean.
+            self._done.errback(PeerFailed(why))
+            return
+        Deferred.fromCoroutine(self._resume())
+
+    async def _resume(self) -> None:
+        """
+        Continue the copy on the next provider from the first byte not yet received.
+        """
+        while not self._done.called and self._resumes < self._mirror._retries:
+            self._resumes += 1
+            provider = await self._providers.next()
+            if provider is None:
+                break
+            start = self._first + self._received
+            try:
+                response = await self._mirror._open(provider, self._path, f"bytes={start}-{self._last}")
+            except Exception as e:
+                self._mirror._log.info("resume on {peer} failed: {e}", peer=_peer(provider), e=e)
+                self._mirror.put_aside.put_aside(provider)
+                continue
+            if response.code != 206 or _span(response)[:2] != (start, self._last):
+                _discard(response)
+                self._mirror.put_aside.put_aside(provider)
+                continue
+            if self._done.called:
+                _discard(response)
+                return
+            self._read(_Upstream(provider, response))
+            return
+        if not self._done.called:
+            self._done.errback(PeerFailed("no provider left to resume the copy"))
+
+
+class _BodyReader(Protocol):
+    """
+    Receives a peer's response body for L{_BlobCopy}; fails it when the peer goes silent while
+    not paused.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        on_data: Callable[[bytes], None],
+        on_end: Callable[[Failure], None],
+    ):
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._on_data = on_data
+        self._on_end = on_end
+        self._timer: IDelayedCall | None = None
+        self._ended = False
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self._arm()
+        if self._paused:
+            self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self._on_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._disarm()
+        if not self._ended:
+            self._ended = True
+            self._on_end(reason)
+
+    def pause(self) -> None:
+        self._paused = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()
+        self._arm()
+
+    def stop(self) -> None:
+        self._ended = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self._paused and not self._ended:
+            self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.stopProducing()
+        if not self._ended:
+            self._ended = True
+            self._on_end(Failure(PeerFailed("the peer went silent")))
+
+
+class _BoundedCollector(Protocol):
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            self.transport.stopProducing()
+            if not self.done.called:
+                self.done.errback(PeerFailed("manifest too large"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(PeerFailed(f"manifest body failed: {reason.getErrorMessage()}"))
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _discard(response: Any) -> None:
+    """
+    Drop a peer's response we will not read, closing its connection.
+    """
+    try:
+        response.deliverBody(_Discard())
+    except Exception:
+        pass
+
+
+def _span(response: Any) -> tuple[int, int, int]:
+    """
+    (first, last, size) of the bytes a 200 or 206 response carries.
+    """
+    content_range = _header(response.headers, b"content-range")
+    if response.code == 206 and content_range:
+        unit, _, rest = content_range.partition(" ")
+        span, _, size_text = rest.partition("/")
+        first_text, _, last_text = span.partition("-")
+        try:
+            first, last = int(first_text), int(last_text)
+            size = int(size_text) if size_text != "*" else last + 1
+        except ValueError:
+            raise PeerFailed(f"unreadable Content-Range {content_range!r}")
+        if unit != "bytes" or not 0 <= first <= last < size:
+            raise PeerFailed(f"unreadable Content-Range {content_range!r}")
+        return first, last, size
+    if response.length is None or response.length < 0:
+        raise PeerFailed("the peer sent no Content-Length")
+    return 0, response.length - 1, response.length
+
+
+def _header(headers: Headers, name: bytes) -> str | None:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+def _header_text(request: Request, name: str) -> str | None:
+    value = request.getHeader(name)
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _copy_headers(headers: Headers, request: Request) -> None:
+    for name in _FORWARDED_HEADERS:
+        values = headers.getRawHeaders(name)
+        if values:
+            request.setHeader(name, values[0])
+
+
+def _peer_path(reference: Reference, kind: str, what: str) -> str:
+    path = f"/v2/{reference.repository}/{kind}/{what}"
+    if reference.registry is not None:
+        path += "?ns=" + quote(reference.registry, safe="")
+    return path
+
+
+def _peer_url(provider: Provider, path: str) -> str:
+    host = f"[{provider.host}]" if ":" in provider.host else provider.host
+    return f"http://{host}:{provider.registry_port}{path}"
+
+
+def _peer(provider: Provider) -> str:
+    return f"{provider.host}:{provider.registry_port}"
+
+
+def _digest_of(digest: str, data: bytes) -> str:
+    algorithm = digest.partition(":")[0]
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+

@@ -1,0 +1,447 @@
+"""
+Tests for L{spegel.mirror}: finding peers, hedging, streaming with backpressure, verifying and
+resuming. Socket-free: a fake router, fake peers and a fake clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+from treq.testing import StubTreq
+from twisted.internet import task
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from spegel import metrics, oci
+from spegel.dht.ids import Provider
+from spegel.mirror import LatencyTracker, Mirror
+from spegel.oci import BlobUnknown, ManifestUnknown, Reference
+from spegel.registry import RegistryFilter, RegistryResource
+from tests.test_registry import MemoryContent
+
+REGISTRY = "127.0.0.1:5000"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def provider(n: int) -> Provider:
+    return Provider(bytes([n]) * 32, f"127.0.0.{n}", 5000 + n)
+
+
+class FakeRouter:
+    def __init__(self) -> None:
+        self.lookups: list[tuple[str, Callable[[Provider], None], Deferred[list[Provider]]]] = []
+
+    def find_providers(self, key: str, *, on_provider=None, limit=20):  # type: ignore[no-untyped-def]
+        d: Deferred[list[Provider]] = Deferred()
+        self.lookups.append((key, on_provider, d))
+        return d
+
+    def announce(self, *providers: Provider, end: bool = False) -> None:
+        key, on_provider, d = self.lookups[-1]
+        for p in providers:
+            on_provider(p)
+        if end and not d.called:
+            d.callback(list(providers))
+
+
+class BodyTransport:
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class FakeResponse:
+    def __init__(self, code: int, headers: dict[str, str], length: int | None):
+        self.code = code
+        self.headers = Headers({k: [v] for k, v in headers.items()})
+        self.length = length
+        self.protocol: Any = None
+        self.transport = BodyTransport()
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Failure | None = None) -> None:
+        self.protocol.connectionLost(reason or Failure(ResponseDone()))
+
+
+class FakeHTTP:
+    """
+    Records requests to peers; the test answers them.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], Deferred[Any]]] = []
+
+    def request(self, method: str, url: str, headers=None, unbuffered=False):  # type: ignore[no-untyped-def]
+        d: Deferred[Any] = Deferred()
+        self.requests.append((method, url, dict(headers or {}), d))
+        return d
+
+    def answer(self, index: int, code: int, body_length: int | None, **headers: str) -> FakeResponse:
+        response = FakeResponse(code, {k.replace("_", "-"): v for k, v in headers.items()}, body_length)
+        self.requests[index][3].callback(response)
+        return response
+
+
+class ClientRequest(DummyRequest):
+    """
+    The downstream request: records writes, producer registration and abort.
+    """
+
+    def __init__(self, method: bytes = b"GET", headers: dict[str, str] | None = None):
+        super().__init__([b""])
+        self.method = method
+        for name, value in (headers or {}).items():
+            self.requestHeaders.addRawHeader(name, value)
+        self.producer: Any = None
+        self.aborted = False
+        self.startedWriting = False
+        request = self
+
+        class Transport:
+            def abortConnection(self) -> None:
+                request.aborted = True
+
+        class Channel:
+            transport = Transport()
+
+        self.channel = Channel()
+
+    def write(self, data: bytes) -> None:
+        self.startedWriting = True
+        super().write(data)
+
+    def registerProducer(self, producer, streaming):  # type: ignore[no-untyped-def]
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.written)
+
+
+class MirrorTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.router = FakeRouter()
+        self.http = FakeHTTP()
+        self.latency = LatencyTracker(initial=0.05)
+        self.mirror = Mirror(
+            self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
+            idle_timeout=5.0, latency=self.latency,
+        )
+        self.data = os.urandom(100_000)
+        self.digest = digest_of(self.data)
+        self.ref = Reference(REGISTRY, "team/app", digest=self.digest)
+
+    def blob(self, request: ClientRequest) -> Deferred[Any]:
+        return ensureDeferred(self.mirror.serve_blob(request, self.ref))
+
+
+class ResolveTests(MirrorTestCase):
+    def test_no_provider_in_time_is_unknown(self) -> None:
+        d = self.blob(ClientRequest())
+        self.clock.advance(0.021)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertEqual(self.http.requests, [])
+
+    def test_lookup_ending_empty_is_unknown_at_once(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(end=True)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_request_to_peer(self) -> None:
+        request = ClientRequest()
+        self.blob(request)
+        self.assertEqual(self.router.lookups[0][0], self.digest)
+        self.router.announce(provider(1))
+        ((method, url, headers, _),) = self.http.requests
+        self.assertEqual(method, "GET")
+        self.assertEqual(url, f"http://127.0.0.1:5001/v2/team/app/blobs/{self.digest}?ns=127.0.0.1%3A5000")
+        self.assertEqual(headers["X-Spegel-Mirrored"], "true")
+
+
+class BlobStreamingTests(MirrorTestCase):
+    def test_whole_blob_verified_and_last_chunk_held(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        response = self.http.answer(0, 200, len(self.data), docker_content_digest=self.digest,
+                                    content_type="application/octet-stream")
+        self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
+        self.assertEqual(request.responseHeaders.getRawHeaders("docker-content-digest"), [self.digest])
+        response.send(self.data[:60_000])
+        self.assertEqual(request.body, b"", "the latest chunk is held back")
+        response.send(self.data[60_000:])
+        self.assertEqual(request.body, self.data[:60_000])
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(request.aborted)
+
+    def test_backpressure_reaches_the_peer(self) -> None:
+        request = ClientRequest()
+        self.blob(request)
+        self.router.announce(provider(1))
+        response = self.http.answer(0, 200, len(self.data))
+        request.producer.pauseProducing()
+        self.assertTrue(response.transport.paused)
+        request.producer.resumeProducing()
+        self.assertFalse(response.transport.paused)
+
+    def test_corrupt_peer_never_completes_the_body(self) -> None:
+        mismatches = metrics.digest_mismatches_total._value.get()
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        response = self.http.answer(0, 200, len(self.data))
+        bad = bytearray(self.data)
+        bad[10] ^= 0xFF
+        response.send(bytes(bad[:50_000]))
+        response.send(bytes(bad[50_000:]))
+        response.end()
+        self.successResultOf(d)
+        self.assertTrue(request.aborted)
+        self.assertLess(len(request.body), len(self.data))
+        self.assertEqual(metrics.digest_mismatches_total._value.get() - mismatches, 1)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_midway_failure_resumes_on_next_provider(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:30_000])
+        first.send(self.data[30_000:40_000])
+        first.end(Failure(ConnectionLost()))
+        method, url, headers, _ = self.http.requests[-1]
+        self.assertIn("127.0.0.2:5002", url)
+        self.assertEqual(headers["Range"], f"bytes=40000-{len(self.data) - 1}")
+        second = self.http.answer(
+            len(self.http.requests) - 1, 206, len(self.data) - 40_000,
+            content_range=f"bytes 40000-{len(self.data) - 1}/{len(self.data)}",
+        )
+        second.send(self.data[40_000:])
+        second.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(request.aborted)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_silent_peer_is_left_for_the_next(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:10])
+        self.clock.advance(5.1)
+        self.assertTrue(first.transport.stopped)
+        second = self.http.answer(
+            len(self.http.requests) - 1, 206, len(self.data) - 10,
+            content_range=f"bytes 10-{len(self.data) - 1}/{len(self.data)}",
+        )
+        second.send(self.data[10:])
+        second.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_paused_peer_is_not_silent(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        response = self.http.answer(0, 200, len(self.data))
+        request.producer.pauseProducing()
+        self.clock.advance(60)
+        self.assertFalse(response.transport.stopped)
+        request.producer.resumeProducing()
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+
+    def test_no_provider_to_resume_aborts(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:10])
+        first.end(Failure(ConnectionLost()))
+        self.successResultOf(d)
+        self.assertTrue(request.aborted)
+
+    def test_client_range_is_forwarded(self) -> None:
+        request = ClientRequest(headers={"Range": "bytes=100-199"})
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        self.assertEqual(self.http.requests[0][2]["Range"], "bytes=100-199")
+        response = self.http.answer(0, 206, 100, content_range=f"bytes 100-199/{len(self.data)}")
+        response.send(self.data[100:200])
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.responseCode, 206)
+        self.assertEqual(request.body, self.data[100:200])
+        self.assertEqual(
+            request.responseHeaders.getRawHeaders("content-range"), [f"bytes 100-199/{len(self.data)}"]
+        )
+
+    def test_head(self) -> None:
+        request = ClientRequest(method=b"HEAD")
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        response = self.http.answer(0, 200, 0, content_length=str(len(self.data)))
+        self.assertEqual(self.successResultOf(d), b"")
+        self.assertEqual(self.http.requests[0][0], "HEAD")
+        self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
+        self.assertTrue(response.transport.stopped)
+
+
+class HedgingTests(MirrorTestCase):
+    def test_slow_peer_gets_a_hedge(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        self.assertEqual(len(self.http.requests), 1)
+        self.clock.advance(0.049)
+        self.assertEqual(len(self.http.requests), 1)
+        self.clock.advance(0.002)
+        self.assertEqual(len(self.http.requests), 2)
+        response = self.http.answer(1, 200, len(self.data))
+        # The slow attempt is cancelled once another won.
+        self.assertTrue(self.http.requests[0][3].called)
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_refusal_tries_the_next_at_once(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        self.http.answer(0, 404, 0)
+        self.assertEqual(len(self.http.requests), 2)
+        response = self.http.answer(1, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+
+    def test_at_most_retries_peers(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), provider(3), provider(4))
+        for i in range(3):
+            self.http.answer(i, 404, 0)
+        self.assertEqual(len(self.http.requests), 3)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_learned_delay(self) -> None:
+        tracker = LatencyTracker()
+        for _ in range(100):
+            tracker.observe(0.004)
+        self.assertAlmostEqual(tracker.hedge_delay(), 0.006)
+        tracker.observe(10)
+        self.assertLessEqual(tracker.hedge_delay(), tracker.maximum)
+
+
+class ManifestTests(MirrorTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.manifest = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                                    "config": {}, "layers": []}).encode()
+        self.manifest_digest = digest_of(self.manifest)
+
+    def test_corrupt_manifest_is_fetched_again_elsewhere(self) -> None:
+        request = ClientRequest()
+        ref = Reference(REGISTRY, "team/app", digest=self.manifest_digest)
+        d = ensureDeferred(self.mirror.serve_manifest(request, ref))
+        self.router.announce(provider(1), provider(2))
+        bad = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST)
+        bad.send(self.manifest.replace(b"2", b"3"))
+        bad.end()
+        good = self.http.answer(1, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
+                                docker_content_digest=self.manifest_digest)
+        good.send(self.manifest)
+        good.end()
+        self.assertEqual(self.successResultOf(d), self.manifest)
+        self.assertEqual(request.responseHeaders.getRawHeaders("content-type"), [oci.OCI_MANIFEST])
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_tag_resolves_through_tag_key_and_checks_announced_digest(self) -> None:
+        request = ClientRequest()
+        ref = Reference(REGISTRY, "team/app", tag="v1")
+        d = ensureDeferred(self.mirror.serve_manifest(request, ref))
+        self.assertEqual(self.router.lookups[0][0], f"{REGISTRY}/team/app:v1")
+        self.router.announce(provider(1))
+        self.assertIn("/v2/team/app/manifests/v1?ns=", self.http.requests[0][1])
+        response = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
+                                    docker_content_digest=self.manifest_digest)
+        response.send(self.manifest)
+        response.end()
+        self.assertEqual(self.successResultOf(d), self.manifest)
+
+    def test_unknown_everywhere(self) -> None:
+        ref = Reference(REGISTRY, "team/app", tag="v1")
+        d = ensureDeferred(self.mirror.serve_manifest(ClientRequest(), ref))
+        self.router.announce(provider(1), end=True)
+        self.http.answer(0, 404, 0)
+        self.failureResultOf(d, ManifestUnknown)
+
+
+class ThroughTreqTests(SynchronousTestCase):
+    """
+    The mirror in front of a real registry resource as the peer, through treq's StubTreq:
+    the same streaming API as a real connection.
+    """
+
+    def test_blob_and_manifest_from_peer_registry(self) -> None:
+        clock = task.Clock()
+        peer_content = MemoryContent(self.mktemp())
+        os.makedirs(peer_content.tmpdir)
+        data = os.urandom(300_000)
+        blob_digest = peer_content.add_blob(data)
+        manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
+        peer_content.add_manifest(REGISTRY, "team/app", "v1", manifest)
+        peer = RegistryResource(clock, peer_content, RegistryFilter())
+        router = FakeRouter()
+        mirror = Mirror(clock, router, StubTreq(peer.resource()))
+        local = RegistryResource(clock, MemoryContent(self.mktemp()), RegistryFilter(), mirror=mirror)
+        client = StubTreq(local.resource())
+
+        d = client.get(f"http://node/v2/team/app/blobs/{blob_digest}?ns={REGISTRY}")
+        router.announce(provider(9))
+        client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.content()), data)
+
+        d = client.get(f"http://node/v2/team/app/manifests/v1?ns={REGISTRY}")
+        router.announce(provider(9))
+        client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.content()), manifest)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), [oci.OCI_MANIFEST])
