@@ -278,6 +278,7 @@ class LifecycleTests(SynchronousTestCase):
         [(_, _, trigger)] = reactor.triggers.values()
         trigger()
         self.assertTrue(pools[0].stopped)
+        self.failureResultOf(client.version(), ContainerdUnavailable)
         client.stopService()  # SynchronousThreadPool.stop raises if called twice
 
     def test_call_before_start(self) -> None:

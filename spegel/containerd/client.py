@@ -25,7 +25,6 @@ from google.protobuf import any_pb2, empty_pb2
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from spegel.containerd.api import (
@@ -64,7 +63,6 @@ _CHANNEL_OPTIONS = (
 
 _DIGEST = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")
 
-_log = Logger()
 
 
 @frozen
@@ -282,7 +280,8 @@ class ContainerdClient(Service):
         """
         Run the blocking C{function(*args)} on the pool; errors are translated there too.
         """
-        if self._channel is None:
+        # The pool may also have been stopped by the reactor's shutdown trigger alone.
+        if self._channel is None or not self._pool_running:
             return fail(ContainerdUnavailable("the containerd client is not running"))
         return deferToThreadPool(self._reactor, self._pool, self._guarded, function, *args)
 
