@@ -64,7 +64,6 @@ _CHANNEL_OPTIONS = (
 _DIGEST = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")
 
 
-
 @frozen
 class Descriptor:
     """
