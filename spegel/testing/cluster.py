@@ -11,10 +11,10 @@ so start-up costs roughly one node's start time, not n of them.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -113,6 +113,8 @@ class Cluster:
         Start the registry, every containerd and (unless C{start_nodes} is false) every node;
         return once all are live.  On failure everything started is stopped again.
         """
+        # Directories, not only processes (those die anyway), must go when a script forgets stop().
+        atexit.register(self.stop)
         try:
             self.registry.start()
             for daemon in self.containerds:
@@ -133,6 +135,7 @@ class Cluster:
         """
         Kill every process of the cluster and delete its directory (unless C{keep_dir}).
         """
+        atexit.unregister(self.stop)
         for node in self.nodes:
             node.kill()
         for daemon in self.containerds:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 from spegel.testing.cluster import Cluster
-from spegel.testing.images import build_image
+from spegel.testing.images import TestImage, build_image
 from spegel.testing.process import CommandFailed, ProcessFailed
 
 MiB = 1 << 20
@@ -65,7 +65,7 @@ def run_demo(layers: int, total_mib: float, seed: str, keep: bool, node_args: Se
                     _say(f"logs and data kept in {cluster.base_dir}", started)
 
 
-def _run_in(cluster: Cluster, image, started: float) -> None:  # type: ignore[no-untyped-def]
+def _run_in(cluster: Cluster, image: TestImage, started: float) -> None:
     registry = cluster.registry
     node1, node2 = cluster.nodes
     _say(

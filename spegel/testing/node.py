@@ -90,7 +90,7 @@ class SpegelNode:
     base_dir: str = field(factory=lambda: tempfile.mkdtemp(prefix="spegel-node-"))
     extra_args: list[str] = field(factory=list, converter=list)
     registry_port: int = field(factory=free_port)
-    router_port: int = field(factory=free_port)
+    router_port: int = field(factory=lambda: free_port(udp_too=True))
     metrics_port: int = field(factory=free_port)
     command: list[str] = field(factory=twist_command)
     log_level: str = "debug"
