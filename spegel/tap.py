@@ -28,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from spegel import flags
+from spegel.dht.bootstrap import parse_host_port
 from spegel.flags import ListenAddress
 from spegel.registry import RegistryFilter
 
@@ -59,7 +60,7 @@ class NodeConfig:
     mirror_resolve_retries: int
     log_level: LogLevel
     bootstrap_kind: str | None
-    static_bootstrap_peers: tuple[str, ...]
+    static_bootstrap_peers: tuple[tuple[str, int], ...]
     dns_bootstrap_domain: str | None
     http_bootstrap_addr: ListenAddress | None
     http_bootstrap_url: str | None
@@ -153,7 +154,12 @@ class Options(usage.Options):
         kind = self["bootstrap-kind"] or None
         if kind is not None and kind not in BOOTSTRAP_KINDS:
             raise ValueError("--bootstrap-kind: must be one of static, dns, http")
-        peers = tuple(flags.parse_list(self["static-bootstrap-peers"]))
+        try:
+            peers = tuple(
+                parse_host_port(peer) for peer in flags.parse_list(self["static-bootstrap-peers"])
+            )
+        except ValueError as e:
+            raise ValueError(f"--static-bootstrap-peers: {e}") from None
         if kind == "static" and not peers:
             raise ValueError("--bootstrap-kind static needs --static-bootstrap-peers")
         if kind == "dns" and not self["dns-bootstrap-domain"]:
@@ -209,11 +215,17 @@ def make_log_observer(level: LogLevel, logfile: str | None) -> ILogObserver:
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    Wire a node: the containerd bridge, the registry and the metrics endpoint.
+    Wire a node: the containerd bridge, the DHT router, the mirror, the registry and the
+    metrics endpoint.
     """
     if reactor is None:
         from twisted.internet import reactor  # the process boundary: nothing below imports it
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
     from spegel.containerd.client import ContainerdClient
+    from spegel.dht.service import DHTService
+    from spegel.mirror import Mirror
     from spegel.registry import RegistryResource, make_site
     from spegel.store import ContainerdContent
 
@@ -223,13 +235,51 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     client = ContainerdClient(reactor, config.containerd_sock, config.containerd_namespace)
     client.setServiceParent(node)
     content = ContainerdContent(client, config.containerd_content_path)
-    registry = RegistryResource(reactor, content, config.registry_filter)
+
+    router = DHTService(reactor, router_config(config))
+    router.setServiceParent(node)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    peers = HTTPClient(Agent(reactor, pool=pool, connectTimeout=2))
+    mirror = Mirror(
+        reactor,
+        router,
+        peers,
+        resolve_timeout=config.mirror_resolve_timeout,
+        retries=config.mirror_resolve_retries,
+    )
+    registry = RegistryResource(
+        reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
+    )
     _listen(reactor, config.registry_addr, make_site(registry.resource())).setServiceParent(node)
 
     metrics_root = Resource()
     metrics_root.putChild(b"metrics", MetricsResource())
     _listen(reactor, config.metrics_addr, Site(metrics_root)).setServiceParent(node)
     return node
+
+
+def router_config(config: NodeConfig) -> Any:
+    """
+    The DHT's configuration from the node's.
+    """
+    from spegel.dht.config import RouterConfig
+
+    return RouterConfig(
+        listen_host=config.router_addr.host,
+        listen_port=config.router_addr.port,
+        registry_port=config.registry_addr.port,
+        data_dir=config.data_dir,
+        secret=config.router_secret,
+        bootstrap_kind=config.bootstrap_kind,
+        static_peers=config.static_bootstrap_peers,
+        dns_domain=config.dns_bootstrap_domain,
+        http_bootstrap_addr=(
+            config.http_bootstrap_addr.endpoint_description() if config.http_bootstrap_addr else None
+        ),
+        http_bootstrap_url=config.http_bootstrap_url,
+    )
 
 
 def _listen(reactor: Any, address: ListenAddress, site: Site) -> IService:

@@ -84,7 +84,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             node.registry_filter.mirrored_registries, frozenset({"docker.io", "127.0.0.1:5000"})
         )
-        self.assertEqual(node.static_bootstrap_peers, ("127.0.0.1:5001", "127.0.0.2:5001"))
+        self.assertEqual(node.static_bootstrap_peers, (("127.0.0.1", 5001), ("127.0.0.2", 5001)))
         self.assertEqual(node.mirror_resolve_retries, 5)
         self.assertEqual(node.log_level, LogLevel.debug)
         # The filters act as configured.
@@ -111,6 +111,7 @@ class OptionsTests(SynchronousTestCase):
             (["--log-level", "loud"], "--log-level"),
             (["--bootstrap-kind", "carrier-pigeon"], "--bootstrap-kind"),
             (["--bootstrap-kind", "static"], "--static-bootstrap-peers"),
+            (["--static-bootstrap-peers", "127.0.0.1"], "--static-bootstrap-peers"),
             (["--router-secret-file", "/nonexistent/key"], "--router-secret-file"),
             (["--no-such-flag"], "no-such-flag"),
         ]
