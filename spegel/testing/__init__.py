@@ -1,1 +1,23 @@
-"""Real-component test rig: docker-registry, containerd daemons and spegel nodes on loopback."""
+# -*- test-case-name: tests.test_rig -*-
+"""
+Real-component test rig: docker-registry, containerd daemons and spegel nodes on loopback.
+
+Plain synchronous Python (subprocess and polling, no reactor), for trial tests, benchmarks and
+scripts alike::
+
+    from spegel.testing.cluster import Cluster
+    from spegel.testing.images import build_image
+
+    with Cluster(2) as cluster:                       # registry + 2 x (containerd, spegel node)
+        ref = cluster.registry.push_image("app", "v1", build_image(seed=1))
+        cluster.pull(0, ref)                          # node 0's containerd, straight upstream
+        cluster.configure_mirrors(1, [0])             # spegel configuration: 1 mirrors through 0
+        cluster.registry.stop()
+        cluster.pull(1, ref)                          # served by node 0
+        cluster.nodes[0].metrics().total("spegel_served_bytes_total", source="local")
+
+Modules: L{ports} (free loopback ports), L{process} (process groups, log files, clean-up),
+L{containerd} (L{ContainerdDaemon}), L{registry} (L{UpstreamRegistry}), L{images} (test images),
+L{node} (L{SpegelNode}), L{cluster} (L{Cluster}), L{shared} (module-wide fixtures for trial),
+L{httputil} (raw HTTP requests), L{fakenode} (a stand-in node), L{demo} (the README demo).
+"""

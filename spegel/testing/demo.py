@@ -13,6 +13,7 @@ exits 0 on success, non-zero with a one-line reason otherwise, and always cleans
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -53,16 +54,17 @@ def run_demo(layers: int, total_mib: float, seed: str, keep: bool, node_args: Se
         _say(f"building a {layers}-layer image of {_mib(layer_size * layers)} of random bytes (seed {seed!r})", started)
         image = build_image(seed=seed, layer_sizes=[layer_size] * layers, directory=scratch)
         _say("starting an upstream registry, 2 containerd daemons and 2 spegel nodes on 127.0.0.1", started)
-        with Cluster(2, keep_dir=keep, node_args=list(node_args)) as cluster:
-            try:
+        cluster = Cluster(2, keep_dir=keep, node_args=list(node_args))
+        try:
+            with cluster:
                 _run_in(cluster, image, started)
-            except BaseException:
-                if keep:
-                    print(cluster.dump_logs(20), file=sys.stderr)
-                raise
-            finally:
-                if keep:
-                    _say(f"logs and data kept in {cluster.base_dir}", started)
+        except BaseException:
+            if keep:
+                print(cluster.dump_logs(20), file=sys.stderr)
+            raise
+        finally:
+            if keep:
+                _say(f"logs and data kept in {cluster.base_dir}", started)
 
 
 def _run_in(cluster: Cluster, image: TestImage, started: float) -> None:
@@ -141,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.layers < 1 or args.size_mib <= 0:
         parser.error("--layers must be at least 1 and --size-mib positive")
+    # A plain kill must clean up too: turn SIGTERM into an exception that unwinds the cluster.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run_demo(args.layers, args.size_mib, args.seed, args.keep, args.node_arg)
     except DemoFailed as e:
