@@ -32,19 +32,31 @@ def resolve(clock: SimulatedClock, d, limit: float = 30.0):  # type: ignore[no-u
     return results[0]
 
 
+def build(seed: int) -> tuple[random.Random, SimulatedClock, MemoryNetwork, SimulatedCluster]:
+    rng = random.Random(seed)
+    clock = SimulatedClock()
+    network = MemoryNetwork(
+        clock, latency=lambda: rng.uniform(0.0005, 0.005), loss=0.02, rng=random.Random(seed + 1)
+    )
+    cluster = SimulatedCluster(network, CONFIG, rng=rng)
+    cluster.start(N)
+    clock.advance(5)
+    return rng, clock, network, cluster
+
+
+_shared: list = []
+
+
 class SimulationTests(SynchronousTestCase):
+    """
+    Tests that leave the cluster usable share one (building 200 nodes takes seconds);
+    the churn test, which kills nodes, builds its own.
+    """
+
     def setUp(self) -> None:
-        self.rng = random.Random(1234)
-        self.clock = SimulatedClock()
-        self.network = MemoryNetwork(
-            self.clock,
-            latency=lambda: self.rng.uniform(0.0005, 0.005),
-            loss=0.02,
-            rng=random.Random(99),
-        )
-        self.cluster = SimulatedCluster(self.network, CONFIG, rng=self.rng)
-        self.cluster.start(N)
-        self.clock.advance(5)
+        if not _shared:
+            _shared.extend(build(1234))
+        self.rng, self.clock, self.network, self.cluster = _shared
 
     def test_all_nodes_join(self) -> None:
         services = self.cluster.services
@@ -89,7 +101,31 @@ class SimulationTests(SynchronousTestCase):
                 self.assertEqual((provider.host, provider.registry_port), (holder.config.listen_host, 5000))
         self.assertGreaterEqual(successes / len(keys), 0.99)
 
+
+    def test_batched_announcement_cost(self) -> None:
+        announcer = self.cluster.services[7]
+        keys = [key_id(f"sha256:{i:064x}") for i in range(1000)]
+        sent_before = sum(announcer.node.protocol.sent.values())
+        result = resolve(self.clock, announcer.node.announce(keys))
+        sent = sum(announcer.node.protocol.sent.values()) - sent_before
+        self.assertEqual(result.keys, 1000)
+        self.assertEqual(result.replicas, 1000 * CONFIG.k)
+        self.assertGreaterEqual(result.acknowledged, result.messages * 0.9)
+        # Far below one lookup plus k messages per key.
+        self.assertLess(sent / 1000, 1.5)
+        # Each key landed at (nearly all of) its true k closest nodes.
+        ids = [s.node_id for s in self.cluster.services if s is not announcer]
+        placed = 0
+        for key in keys[:50]:
+            for node_id in sorted(ids, key=lambda i: distance(i, key))[: CONFIG.k]:
+                service = next(s for s in self.cluster.services if s.node_id == node_id)
+                placed += bool(service.node.store.get(key, 50))
+        self.assertGreaterEqual(placed / (50 * CONFIG.k), 0.9)
+
+
+class ChurnTests(SynchronousTestCase):
     def test_churn(self) -> None:
+        self.rng, self.clock, self.network, self.cluster = build(4321)
         services = self.cluster.services
         keys = {}
         for i in range(100):
@@ -117,23 +153,3 @@ class SimulationTests(SynchronousTestCase):
         stale = sum(1 for s in alive for c in s.node.routing if c.node_id in dead)
         total = sum(len(s.node.routing) for s in alive)
         self.assertLess(stale / total, 0.3)
-
-    def test_batched_announcement_cost(self) -> None:
-        announcer = self.cluster.services[7]
-        keys = [key_id(f"sha256:{i:064x}") for i in range(1000)]
-        sent_before = sum(announcer.node.protocol.sent.values())
-        result = resolve(self.clock, announcer.node.announce(keys))
-        sent = sum(announcer.node.protocol.sent.values()) - sent_before
-        self.assertEqual(result.keys, 1000)
-        self.assertEqual(result.replicas, 1000 * CONFIG.k)
-        self.assertGreaterEqual(result.acknowledged, result.messages * 0.9)
-        # Far below one lookup plus k messages per key.
-        self.assertLess(sent / 1000, 1.5)
-        # Each key landed at (nearly all of) its true k closest nodes.
-        ids = [s.node_id for s in self.cluster.services if s is not announcer]
-        placed = 0
-        for key in keys[:50]:
-            for node_id in sorted(ids, key=lambda i: distance(i, key))[: CONFIG.k]:
-                service = next(s for s in self.cluster.services if s.node_id == node_id)
-                placed += bool(service.node.store.get(key, 50))
-        self.assertGreaterEqual(placed / (50 * CONFIG.k), 0.9)

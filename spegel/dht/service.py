@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -150,7 +150,7 @@ class DHTService(MultiService):
         Part of the cluster: joined (a single-node cluster counts), or no bootstrap configured.
         """
         if self.bootstrapping is None:
-            return self.running
+            return bool(self.running)
         return self.bootstrapping.joined
 
     def bootstrap_info(self) -> bootstrap.BootstrapInfo:
@@ -239,7 +239,7 @@ class DHTService(MultiService):
         keys &= self._provided.keys()
         if not keys:
             return
-        self._announcing = self.node.announce(keys)
+        d = self._announcing = self.node.announce(keys)
 
         def done(result: object) -> object:
             self._announcing = None
@@ -247,10 +247,13 @@ class DHTService(MultiService):
                 self._schedule_announce()
             return result
 
-        self._announcing.addBoth(done)
-        self._announcing.addCallback(self._announced)
-        self._announcing.addErrback(lambda f: f.trap("twisted.internet.defer.CancelledError"))
-        self._announcing.addErrback(_logged(self.log, "announcement"))
+        d.addBoth(done)
+        d.addCallback(self._announced)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        d.addErrback(_logged(self.log, "announcement"))
+        if d.called:
+            # An announcement that finished at once (nobody to tell) must not block the next.
+            self._announcing = None
 
     def _announced(self, result: AnnounceResult) -> None:
         self.log.debug(

@@ -1,0 +1,189 @@
+"""
+Tests for L{spegel.dht.node}: request handling, routing upkeep, join and announcements,
+socket-free.
+"""
+
+import random
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from spegel.dht import wire
+from spegel.dht.config import RouterConfig
+from spegel.dht.ids import Contact, Provider, distance
+from spegel.dht.node import KEYS_PER_MESSAGE, KademliaNode
+from spegel.dht.simulation import MemoryNetwork, SimulatedClock
+from spegel.dht.wire import Message
+from tests.test_dht_protocol import FakeTransport
+
+CONFIG = RouterConfig(k=4, alpha=2, rpc_timeout=1.0, registry_port=5000)
+PEER = ("10.0.0.2", 5001)
+
+
+def peer_id(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+class RequestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.node = KademliaNode(b"\x00" * 32, self.clock, CONFIG, randbytes=random.Random(1).randbytes)
+        self.transport = FakeTransport()
+        self.node.protocol.makeConnection(self.transport)
+
+    def ask(self, body: wire.Body, sender: bytes = peer_id(9), address=PEER) -> wire.Body:
+        self.node.protocol.datagramReceived(wire.encode(Message(b"t" * 8, sender, body)), address)
+        data, to = self.transport.written[-1]
+        self.assertEqual(to, address)
+        return wire.decode(data).body
+
+    def test_ping_adds_sender(self) -> None:
+        self.assertEqual(self.ask(wire.Ping()), wire.Pong())
+        self.assertEqual(list(self.node.routing), [Contact(peer_id(9), *PEER)])
+
+    def test_find_node_returns_closest_but_not_the_asker(self) -> None:
+        for i in range(1, 8):
+            self.node.routing.observe(Contact(peer_id(i), f"10.0.1.{i}", 5001))
+        body = self.ask(wire.FindNode(peer_id(3)), sender=peer_id(2))
+        ids = [c.node_id for c in body.contacts]
+        self.assertEqual(ids[0], peer_id(3))
+        self.assertNotIn(peer_id(2), ids)
+        self.assertEqual(len(ids), CONFIG.k)
+
+    def test_add_and_get_providers(self) -> None:
+        keys = (b"a" * 32, b"b" * 32)
+        self.assertEqual(self.ask(wire.AddProvider(30020, keys)), wire.AddProviderAck(2))
+        body = self.ask(wire.GetProviders(b"a" * 32), sender=peer_id(5), address=("10.0.0.5", 5001))
+        self.assertEqual(body.providers, (Provider(peer_id(9), PEER[0], 30020),))
+        self.assertEqual([c.node_id for c in body.contacts], [peer_id(9)])
+        self.assertEqual(self.ask(wire.GetProviders(b"c" * 32)).providers, ())
+
+    def test_moved_node_loses_old_records(self) -> None:
+        self.ask(wire.AddProvider(30020, (b"a" * 32,)))
+        self.ask(wire.Ping(), address=("10.0.0.77", 5001))
+        self.assertEqual(self.node.store.get(b"a" * 32, 10), [])
+        self.assertEqual(self.node.routing.get(peer_id(9)).host, "10.0.0.77")
+
+    def full_bucket(self) -> list[Contact]:
+        # Ids starting with bit 1 all go to bucket 0 of a node whose id is all zeros.
+        contacts = [Contact(bytes([0x80 + i]) * 32, f"10.0.2.{i}", 5001) for i in range(CONFIG.k)]
+        for c in contacts:
+            self.node.routing.observe(c)
+        self.transport.written.clear()
+        self.ask(wire.Ping(), sender=bytes([0xF0]) * 32, address=("10.0.3.1", 5001))
+        ping, to = self.transport.written[0]
+        self.assertEqual(to, contacts[0].address)
+        self.assertEqual(wire.decode(ping).body, wire.Ping())
+        return contacts
+
+    def test_full_bucket_keeps_live_oldest(self) -> None:
+        contacts = self.full_bucket()
+        txid = wire.decode(self.transport.written[0][0]).txid
+        self.node.protocol.datagramReceived(
+            wire.encode(Message(txid, contacts[0].node_id, wire.Pong())), contacts[0].address
+        )
+        self.assertIn(contacts[0].node_id, self.node.routing)
+        self.assertNotIn(bytes([0xF0]) * 32, self.node.routing)
+
+    def test_full_bucket_replaces_silent_oldest(self) -> None:
+        contacts = self.full_bucket()
+        self.clock.advance(CONFIG.rpc_timeout)
+        self.assertNotIn(contacts[0].node_id, self.node.routing)
+        self.assertIn(bytes([0xF0]) * 32, self.node.routing)
+
+    def test_join_alone(self) -> None:
+        d = self.node.join([("10.0.0.1", 5001)])
+        data, to = self.transport.written[-1]
+        request = wire.decode(data)
+        # The address answers with our own id: it was us.
+        self.node.protocol.datagramReceived(
+            wire.encode(Message(request.txid, self.node.node_id, wire.Pong())), to
+        )
+        outcome = self.successResultOf(d)
+        self.assertEqual((outcome.peers_found, outcome.only_self), (0, True))
+
+    def test_join_nobody_answers(self) -> None:
+        d = self.node.join([PEER])
+        self.clock.advance(CONFIG.rpc_timeout)
+        outcome = self.successResultOf(d)
+        self.assertEqual((outcome.peers_found, outcome.only_self), (0, False))
+
+    def test_join_unsendable_address(self) -> None:
+        self.transport.fail_with = OSError("bad address")
+        outcome = self.successResultOf(self.node.join([("not-an-ip", 1)]))
+        self.assertEqual(outcome.peers_found, 0)
+
+
+class NetworkTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.rng = random.Random(5)
+        self.clock = SimulatedClock()
+        self.network = MemoryNetwork(self.clock, latency=0.001)
+        config = RouterConfig(k=5, alpha=3, rpc_timeout=0.5)
+        self.nodes = []
+        for i in range(30):
+            host = f"10.0.0.{i + 1}"
+            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes)
+            self.network.reactor(host).listenUDP(5001, node.protocol)
+            self.nodes.append(node)
+        for node in self.nodes[1:]:
+            d = node.join([("10.0.0.1", 5001)])
+            self.clock.advance(1)
+            self.assertEqual(self.successResultOf(d).only_self, False)
+        for node in self.nodes:
+            node.refresh()
+        self.clock.advance(5)
+
+    def test_join_fills_tables(self) -> None:
+        self.assertGreaterEqual(min(len(n.routing) for n in self.nodes), 5)
+
+    def test_find_node(self) -> None:
+        target = self.rng.randbytes(32)
+        d = self.nodes[3].find_node(target)
+        self.clock.advance(5)
+        result = self.successResultOf(d)
+        truth = sorted((n.node_id for n in self.nodes if n is not self.nodes[3]), key=lambda i: distance(i, target))
+        self.assertEqual([c.node_id for c in result.closest], truth[:5])
+
+    def test_announce_batches_per_destination(self) -> None:
+        announcer = self.nodes[0]
+        keys = [self.rng.randbytes(32) for _ in range(200)]
+        before = announcer.protocol.sent["ADD_PROVIDER"]
+        d = announcer.announce(keys)
+        self.clock.advance(10)
+        result = self.successResultOf(d)
+        self.assertEqual(result.replicas, 200 * 5)
+        self.assertEqual(announcer.protocol.sent["ADD_PROVIDER"] - before, result.messages)
+        self.assertEqual(result.acknowledged, result.messages)
+        # No destination gets more messages than its keys need.
+        destinations = {n.node_id for n in self.nodes if len(n.store)}
+        self.assertLessEqual(result.messages, len(destinations) + 1000 // KEYS_PER_MESSAGE)
+        finder = self.nodes[17]
+        for key in keys[:20]:
+            found = []
+            d = finder.find_providers(key, on_provider=found.append)
+            self.clock.advance(5)
+            providers = self.successResultOf(d)
+            self.assertEqual(found, providers)
+            self.assertEqual([p.node_id for p in providers], [announcer.node_id])
+            self.assertEqual(providers[0].host, "10.0.0.1")
+
+    def test_find_providers_never_returns_self_and_cancels(self) -> None:
+        announcer = self.nodes[4]
+        key = self.rng.randbytes(32)
+        announcer.announce([key])
+        self.clock.advance(5)
+        d = announcer.find_providers(key)
+        self.clock.advance(5)
+        self.assertEqual(self.successResultOf(d), [])
+        d = self.nodes[5].find_providers(self.rng.randbytes(32))
+        self.assertNotEqual(self.nodes[5].protocol.pending, {})
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertEqual(self.nodes[5].protocol.pending, {})
+
+    def test_estimated_network_size(self) -> None:
+        estimates = [n.estimated_network_size() for n in self.nodes]
+        average = sum(estimates) / len(estimates)
+        self.assertGreater(average, 10)
+        self.assertLess(average, 120)

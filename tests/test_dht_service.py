@@ -1,0 +1,144 @@
+"""
+Tests for L{spegel.dht.service.DHTService} on the in-memory network: providing, withdrawing,
+finding with the cache, readiness, and start/stop.
+"""
+
+import random
+
+from attrs import evolve
+from twisted.trial.unittest import SynchronousTestCase
+
+from spegel.dht.config import RouterConfig
+from spegel.dht.ids import NODE_ID_FILE
+from spegel.dht.service import DHTService
+from spegel.dht.simulation import MemoryNetwork, SimulatedClock, SimulatedCluster
+
+CONFIG = RouterConfig(
+    listen_port=5001,
+    k=5,
+    rpc_timeout=0.2,
+    announce_delay=0.05,
+    provider_ttl=100.0,
+    republish_interval=60.0,
+    provider_cache_ttl=2.0,
+)
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = SimulatedClock()
+        self.network = MemoryNetwork(self.clock, latency=0.001)
+        self.cluster = SimulatedCluster(self.network, CONFIG, rng=random.Random(8))
+        self.cluster.start(12)
+        self.clock.advance(2)
+        self.services = self.cluster.services
+        self.addCleanup(lambda: [s.stopService() for s in self.services if s.running])
+
+    def find(self, service: DHTService, key: str, **kwargs):  # type: ignore[no-untyped-def]
+        d = service.find_providers(key, **kwargs)
+        self.clock.advance(2)
+        return self.successResultOf(d)
+
+    def test_ready_after_join(self) -> None:
+        self.assertTrue(all(s.ready for s in self.services))
+
+    def test_provide_is_announced_after_a_short_delay(self) -> None:
+        holder, asker = self.services[3], self.services[9]
+        holder.provide(["sha256:aa", "sha256:bb", "sha256:aa"])
+        self.assertEqual(holder.provided_keys_count(), 2)
+        self.clock.advance(0.5)
+        found = []
+        providers = self.find(asker, "sha256:aa", on_provider=found.append)
+        self.assertEqual([p.node_id for p in providers], [holder.node_id])
+        self.assertEqual(found, providers)
+        self.assertEqual(providers[0].registry_port, CONFIG.registry_port)
+
+    def test_results_are_cached_briefly(self) -> None:
+        holder, asker = self.services[2], self.services[5]
+        holder.provide(["k"])
+        self.clock.advance(0.5)
+        self.find(asker, "k")
+        sent = sum(asker.node.protocol.sent.values())
+        found = []
+        d = asker.find_providers("k", on_provider=found.append)
+        self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
+        self.assertEqual(len(found), 1)
+        self.assertEqual(sum(asker.node.protocol.sent.values()), sent)
+        self.clock.advance(CONFIG.provider_cache_ttl)
+        asker.find_providers("k")
+        self.assertGreater(sum(asker.node.protocol.sent.values()), sent)
+
+    def test_misses_are_not_cached(self) -> None:
+        asker = self.services[5]
+        self.assertEqual(self.find(asker, "late"), [])
+        self.services[1].provide(["late"])
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.find(asker, "late")), 1)
+
+    def test_reannounced_until_withdrawn(self) -> None:
+        holder, asker = self.services[4], self.services[8]
+        holder.provide(["kept", "dropped"])
+        self.clock.advance(0.5)
+        holder.withdraw(["dropped"])
+        self.assertEqual(holder.provided_keys_count(), 1)
+        # Several TTLs later the kept key is still found (re-announced), the other lapsed.
+        self.clock.advance(3 * CONFIG.provider_ttl)
+        self.assertEqual(len(self.find(asker, "kept")), 1)
+        self.assertEqual(self.find(asker, "dropped"), [])
+
+    def test_keys_provided_before_start_and_before_joining(self) -> None:
+        config = evolve(CONFIG, listen_host="10.9.0.1", bootstrap_kind="static", static_peers=(("10.9.0.2", 5001),))
+        lonely = DHTService(self.network.reactor("10.9.0.1"), config)
+        lonely.provide(["early"])
+        lonely.startService()
+        self.addCleanup(lonely.stopService)
+        self.clock.advance(5)
+        self.assertFalse(lonely.ready)
+        # Its peer appears later; the join announces what was provided meanwhile.
+        peer_config = evolve(config, listen_host="10.9.0.2", static_peers=(self.services[0].address,))
+        peer = DHTService(self.network.reactor("10.9.0.2"), peer_config)
+        peer.startService()
+        self.addCleanup(peer.stopService)
+        self.clock.advance(40)
+        self.assertTrue(lonely.ready)
+        self.assertEqual([p.node_id for p in self.find(self.services[6], "early")], [lonely.node_id])
+
+    def test_stop_leaves_no_calls(self) -> None:
+        for service in self.services:
+            service.provide(["x"])
+            service.stopService()
+        self.clock.advance(1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.network.ports, {})
+
+    def test_bootstrap_info(self) -> None:
+        info = self.services[0].bootstrap_info()
+        self.assertEqual((info.node_id, info.host, info.port), (self.services[0].node_id, "10.0.1.1", 5001))
+        advertised = DHTService(self.network.reactor("10.200.0.1"), evolve(CONFIG, listen_host="10.200.0.1", advertise_host="192.0.2.1"))
+        advertised.startService()
+        self.addCleanup(advertised.stopService)
+        self.assertEqual(advertised.bootstrap_info().host, "192.0.2.1")
+
+
+class IdentityTests(SynchronousTestCase):
+    def test_node_id_persisted_in_data_dir(self) -> None:
+        data_dir = self.mktemp()
+        network = MemoryNetwork(SimulatedClock())
+        first = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir))
+        again = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir))
+        self.assertEqual(first.node_id, again.node_id)
+        with open(f"{data_dir}/{NODE_ID_FILE}") as f:
+            self.assertEqual(f.read().strip(), first.node_id.hex())
+        self.assertNotEqual(DHTService(network.reactor("10.0.0.1"), CONFIG).node_id, first.node_id)
+
+    def test_not_ready_until_started_without_bootstrap(self) -> None:
+        service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), CONFIG)
+        self.assertFalse(service.ready)
+        service.startService()
+        self.assertTrue(service.ready)
+        service.stopService()
+
+    def test_bad_config_rejected(self) -> None:
+        self.assertRaises(ValueError, RouterConfig, bootstrap_kind="carrier-pigeon")
+        self.assertRaises(ValueError, RouterConfig, listen_port=70000)
+        self.assertRaises(ValueError, RouterConfig, k=0)

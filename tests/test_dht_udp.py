@@ -1,0 +1,139 @@
+"""
+Twenty DHT nodes over real UDP sockets on loopback, in this process's reactor.
+"""
+
+import random
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from spegel.dht.config import RouterConfig
+from spegel.dht.service import DHTService
+
+N = 20
+SECRET = b"loopback cluster key"
+
+
+async def start_cluster(test: TestCase, n: int, secret: bytes | None = SECRET) -> list[DHTService]:
+    services: list[DHTService] = []
+
+    test.addCleanup(lambda: gatherResults([_stop(s) for s in services]))
+    base = RouterConfig(
+        listen_host="127.0.0.1",
+        listen_port=0,
+        registry_port=30020,
+        secret=secret,
+        rpc_timeout=0.5,
+        announce_delay=0.01,
+    )
+    first = DHTService(reactor, base)
+    first.startService()
+    services.append(first)
+    seed = first.address
+    config = RouterConfig(**{**_fields(base), "bootstrap_kind": "static", "static_peers": (seed,)})
+    for _ in range(n - 1):
+        service = DHTService(reactor, config)
+        service.startService()
+        services.append(service)
+    await gatherResults(
+        [s.bootstrapping.when_joined() for s in services if s.bootstrapping is not None]
+    )
+    return services
+
+
+def _fields(config: RouterConfig) -> dict:
+    from attrs import asdict
+
+    return asdict(config, recurse=False)
+
+
+def _stop(service: DHTService) -> Deferred[None]:
+    from twisted.internet.defer import maybeDeferred
+
+    if not service.running:
+        return Deferred.fromCoroutine(_noop())
+    return maybeDeferred(service.stopService)
+
+
+async def _noop() -> None:
+    return None
+
+
+class LoopbackClusterTests(TestCase):
+    timeout = 30
+
+    async def _twenty_nodes(self) -> None:
+        services = await start_cluster(self, N)
+        self.assertTrue(all(s.ready for s in services))
+        self.assertTrue(all(len(s.node.routing) >= N // 2 for s in services))
+        rng = random.Random(7)
+        holders = {}
+        for i in range(30):
+            holder = rng.choice(services)
+            key = f"sha256:{i:064x}"
+            holder.provide([key])
+            holders[key] = holder
+        # New keys are findable cluster-wide within a second.
+        await deferLater(reactor, 1.0, lambda: None)
+        for key, holder in holders.items():
+            asker = rng.choice([s for s in services if s is not holder])
+            found = []
+            providers = await asker.find_providers(key, on_provider=found.append)
+            self.assertIn(holder.node_id, [p.node_id for p in providers])
+            self.assertEqual(found, providers)
+            provider = next(p for p in providers if p.node_id == holder.node_id)
+            self.assertEqual((provider.host, provider.registry_port), ("127.0.0.1", 30020))
+            self.assertNotIn(asker.node_id, [p.node_id for p in providers])
+        self.assertEqual(sum(s.node.protocol.dropped["bad_mac"] for s in services), 0)
+
+    def test_twenty_nodes_join_and_find_providers(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._twenty_nodes())
+
+    async def _outsider(self) -> None:
+        services = await start_cluster(self, 3)
+        outsider = DHTService(
+            reactor,
+            RouterConfig(
+                listen_host="127.0.0.1",
+                listen_port=0,
+                secret=b"wrong key",
+                bootstrap_kind="static",
+                static_peers=(services[0].address,),
+                rpc_timeout=0.2,
+            ),
+        )
+        outsider.startService()
+        self.addCleanup(_stop, outsider)
+        await deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(outsider.ready)
+        self.assertGreater(services[0].node.protocol.dropped["bad_mac"], 0)
+        self.assertNotIn(outsider.node_id, services[0].node.routing)
+
+    def test_outsider_without_the_key_cannot_join(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._outsider())
+
+    async def _alone(self) -> None:
+        service = DHTService(
+            reactor,
+            RouterConfig(listen_host="127.0.0.1", listen_port=0, bootstrap_kind="static",
+                         static_peers=(("127.0.0.1", 1),)),
+        )
+        # The node's own address, as a headless Service's DNS would list it.
+        service.startService()
+        self.addCleanup(_stop, service)
+        single = DHTService(
+            reactor,
+            RouterConfig(listen_host="127.0.0.1", listen_port=0),
+        )
+        self.assertTrue(single.ready is False)
+        single.startService()
+        self.addCleanup(_stop, single)
+        self.assertTrue(single.ready)
+        result = await service.join([service.address])
+        self.assertTrue(result.only_self)
+        self.assertEqual(result.peers_found, 0)
+
+    def test_single_node_cluster_is_ready(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._alone())
