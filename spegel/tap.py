@@ -7,7 +7,6 @@ L{Options} validates every flag into a L{NodeConfig}; L{makeService} only wires 
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any, TextIO
 
@@ -120,9 +119,10 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger"):
-            parent["logger"] = functools.partial(
-                make_log_observer, self.node.log_level, parent.get("logfile")
-            )
+            # twistd takes its log observer factory as a dotted name, resolved after this.
+            _log_settings["level"] = self.node.log_level
+            _log_settings["logfile"] = parent.get("logfile")
+            parent["logger"] = f"{__name__}.log_observer"
 
     def _node_config(self) -> NodeConfig:
         def address(flag: str) -> ListenAddress:
@@ -197,6 +197,17 @@ class Options(usage.Options):
             http_bootstrap_url=self["http-bootstrap-url"] or None,
             router_secret=secret,
         )
+
+
+# What twistd's log observer needs, set once by Options at the process boundary.
+_log_settings: dict[str, Any] = {"level": LogLevel.info, "logfile": None}
+
+
+def log_observer() -> ILogObserver:
+    """
+    The log observer twistd is told to use (C{--logger spegel.tap.log_observer}).
+    """
+    return make_log_observer(_log_settings["level"], _log_settings["logfile"])
 
 
 def make_log_observer(level: LogLevel, logfile: str | None) -> ILogObserver:
