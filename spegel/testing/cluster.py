@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from attrs import define, field
 
 from spegel.testing.containerd import ContainerdDaemon, short_tempdir
-from spegel.testing.node import SpegelNode, twist_command
+from spegel.testing.node import SpegelNode, twistd_command
 from spegel.testing.process import run
 from spegel.testing.registry import UpstreamRegistry
 
@@ -45,7 +45,8 @@ def static_bootstrap(index: int, cluster: "Cluster") -> list[str]:
     """
     peers = [node.router_addr for i, node in enumerate(cluster.nodes) if i != index]
     if not peers:
-        return ["--bootstrap-kind", "static"]
+        # A single-node cluster: bootstrapping finds only itself, and is ready.
+        peers = [cluster.nodes[index].router_addr]
     return ["--bootstrap-kind", "static", "--static-bootstrap-peers", ",".join(peers)]
 
 
@@ -62,7 +63,7 @@ class Cluster:
         nodes started later with C{node.start()}).
     @ivar wait_ready: also wait for every node's C{/readyz}.
     @ivar log_level: the nodes' log level.
-    @ivar node_command: the runner prefix for nodes instead of L{twist_command} (for example a
+    @ivar node_command: the runner prefix for nodes instead of L{twistd_command} (for example a
         stand-in, L{spegel.testing.fakenode}).
     """
 
@@ -92,7 +93,7 @@ class Cluster:
                 mirrored_registries=mirrored,
                 name=f"spegel-{index}",
                 base_dir=node_dir,
-                command=list(self.node_command) if self.node_command is not None else twist_command(self.log_level),
+                command=list(self.node_command) if self.node_command is not None else twistd_command(),
                 log_level=self.log_level,
             )
             self.containerds.append(daemon)

@@ -80,7 +80,7 @@ class SpegelNode:
     @ivar mirrored_registries: C{--mirrored-registries} (registry URLs).
     @ivar extra_args: more node arguments (bootstrap, filters...); may be changed before
         L{start}.
-    @ivar command: the runner prefix (L{twist_command} by default, or L{twistd_command}).
+    @ivar command: the runner prefix: L{twistd_command} (what operators run) by default.
     @ivar log_level: the node's C{--log-level}.
     """
 
@@ -92,7 +92,7 @@ class SpegelNode:
     registry_port: int = field(factory=free_port)
     router_port: int = field(factory=lambda: free_port(udp_too=True))
     metrics_port: int = field(factory=free_port)
-    command: list[str] = field(factory=twist_command)
+    command: list[str] = field(factory=twistd_command)
     log_level: str = "debug"
     env: dict[str, str] | None = None
     _process: ManagedProcess | None = field(default=None, init=False)
