@@ -48,10 +48,13 @@ MiB = 1 << 20
 GiB = 1 << 30
 TARGET_RATIO = 1.0
 REPO = "bench/blob"
-# One read buffer, allocated once: the client must cost as little as it can, and the same for
-# both servers.
+# The client must cost as little as it can, and the same for both servers: large reads into one
+# buffer, nothing kept.
 RECV_BUFFER_SIZE = 4 * MiB
 MAX_HEADER_BYTES = 64 * 1024
+# Allocated (and zeroed, so its pages are touched) once at import: no run pays for page faults
+# another did not.
+_RECV_BUFFER = bytearray(RECV_BUFFER_SIZE)
 
 
 class BenchmarkFailed(Exception):
@@ -140,7 +143,7 @@ def fetch_with_socket(server: Server, expected_size: int, timeout: float, *, ver
     @param verify: hash the body (slower: only for the correctness check, never timed runs).
     @raise BenchmarkFailed: on a status other than 200 or a body of the wrong length.
     """
-    buffer = _buffer()
+    buffer = _RECV_BUFFER
     view = memoryview(buffer)
     hasher = hashlib.sha256() if verify else None
     started = time.perf_counter()
@@ -165,16 +168,6 @@ def fetch_with_socket(server: Server, expected_size: int, timeout: float, *, ver
             received += n
     seconds = time.perf_counter() - started
     return Fetch(received, seconds, None if hasher is None else "sha256:" + hasher.hexdigest())
-
-
-_buffers: list[bytearray] = []
-
-
-def _buffer() -> bytearray:
-    # Allocated and touched once, so no run pays for page faults another did not.
-    if not _buffers:
-        _buffers.append(bytearray(RECV_BUFFER_SIZE))
-    return _buffers[0]
 
 
 def socket_client(server: Server, expected_size: int, timeout: float) -> Fetch:
@@ -237,6 +230,40 @@ def cpu_seconds(pid: int) -> float:
     fields = stat.rpartition(")")[2].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+@frozen
+class IOCounters:
+    """
+    A process's I/O accounting (C{/proc/<pid>/io}).
+
+    Linux counts C{os.sendfile} in both C{rchar} and C{wchar} (and one call in both C{syscr} and
+    C{syscw}), C{pread} in C{rchar}/C{syscr} only, and socket C{send}/C{recv} in neither.  So for
+    the node, over the timed runs, C{wchar} is what went out by sendfile and C{rchar - wchar} what
+    was read into Python to be written the ordinary way (give or take a few log lines).
+    """
+
+    rchar: int
+    wchar: int
+    syscr: int
+    syscw: int
+
+    @classmethod
+    def of(cls, pid: int) -> "IOCounters":
+        values = {}
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    values[name] = int(value)
+        except (OSError, ValueError) as e:
+            raise BenchmarkFailed(f"cannot read the I/O counters of process {pid}: {e}") from None
+        return cls(values["rchar"], values["wchar"], values["syscr"], values["syscw"])
+
+    def __sub__(self, other: "IOCounters") -> "IOCounters":
+        return IOCounters(
+            self.rchar - other.rchar, self.wchar - other.wchar, self.syscr - other.syscr, self.syscw - other.syscw
+        )
 
 
 def _say(message: str, started: float) -> None:
@@ -313,6 +340,7 @@ def _measure(
 
     node = servers[0]
     memory_before = memory_kib(node.pid)
+    io_before = IOCounters.of(node.pid)
     cpu_before = {s.name: cpu_seconds(s.pid) for s in servers}
     results: dict[str, list[Fetch]] = {s.name: [] for s in servers}
     for run in range(1, runs + 1):
@@ -325,6 +353,7 @@ def _measure(
             )
     cpu_used = {s.name: cpu_seconds(s.pid) - cpu_before[s.name] for s in servers}
     memory_after = memory_kib(node.pid)
+    node_io = IOCounters.of(node.pid) - io_before
 
     medians = {name: statistics.median(f.mib_per_second for f in fetches) for name, fetches in results.items()}
     ratio = medians["node"] / medians["registry"]
@@ -342,6 +371,13 @@ def _measure(
     print(
         f"node memory    VmHWM {memory_after['VmHWM'] / 1024:.1f} MiB, VmRSS {memory_after['VmRSS'] / 1024:.1f} MiB "
         f"after the runs (VmRSS {memory_before['VmRSS'] / 1024:.1f} MiB before; the blob is {layer.size / MiB:.0f} MiB)"
+    )
+    by_sendfile = min(node_io.wchar, node_io.rchar)
+    through_python = node_io.rchar - by_sendfile
+    print(
+        f"node I/O       {by_sendfile / MiB:.0f} MiB by sendfile in {node_io.syscw} calls "
+        f"({100 * by_sendfile / max(node_io.rchar, 1):.1f}% of the bytes read), {through_python / MiB:.0f} MiB read into "
+        f"Python in {max(node_io.syscr - node_io.syscw, 0)} preads (from /proc/<pid>/io over the timed runs)"
     )
     met = ratio >= TARGET_RATIO
     verdict = "target met" if met else "BELOW target"
