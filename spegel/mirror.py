@@ -19,6 +19,8 @@ A peer that sends wrong bytes, or fails, is put aside for a while.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections import deque
 from typing import Any, Callable, Protocol as TypingProtocol
 from urllib.parse import quote
@@ -36,6 +38,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from spegel import metrics
+from spegel.bodies import BodyInterrupted, FileBodyProducer
 from spegel.dht.ids import Provider
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
@@ -212,6 +215,11 @@ class Mirror:
     @param resolve_timeout: how long to wait for a first provider before answering 404.
     @param retries: at most this many peers are asked for one request.
     @param idle_timeout: a peer silent this long while we are not pausing it has failed.
+    @param spool_max: whole blobs up to this size are read to disk and checked before they are
+        sent, so a peer with wrong bytes costs nothing but a retry elsewhere. Larger ones
+        stream (a spool would delay their first byte), their last chunk held back until the
+        digest matches.
+    @param spool_dir: where those spools live (unlinked files), L{None} for the system default.
     """
 
     _log = Logger()
@@ -227,6 +235,8 @@ class Mirror:
         idle_timeout: float = 10.0,
         put_aside: PutAside | None = None,
         latency: LatencyTracker | None = None,
+        spool_max: int = 4 * 1024 * 1024,
+        spool_dir: str | None = None,
     ):
         self._clock = clock
         self._router = router
@@ -236,6 +246,8 @@ class Mirror:
         self._idle_timeout = idle_timeout
         self.put_aside = put_aside or PutAside(clock)
         self.latency = latency or LatencyTracker()
+        self._spool_max = spool_max
+        self._spool_dir = spool_dir
 
     # The registry's seam ------------------------------------------------------------------
 
@@ -277,20 +289,46 @@ class Mirror:
         method = request.method.decode("ascii")
         path = _peer_path(reference, "blobs", digest)
         client_range = _header_text(request, "range")
+        budget = _Budget(self._retries)
         try:
-            upstream = await self._first_response(
-                providers, method, path, {"Range": client_range}, _Budget(self._retries),
-                acceptable=_has_span if method == "GET" else lambda response: True,
-            )
-            if upstream is None:
-                raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
-            response = upstream.response
+            while True:
+                upstream = await self._first_response(
+                    providers, method, path, {"Range": client_range}, budget,
+                    acceptable=_has_span if method == "GET" else lambda response: True,
+                )
+                if upstream is None:
+                    raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
+                response = upstream.response
+                if method == "HEAD":
+                    request.setResponseCode(response.code)
+                    _copy_headers(response.headers, request)
+                    _discard(response)
+                    self._succeeded()
+                    return b""
+                if response.code == 200 and response.length <= self._spool_max:
+                    try:
+                        spooled = await self._spool(upstream, digest)
+                    except PeerFailed as e:
+                        self._log.info("peer {peer}: {e}", peer=_peer(upstream.provider), e=e)
+                        self.put_aside.put_aside(upstream.provider)
+                        continue
+                    request.setResponseCode(200)
+                    _copy_headers(response.headers, request)
+                    request.setHeader("Content-Length", str(response.length))
+                    body = FileBodyProducer(
+                        request, spooled, 0, response.length,
+                        on_bytes=metrics.served_bytes_total.labels("peer").inc,
+                    )
+                    try:
+                        await body.start()
+                    except BodyInterrupted:
+                        abort_response(request)
+                        return None
+                    self._succeeded()
+                    return None
+                break
             request.setResponseCode(response.code)
             _copy_headers(response.headers, request)
-            if method == "HEAD":
-                _discard(response)
-                self._succeeded()
-                return b""
             request.setHeader("Content-Length", str(response.length))
             copy = _BlobCopy(self, request, digest, path, providers, upstream)
             try:
@@ -303,6 +341,25 @@ class Mirror:
             return None
         finally:
             providers.finish()
+
+    async def _spool(self, upstream: _Upstream, digest: str) -> int:
+        """
+        Read a small blob whole into an unlinked file on disk, and check it before a byte is
+        sent: a wrong copy is then retried on another peer without the client noticing.
+
+        @return: a file descriptor positioned anywhere (the caller reads with offsets).
+        """
+        spool = tempfile.TemporaryFile(dir=self._spool_dir)
+        try:
+            writer = _SpoolWriter(spool, hashlib.new(digest.split(":")[0]), upstream.response.length)
+            upstream.response.deliverBody(writer)
+            actual = await writer.done
+            if f"{digest.split(':')[0]}:{actual}" != digest:
+                metrics.digest_mismatches_total.inc()
+                raise PeerFailed(f"bytes do not match {digest}")
+            return os.dup(spool.fileno())
+        finally:
+            spool.close()
 
     # Finding and asking peers ---------------------------------------------------------------
 
@@ -710,6 +767,42 @@ class _BoundedCollector(Protocol):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(PeerFailed(f"manifest body failed: {reason.getErrorMessage()}"))
+
+
+class _SpoolWriter(Protocol):
+    """
+    Writes a body to a file while hashing it, refusing more than C{expected} bytes.
+    """
+
+    def __init__(self, spool: Any, hasher: Any, expected: int):
+        self._spool = spool
+        self._hasher = hasher
+        self._expected = expected
+        self._received = 0
+        self.done: Deferred[str] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._received += len(data)
+        if self._received > self._expected:
+            self.transport.stopProducing()
+            self.done.errback(PeerFailed("the peer sent more bytes than announced"))
+            return
+        self._hasher.update(data)
+        self._spool.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if self.done.called:
+            return
+        if self._received != self._expected:
+            self.done.errback(PeerFailed(
+                f"the peer stopped after {self._received} of {self._expected} bytes: "
+                f"{reason.getErrorMessage()}"
+            ))
+            return
+        self._spool.flush()
+        self.done.callback(self._hasher.hexdigest())
 
 
 class _Discard(Protocol):

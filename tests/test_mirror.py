@@ -148,6 +148,9 @@ class ClientRequest(DummyRequest):
 
 
 class MirrorTestCase(SynchronousTestCase):
+    # Blobs of these tests are larger: they stream, unless a test case says otherwise.
+    spool_max = 1000
+
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.router = FakeRouter()
@@ -155,8 +158,10 @@ class MirrorTestCase(SynchronousTestCase):
         self.latency = LatencyTracker(initial=0.05)
         self.mirror = Mirror(
             self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
-            idle_timeout=5.0, latency=self.latency,
+            idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
+            spool_dir=self.mktemp(),
         )
+        os.makedirs(self.mirror._spool_dir)
         self.data = os.urandom(100_000)
         self.digest = digest_of(self.data)
         self.ref = Reference(REGISTRY, "team/app", digest=self.digest)
@@ -319,6 +324,57 @@ class BlobStreamingTests(MirrorTestCase):
         self.assertEqual(self.http.requests[0][0], "HEAD")
         self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
         self.assertTrue(response.transport.stopped)
+
+
+class SpoolTests(MirrorTestCase):
+    """
+    Small blobs are read whole and checked before the client sees a byte.
+    """
+
+    spool_max = 200_000
+
+    def test_corrupt_small_blob_is_fetched_again_elsewhere(self) -> None:
+        mismatches = metrics.digest_mismatches_total._value.get()
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        bad = self.http.answer(0, 200, len(self.data))
+        bad.send(self.data[:-1] + b"!")
+        self.assertEqual(request.body, b"")
+        bad.end()
+        self.assertEqual(len(self.http.requests), 2)
+        self.assertEqual(request.body, b"", "nothing of the wrong copy reached the client")
+        good = self.http.answer(1, 200, len(self.data), docker_content_digest=self.digest)
+        good.send(self.data)
+        good.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(request.aborted)
+        self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
+        self.assertEqual(metrics.digest_mismatches_total._value.get() - mismatches, 1)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+        self.assertEqual(os.listdir(self.mirror._spool_dir), [], "spools are unlinked")
+
+    def test_short_copy_is_fetched_again_elsewhere(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        short = self.http.answer(0, 200, len(self.data))
+        short.send(self.data[:5000])
+        short.end(Failure(ConnectionLost()))
+        good = self.http.answer(1, 200, len(self.data))
+        good.send(self.data)
+        good.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_every_copy_wrong_is_unknown(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        bad = self.http.answer(0, 200, len(self.data))
+        bad.send(b"x" * len(self.data))
+        bad.end()
+        self.failureResultOf(d, BlobUnknown)
 
 
 class HedgingTests(MirrorTestCase):
