@@ -163,7 +163,7 @@ class FileBodyProducer:
             # ordinary way. With sendfile it is sized to pause us until the socket drains.
             chunk_size = READ_CHUNK
             if self._socket_fd is not None and transport is not None:
-                chunk_size = max(READ_CHUNK, getattr(transport, "bufferSize", 65536) + 1)
+                chunk_size = getattr(transport, "bufferSize", 65536) + 1
             self._write_chunk(chunk_size)
         if self._remaining == 0:
             self._finish(None)
