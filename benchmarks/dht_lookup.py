@@ -1,0 +1,108 @@
+"""
+Benchmark: provider lookup latency and cluster-wide visibility of a new key, N real DHT
+nodes on loopback UDP (one process, one reactor).
+
+    .venv/bin/python benchmarks/dht_lookup.py --nodes 20 100
+
+Prints, per cluster size: p50/p99 of provider lookups (time to the first provider, which is
+what the mirror's hedged proxy waits for, and time to the end of the lookup), and the time
+from C{provide()} on one node until the key's k closest nodes acknowledged its record (then
+checked: every other node finds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
+from twisted.internet.task import deferLater, react  # noqa: E402
+
+from dht_common import now, percentile, start_nodes, stop_nodes  # noqa: E402
+
+
+async def measure(reactor, n: int, keys: int, lookups: int, rng: random.Random) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    services = await start_nodes(reactor, n)
+    try:
+        holders = {}
+        for i in range(keys):
+            holder = rng.choice(services)
+            key = f"sha256:{rng.getrandbits(256):064x}"
+            holder.provide([key])
+            holders[key] = holder
+        await deferLater(reactor, 1.0, lambda: None)
+
+        first_times: list[float] = []
+        full_times: list[float] = []
+        misses = 0
+        names = list(holders)
+        for _ in range(lookups):
+            key = rng.choice(names)
+            asker = rng.choice([s for s in services if s is not holders[key]])
+            asker._cache.clear()  # measure lookups, not the cache
+            started = now()
+            first: list[float] = []
+            providers = await asker.find_providers(
+                key, on_provider=lambda p: first or first.append(now())
+            )
+            full_times.append(now() - started)
+            if providers:
+                first_times.append(first[0] - started)
+            else:
+                misses += 1
+
+        # A new key: time from provide() until its records are acknowledged by the key's k
+        # closest nodes (from then on any lookup ends there), then every other node checks.
+        visibility: list[float] = []
+        found_everywhere = 0
+        for _ in range(5):
+            holder = rng.choice(services)
+            key = f"new:{rng.getrandbits(64):x}"
+            started = now()
+            holder.provide([key])
+            while holder._unannounced or holder._announce_call or holder._announcing:
+                await deferLater(reactor, 0.001, lambda: None)
+            visibility.append(now() - started)
+            results = await gatherResults(
+                [s.find_providers(key, limit=1) for s in services if s is not holder]
+            )
+            found_everywhere += all(results)
+        return {
+            "first_p50": percentile(first_times, 0.5),
+            "first_p99": percentile(first_times, 0.99),
+            "full_p50": percentile(full_times, 0.5),
+            "full_p99": percentile(full_times, 0.99),
+            "misses": misses,
+            "visible_max": max(visibility),
+            "visible_p50": percentile(visibility, 0.5),
+            "found_everywhere": found_everywhere,
+        }
+    finally:
+        await stop_nodes(services)
+
+
+async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--keys", type=int, default=200)
+    parser.add_argument("--lookups", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=1)
+    options = parser.parse_args(argv)
+    print("nodes  first-provider p50/p99 ms  whole lookup p50/p99 ms  misses  new key announced p50/max ms  then found by all")
+    for n in options.nodes:
+        r = await measure(reactor, n, options.keys, options.lookups, random.Random(options.seed))
+        print(
+            f"{n:5d}  {r['first_p50'] * 1e3:9.2f} / {r['first_p99'] * 1e3:7.2f}"
+            f"        {r['full_p50'] * 1e3:9.2f} / {r['full_p99'] * 1e3:7.2f}"
+            f"   {r['misses']:5d}   {r['visible_p50'] * 1e3:9.1f} / {r['visible_max'] * 1e3:7.1f}"
+            f"     {r['found_everywhere']}/5",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    react(lambda reactor: Deferred.fromCoroutine(main(reactor, sys.argv[1:])))
