@@ -244,6 +244,11 @@ class RegistryResource:
             abort_response(request)
         return None
 
+    @app.route("/v2/<path:rest>", methods=["GET", "HEAD"])
+    @_observed("unknown")
+    def unknown_path(self, request: Request, rest: str) -> bytes:
+        raise NameUnknown("not a registry API path", {"path": rest[:300]})
+
     @app.route("/v2/<path:rest>", methods=["PUT", "POST", "PATCH", "DELETE"])
     @_observed("unsupported")
     def unsupported(self, request: Request, rest: str) -> bytes:

@@ -160,8 +160,11 @@ class BasicEndpointTests(RegistryTestsMixin, SynchronousTestCase):
             self.assertOCIError(response, body, 405, "UNSUPPORTED")
 
     def test_unknown_path(self) -> None:
-        response, body = self.request("GET", "/nope")
-        self.assertOCIError(response, body, 404, "NAME_UNKNOWN")
+        for path in ["/nope", "/v2//blobs/sha256:" + "a" * 64, "/v2/a/blobs/", "/v2/a/manifests/",
+                     "/v2/a/tags/list"]:
+            with self.subTest(path=path):
+                response, body = self.request("GET", path)
+                self.assertOCIError(response, body, 404, "NAME_UNKNOWN")
 
 
 class ManifestTests(RegistryTestsMixin, SynchronousTestCase):
