@@ -505,13 +505,14 @@ class Advertiser(Service):
             # A walk cut short would withdraw what is still there; keep the last full picture.
             self._containerd_failed(e)
             return
+        deleted = self._deleted_after(seq)
         changes: dict[str, bool] = {}
         for name in set(self._records) | set(results):
             if self._stamps.get(name, -1) > seq:
                 continue
             record = results.get(name)
-            if record is not None:
-                record = self._without_later_deletions(record, seq)
+            if record is not None and deleted:
+                record = record.without(deleted)
             self._replace(name, record, changes)
         self._floor = seq
         self._stamps = {name: s for name, s in self._stamps.items() if s > seq}
@@ -550,7 +551,7 @@ class Advertiser(Service):
         except ContainerdError as e:
             self._containerd_failed(e)
             return
-        self._apply(seq, image.name, self._without_later_deletions(record, seq))
+        self._apply(seq, image.name, record.without(self._deleted_after(seq)))
 
     def _image_deleted(self, name: str) -> None:
         # Reference counts withdraw exactly the keys no remaining image refers to, so there is
@@ -714,12 +715,11 @@ class Advertiser(Service):
         self._seq += 1
         return self._seq
 
-    def _without_later_deletions(self, record: _ImageRecord, seq: int) -> _ImageRecord:
+    def _deleted_after(self, seq: int) -> frozenset[str]:
         """
-        C{record} less the content deleted after the walk that made it started.
+        The content deleted after operation C{seq} started: its walk may have found it present.
         """
-        deleted = frozenset(digest for digest, s in self._deletions.items() if s > seq)
-        return record.without(deleted) if deleted else record
+        return frozenset(digest for digest, s in self._deletions.items() if s > seq)
 
     def _replace(self, name: str, record: _ImageRecord | None, changes: dict[str, bool]) -> None:
         """
