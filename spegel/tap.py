@@ -234,7 +234,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from spegel.advertiser import Advertiser
     from spegel.containerd.client import ContainerdClient
+    from spegel.containerd.events import EventSubscriber
     from spegel.dht.service import DHTService
     from spegel.mirror import Mirror
     from spegel.registry import RegistryResource, make_site
@@ -249,6 +251,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     router = DHTService(reactor, router_config(config))
     router.setServiceParent(node)
+
+    # After the client and the router (it calls both as soon as it starts); the event
+    # subscriber last, so it stops first.
+    advertiser = Advertiser(
+        reactor, client, router, config.registry_filter, namespace=config.containerd_namespace
+    )
+    advertiser.setServiceParent(node)
+    EventSubscriber(
+        reactor, client, advertiser.on_event, advertiser.on_resubscribed
+    ).setServiceParent(node)
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 8
