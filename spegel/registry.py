@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from spegel import metrics
 from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
@@ -140,6 +140,9 @@ class RegistryResource:
     """
 
     app = Klein()
+    # Repository names never contain "//": such a path is malformed and gets a 4xx, not a
+    # redirect to a path the client did not ask for.
+    app.url_map.merge_slashes = False
     _log = Logger()
 
     def __init__(
@@ -266,6 +269,12 @@ class RegistryResource:
     @app.handle_errors(MethodNotAllowed)
     def _not_allowed(self, request: Request, failure: Failure) -> bytes:
         return write_oci_error(request, Unsupported("method not allowed"))
+
+    @app.handle_errors(HTTPException)
+    def _other_http_error(self, request: Request, failure: Failure) -> bytes:
+        # Whatever else routing raises (a redirect, a bad request) still answers in JSON.
+        error = MalformedRequest(failure.getErrorMessage())
+        return write_oci_error(request, error)
 
     def _registry(self, request: Request) -> str | None:
         values: Sequence[bytes] | None = request.args.get(b"ns")

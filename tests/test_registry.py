@@ -160,7 +160,8 @@ class BasicEndpointTests(RegistryTestsMixin, SynchronousTestCase):
             self.assertOCIError(response, body, 405, "UNSUPPORTED")
 
     def test_unknown_path(self) -> None:
-        for path in ["/nope", "/v2//blobs/sha256:" + "a" * 64, "/v2/a/blobs/", "/v2/a/manifests/",
+        for path in ["/nope", "/v2//blobs/sha256:" + "a" * 64, "/v2///blobs/sha256:" + "a" * 64,
+                     "/v2/a/blobs/", "/v2/a/manifests/",
                      "/v2/a/tags/list"]:
             with self.subTest(path=path):
                 response, body = self.request("GET", path)
