@@ -25,7 +25,6 @@ an operation started is taken out of its result.  So a slow resync never undoes 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Mapping
@@ -59,6 +58,7 @@ from spegel.oci import (
     NameUnknown,
     OCIError,
     Reference,
+    digest_matches,
     is_digest,
     parse_digest,
     parse_registry_host,
@@ -219,9 +219,6 @@ def manifest_references(data: bytes, media_type: str | None) -> ManifestReferenc
             blobs.append(digest)
     return ManifestReferences(blobs=tuple(blobs), skipped=skipped)
 
-
-def _digest_of(algorithm: str, data: bytes) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 @frozen
@@ -694,7 +691,7 @@ class Advertiser(Service):
         if info.size > MAX_MANIFEST_SIZE:
             return InvalidManifest(f"{info.size} bytes is too large for a manifest")
         data = await self._client.read_content(digest, 0, info.size)
-        if len(data) != info.size or _digest_of(digest.partition(":")[0], data) != digest:
+        if len(data) != info.size or not digest_matches(digest, data):
             raise ContentChanged(f"the bytes read do not match {digest}")
         try:
             references = manifest_references(data, media_type)

@@ -18,7 +18,6 @@ A peer that sends wrong bytes, or fails, is put aside for a while.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections import deque
@@ -46,6 +45,9 @@ from spegel.oci import (
     ManifestUnknown,
     OCIError,
     Reference,
+    digest_matches,
+    hashed_digest,
+    new_hasher,
 )
 from spegel.registry import MIRRORED_HEADER, abort_response
 
@@ -351,10 +353,9 @@ class Mirror:
         """
         spool = tempfile.TemporaryFile(dir=self._spool_dir)
         try:
-            writer = _SpoolWriter(spool, hashlib.new(digest.split(":")[0]), upstream.response.length)
+            writer = _SpoolWriter(spool, new_hasher(digest), upstream.response.length)
             upstream.response.deliverBody(writer)
-            actual = await writer.done
-            if f"{digest.split(':')[0]}:{actual}" != digest:
+            if await writer.done != digest:
                 metrics.digest_mismatches_total.inc()
                 raise PeerFailed(f"bytes do not match {digest}")
             return os.dup(spool.fileno())
@@ -505,7 +506,7 @@ class Mirror:
         collector = _BoundedCollector(MAX_MANIFEST_SIZE)
         response.deliverBody(collector)
         data = await collector.done
-        if _digest_of(expected, data) != expected:
+        if not digest_matches(expected, data):
             metrics.digest_mismatches_total.inc()
             raise PeerFailed("manifest bytes do not match their digest")
         return data
@@ -545,7 +546,7 @@ class _BlobCopy:
         self._first, self._last = first, last
         self._expected = last - first + 1
         # Only a whole blob can be checked against its digest.
-        self._hasher = hashlib.new(digest.split(":")[0]) if first == 0 and last == size - 1 else None
+        self._hasher = new_hasher(digest) if first == 0 and last == size - 1 else None
         self._received = 0
         self._held = b""
         self._paused = False
@@ -615,8 +616,7 @@ class _BlobCopy:
                               f"{reason.getErrorMessage()}", lied=False)
             return
         if self._hasher is not None:
-            actual = f"{self._digest.split(':')[0]}:{self._hasher.hexdigest()}"
-            if actual != self._digest:
+            if hashed_digest(self._hasher) != self._digest:
                 metrics.digest_mismatches_total.inc()
                 self._mirror.put_aside.put_aside(self._upstream.provider)
                 self._done.errback(PeerFailed(
@@ -802,7 +802,7 @@ class _SpoolWriter(Protocol):
             ))
             return
         self._spool.flush()
-        self.done.callback(self._hasher.hexdigest())
+        self.done.callback(hashed_digest(self._hasher))
 
 
 class _Discard(Protocol):
@@ -875,10 +875,4 @@ def _peer_url(provider: Provider, path: str) -> str:
 
 def _peer(provider: Provider) -> str:
     return f"{provider.host}:{provider.registry_port}"
-
-
-def _digest_of(digest: str, data: bytes) -> str:
-    algorithm = digest.partition(":")[0]
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
 

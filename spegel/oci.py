@@ -9,6 +9,7 @@ request with these functions before it touches containerd or the disk.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any, Mapping
@@ -129,6 +130,26 @@ def parse_digest(text: str) -> str:
     if not sep or pattern is None or not pattern.fullmatch(encoded):
         raise DigestInvalid("invalid digest", {"digest": text[:200]})
     return text
+
+
+def new_hasher(digest: str) -> Any:
+    """
+    A hash object of C{digest}'s algorithm, to check content against it.
+    """
+    return hashlib.new(digest.partition(":")[0])
+
+
+def hashed_digest(hasher: Any) -> str:
+    """
+    The digest (C{algorithm:hex}) of what C{hasher} has seen.
+    """
+    return f"{hasher.name}:{hasher.hexdigest()}"
+
+
+def digest_matches(digest: str, data: bytes) -> bool:
+    hasher = new_hasher(digest)
+    hasher.update(data)
+    return hashed_digest(hasher) == digest
 
 
 def is_digest(text: str) -> bool:

@@ -6,7 +6,6 @@ L{spegel.content.LocalContent} over containerd: its image store for tags, its co
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from twisted.internet.defer import Deferred
@@ -26,6 +25,7 @@ from spegel.oci import (
     BlobUnknown,
     ManifestUnknown,
     Reference,
+    digest_matches,
     sniff_manifest_media_type,
 )
 
@@ -65,7 +65,7 @@ class ContainerdContent:
         except ContainerdError as e:
             self._unavailable(e)
             raise ManifestUnknown("manifest unknown: containerd is unavailable")
-        if len(data) != info.size or _digest_of(digest, data) != digest:
+        if len(data) != info.size or not digest_matches(digest, data):
             # Content being rewritten under us; containerd never serves a torn blob knowingly.
             raise ManifestUnknown("manifest unknown: content changed while being read")
         media_type = media_type or sniff_manifest_media_type(data)
@@ -95,7 +95,3 @@ class ContainerdContent:
         metrics.containerd_errors_total.inc()
         self._log.warn("containerd call failed: {error}", error=error)
 
-
-def _digest_of(digest: str, data: bytes) -> str:
-    algorithm = digest.partition(":")[0]
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
