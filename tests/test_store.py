@@ -70,52 +70,52 @@ class ContainerdContentTests(SynchronousTestCase):
             "r.io/team/app:v1", Descriptor(oci.DOCKER_MANIFEST, self.manifest_digest, 10, {}), {}
         )
 
-    def run(self, coroutine):  # type: ignore[no-untyped-def]
+    def call(self, coroutine):  # type: ignore[no-untyped-def]
         return ensureDeferred(coroutine)
 
     def test_resolve_tag(self) -> None:
         target = self.successResultOf(
-            self.run(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1")))
+            self.call(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1")))
         )
         self.assertEqual((target.digest, target.media_type), (self.manifest_digest, oci.DOCKER_MANIFEST))
         self.failureResultOf(
-            self.run(self.store.resolve_tag(Reference("r.io", "team/app", tag="v2"))), ManifestUnknown
+            self.call(self.store.resolve_tag(Reference("r.io", "team/app", tag="v2"))), ManifestUnknown
         )
 
     def test_manifest_sniffed_or_given(self) -> None:
-        found = self.successResultOf(self.run(self.store.manifest(self.manifest_digest)))
+        found = self.successResultOf(self.call(self.store.manifest(self.manifest_digest)))
         self.assertEqual((found.media_type, found.data), (oci.OCI_MANIFEST, self.manifest))
-        given = self.successResultOf(self.run(self.store.manifest(self.manifest_digest, oci.DOCKER_MANIFEST)))
+        given = self.successResultOf(self.call(self.store.manifest(self.manifest_digest, oci.DOCKER_MANIFEST)))
         self.assertEqual(given.media_type, oci.DOCKER_MANIFEST)
 
     def test_not_a_manifest_torn_or_huge(self) -> None:
         layer = os.urandom(100)
         self.client.content[digest_of(layer)] = layer
-        self.failureResultOf(self.run(self.store.manifest(digest_of(layer))), ManifestUnknown)
+        self.failureResultOf(self.call(self.store.manifest(digest_of(layer))), ManifestUnknown)
         self.client.torn.add(self.manifest_digest)
-        self.failureResultOf(self.run(self.store.manifest(self.manifest_digest)), ManifestUnknown)
+        self.failureResultOf(self.call(self.store.manifest(self.manifest_digest)), ManifestUnknown)
         huge = b"{" + b" " * oci.MAX_MANIFEST_SIZE + b"}"
         self.client.content[digest_of(huge)] = huge
-        self.failureResultOf(self.run(self.store.manifest(digest_of(huge))), ManifestUnknown)
+        self.failureResultOf(self.call(self.store.manifest(digest_of(huge))), ManifestUnknown)
 
     def test_blob_on_disk_or_through_containerd(self) -> None:
         data = os.urandom(1000)
         d = digest_of(data)
         self.client.content[d] = data
-        found = self.successResultOf(self.run(self.store.blob(d)))
+        found = self.successResultOf(self.call(self.store.blob(d)))
         self.assertEqual((found.size, found.path), (1000, None))
         path = os.path.join(self.root, "blobs", "sha256", d.split(":")[1])
         with open(path, "wb") as f:
             f.write(data)
-        self.assertEqual(self.successResultOf(self.run(self.store.blob(d))).path, path)
-        self.failureResultOf(self.run(self.store.blob("sha256:" + "0" * 64)), BlobUnknown)
+        self.assertEqual(self.successResultOf(self.call(self.store.blob(d))).path, path)
+        self.failureResultOf(self.call(self.store.blob("sha256:" + "0" * 64)), BlobUnknown)
 
     def test_containerd_down_is_a_miss(self) -> None:
         errors = metrics.containerd_errors_total._value.get()
         self.client.down = True
         self.failureResultOf(
-            self.run(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1"))), ManifestUnknown
+            self.call(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1"))), ManifestUnknown
         )
-        self.failureResultOf(self.run(self.store.manifest(self.manifest_digest)), ManifestUnknown)
-        self.failureResultOf(self.run(self.store.blob(self.manifest_digest)), BlobUnknown)
+        self.failureResultOf(self.call(self.store.manifest(self.manifest_digest)), ManifestUnknown)
+        self.failureResultOf(self.call(self.store.blob(self.manifest_digest)), BlobUnknown)
         self.assertEqual(metrics.containerd_errors_total._value.get() - errors, 3)
