@@ -12,17 +12,20 @@ so start-up costs roughly one node's start time, not n of them.
 from __future__ import annotations
 
 import atexit
+import http.client
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
 
-from attrs import define, field
+from attrs import define, field, frozen
 
 from spegel.testing.containerd import ContainerdDaemon, short_tempdir
+from spegel.testing.images import Platform, TestImage
 from spegel.testing.node import SpegelNode, twistd_command
-from spegel.testing.process import run
+from spegel.testing.process import ProcessFailed, run
 from spegel.testing.registry import UpstreamRegistry
 
 NodeArgs = Callable[[int, "Cluster"], Sequence[str]]
@@ -48,6 +51,20 @@ def static_bootstrap(index: int, cluster: "Cluster") -> list[str]:
         # A single-node cluster: bootstrapping finds only itself, and is ready.
         peers = [cluster.nodes[index].router_addr]
     return ["--bootstrap-kind", "static", "--static-bootstrap-peers", ",".join(peers)]
+
+
+@frozen
+class Served:
+    """
+    One node's C{spegel_served_bytes_total}: bytes it served from its own containerd
+    (C{local}, to its containerd or to peers) and bytes it passed on from peers (C{peer}).
+    """
+
+    local: float
+    peer: float
+
+    def __sub__(self, other: "Served") -> "Served":
+        return Served(self.local - other.local, self.peer - other.peer)
 
 
 @define(eq=False)
@@ -205,6 +222,92 @@ class Cluster:
         started = time.monotonic()
         self.containerds[node_index].pull(ref, **kwargs)  # type: ignore[arg-type]
         return time.monotonic() - started
+
+    def mirror_through_own_nodes(self) -> None:
+        """
+        Configure every containerd to mirror through its own node, as in a real cluster.
+        """
+        for index in range(self.n_nodes):
+            self.configure_mirrors(index, [index])
+
+    def unfindable(
+        self,
+        node_index: int,
+        repo: str,
+        image: TestImage,
+        *,
+        tag: str | None = None,
+        platform: Platform | None = None,
+    ) -> list[str]:
+        """
+        Ask node C{node_index}'s registry, as its containerd would (C{HEAD}, no peer header),
+        for C{tag} and every digest of C{image} (of C{platform} only, if given).
+
+        @return: what it could not find (empty when everything is findable through it).
+        """
+        node = self.nodes[node_index]
+        ns = urllib.parse.quote(self.registry.host, safe="")
+        wanted = image.digests(platform)
+        manifests = {image.digest, *(m.digest for m in image.manifests)} & wanted
+        paths = [f"manifests/{tag}"] if tag is not None else []
+        paths += [f"manifests/{d}" for d in sorted(manifests)]
+        paths += [f"blobs/{d}" for d in sorted(wanted - manifests)]
+        missing = []
+        for path in paths:
+            try:
+                status = node.request("HEAD", f"/v2/{repo}/{path}?ns={ns}", timeout=5).status
+            except (OSError, http.client.HTTPException):
+                status = None
+            if status != 200:
+                missing.append(path)
+        return missing
+
+    def wait_findable(
+        self,
+        node_indexes: Iterable[int],
+        repo: str,
+        image: TestImage,
+        *,
+        tag: str | None = None,
+        platform: Platform | None = None,
+        timeout: float = 5.0,
+        interval: float = 0.02,
+    ) -> float:
+        """
+        Poll L{unfindable} on every node of C{node_indexes} until each finds everything.
+
+        @return: the seconds it took.
+        @raise ProcessFailed: on timeout, naming what was still missing where.
+        """
+        started = time.monotonic()
+        indexes = list(node_indexes)
+        while True:
+            missing = {i: self.unfindable(i, repo, image, tag=tag, platform=platform) for i in indexes}
+            missing = {i: paths for i, paths in missing.items() if paths}
+            if not missing:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise ProcessFailed(f"not findable after {timeout}s: {missing}")
+            indexes = list(missing)
+            time.sleep(interval)
+
+    def served(self) -> list[Served | None]:
+        """
+        Every node's L{Served} counters now; L{None} for a node that is not running.
+        """
+        result: list[Served | None] = []
+        for node in self.nodes:
+            if not node.running:
+                result.append(None)
+                continue
+            metrics = node.metrics()
+            result.append(
+                Served(
+                    metrics.total("spegel_served_bytes_total", source="local"),
+                    metrics.total("spegel_served_bytes_total", source="peer"),
+                )
+            )
+        return result
 
     def dump_logs(self, lines: int = 40) -> str:
         """

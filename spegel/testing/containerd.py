@@ -13,6 +13,7 @@ user of that containerd would see.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -236,12 +237,39 @@ class ContainerdDaemon:
 
         @return: ctr's output.
         """
+        return self.ctr(*self._pull_args(ref, platform, all_platforms), timeout=timeout)
+
+    def _pull_args(self, ref: str, platform: str | None, all_platforms: bool) -> list[str]:
         args = ["images", "pull", "--hosts-dir", self.hosts_dir, "--plain-http"]
         if platform is not None:
             args += ["--platform", platform]
         if all_platforms:
             args.append("--all-platforms")
-        return self.ctr(*args, ref, timeout=timeout)
+        return [*args, ref]
+
+    def start_pull(
+        self,
+        ref: str,
+        *,
+        platform: str | None = None,
+        all_platforms: bool = False,
+        log_path: str | None = None,
+    ) -> ManagedProcess:
+        """
+        Start the same pull as L{pull} in the background, for a test that acts while bytes flow
+        (kill the serving node, L{ManagedProcess.pause} the client).  C{ctr} itself fetches over
+        HTTP and writes into containerd, so pausing it stalls the transfer.
+
+        @return: the running C{ctr}; C{wait(timeout)} gives its exit status, C{log_text()} its
+            output (in C{log_path}, by default C{pull.log} in C{base_dir}).
+        """
+        process = ManagedProcess(
+            name=f"{self.name} pull",
+            args=[CTR, "-a", self.socket, "-n", self.namespace, *self._pull_args(ref, platform, all_platforms)],
+            log_path=log_path or os.path.join(self.base_dir, "pull.log"),
+        )
+        process.start()
+        return process
 
     def images(self) -> dict[str, str]:
         """
@@ -268,13 +296,36 @@ class ContainerdDaemon:
         """
         return {line.strip() for line in self.ctr("content", "ls", "-q").splitlines() if line.strip()}
 
+    def blob_path(self, digest: str) -> str:
+        """
+        Where containerd keeps blob C{digest} on disk.
+        """
+        algorithm, _, hexdigest = digest.partition(":")
+        return os.path.join(self.content_path, "blobs", algorithm, hexdigest)
+
     def read_content(self, digest: str) -> bytes:
         """
         The bytes of blob C{digest}, read from the content store on disk.
         """
-        algorithm, _, hexdigest = digest.partition(":")
-        with open(os.path.join(self.content_path, "blobs", algorithm, hexdigest), "rb") as f:
+        with open(self.blob_path(digest), "rb") as f:
             return f.read()
+
+    def damaged_content(self) -> dict[str, str]:
+        """
+        Every blob on disk whose bytes do not hash to its name, mapped to what they hash to.
+        containerd checks a blob only when it is written, so this is how a test proves nothing
+        wrong was ever stored (or finds what it corrupted itself).
+        """
+        damaged = {}
+        directory = os.path.join(self.content_path, "blobs", "sha256")
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            hasher = hashlib.sha256()
+            with open(os.path.join(directory, name), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+            if hasher.hexdigest() != name:
+                damaged[f"sha256:{name}"] = f"sha256:{hasher.hexdigest()}"
+        return damaged
 
     def remove_image(self, ref: str) -> None:
         """

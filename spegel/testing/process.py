@@ -238,6 +238,50 @@ class ManagedProcess:
         self._popen.wait()
         _live.pop(self._popen.pid, None)
 
+    def wait(self, timeout: float) -> int:
+        """
+        Wait for the process to exit by itself and return its exit status.
+
+        @raise ProcessFailed: when it is still running after C{timeout} seconds (it is then
+            killed, with its log tail in the message).
+        """
+        if self._popen is None:
+            raise ProcessFailed(f"{self.name} was never started")
+        try:
+            returncode = self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise ProcessFailed(f"{self.name} still running after {timeout}s:\n{self.log_tail()}")
+        # Children that outlived their leader must not outlive the test.
+        self._signal_group(signal.SIGKILL)
+        _live.pop(self._popen.pid, None)
+        return returncode
+
+    def pause(self) -> None:
+        """
+        SIGSTOP the process group: it stops reading and writing until L{resume}, so a transfer it
+        takes part in stalls (its peers block on full socket buffers) without failing.
+        """
+        if self.running:
+            self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """
+        SIGCONT the process group after L{pause}.
+        """
+        if self.running:
+            self._signal_group(signal.SIGCONT)
+
+    def log_text(self) -> str:
+        """
+        Everything the process wrote to its log so far.
+        """
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
     def log_tail(self, lines: int = 40) -> str:
         """
         The last lines of this process's log.
