@@ -375,28 +375,38 @@ class DemoTests(TestCase):
 
     def test_succeeds(self) -> None:
         """
-        The demo exits 0, reports equal digests and node 1's served bytes, and leaves no process.
+        The demo exits 0: node 1 pulls from upstream, nodes 2 and 3 get every byte from node 1
+        or each other with upstream stopped, digests are equal, and no process is left.
         """
         result = self.runDemo()
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("by tag through node 1", result.stdout)
-        self.assertIn("upstream = node 1 = node 2: yes", result.stdout)
-        served = re.search(r"node 1 served\s+([0-9.]+) MiB from its own containerd", result.stdout)
-        self.assertIsNotNone(served, result.stdout)
-        self.assertGreaterEqual(float(served.group(1)), 2.0)
+        self.assertIn("upstream = node 1 = node 2 = node 3: yes", result.stdout)
+        first = re.search(r"node 1 pulled \S+ by tag in [0-9.]+s: ([0-9.]+) MiB from upstream", result.stdout)
+        self.assertIsNotNone(first, result.stdout)
+        self.assertGreaterEqual(float(first.group(1)), 2.0)
+        for node, how in (("2", "by tag"), ("3", "by digest")):
+            pulled = re.search(
+                rf"node {node} pulled \S+ {how} in [0-9.]+s: 0\.0 MiB from upstream, [0-9.]+ MiB from its own "
+                rf"disk, ([0-9.]+) MiB from peers \(node [13]",
+                result.stdout,
+            )
+            self.assertIsNotNone(pulled, result.stdout)
+            self.assertGreaterEqual(float(pulled.group(1)), 2.0)
         self.assertTrue(result.stdout.rstrip().endswith("demo ok"))
         self.assertCleanedUp(result.stdout)
 
     def test_failsWithOneLineReason(self) -> None:
         """
-        When node 1 serves nothing (a filter refusing every repository), node 2's pull fails with
-        upstream stopped: the demo exits 1 with a one-line reason on stderr and leaves no process.
+        When the nodes serve nothing (a filter refusing every repository), node 1's image never
+        becomes findable in the cluster: the demo exits 1 with a one-line reason on stderr
+        before stopping upstream, and leaves no process.
         """
         result = self.runDemo("--node-arg=--registry-filters=.")
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertTrue(result.stderr.startswith("demo failed: "), result.stderr)
-        self.assertNotIn("through node 1 in", result.stdout)
+        self.assertIn("not findable", result.stderr)
+        self.assertNotIn("demo ok", result.stdout)
         self.assertCleanedUp(result.stdout)
 
 
