@@ -297,6 +297,53 @@ class RegistryAndContainerdTests(TestCase):
             self.registry.start()
         self.assertIn("connection refused", error.stderr)
 
+    def test_backgroundPull(self) -> None:
+        """
+        C{start_pull} runs the same pull in the background: paused, the process is stopped;
+        resumed, it completes and C{wait} gives its exit status and its output is logged.
+        """
+        image = build_image(seed="r10")
+        ref = self.registry.push_image("rig/background", "v1", image)
+        pull = self.daemon.start_pull(ref)
+        self.addCleanup(pull.kill)
+        pull.pause()
+        self.assertTrue(pull.running)
+
+        def state() -> str:
+            with open(f"/proc/{pull.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+
+        # Signals are delivered asynchronously: a stopped process shows state T soon after.
+        wait_for(lambda: state() == "T", timeout=5, what="ctr to stop")
+        pull.resume()
+        self.assertEqual(pull.wait(60), 0, pull.log_text())
+        self.assertFalse(pull.running)
+        self.assertIn(ref, pull.log_text())
+        self.assertPulled(image, ref, image.digests())
+
+    def test_damagedContent(self) -> None:
+        """
+        C{damaged_content} names a blob whose bytes on disk were changed, with what they hash
+        to now, and nothing once the bytes are put back.
+        """
+        image = build_image(seed="r11")
+        ref = self.registry.push_image("rig/damaged", "v1", image)
+        self.daemon.pull(ref)
+        self.assertEqual(self.daemon.damaged_content(), {})
+        layer = image.layers[0]
+        path = self.daemon.blob_path(layer.digest)
+        bad = b"x" + layer.read()[1:]
+        with open(path, "r+b") as f:
+            f.write(bad)
+        try:
+            self.assertEqual(
+                self.daemon.damaged_content(), {layer.digest: "sha256:" + hashlib.sha256(bad).hexdigest()}
+            )
+        finally:
+            with open(path, "r+b") as f:
+                f.write(layer.read())
+        self.assertEqual(self.daemon.damaged_content(), {})
+
 
 FAKE_NODE = [sys.executable, "-m", "spegel.testing.fakenode"]
 
