@@ -1,0 +1,302 @@
+# -*- test-case-name: tests.test_rig -*-
+"""
+Benchmark: one large blob fetched through a node that does not hold it, from the peer that does,
+against the same blob straight from docker-registry, on loopback.
+
+Run with C{.venv/bin/python benchmarks/p2p_blob.py [--size-mib 512] [--runs 5]}.  It starts a
+two-node cluster (nodes A and B bootstrap from each other), pushes an image with one layer of
+random (incompressible) bytes to a docker-registry, fetches it into B's containerd only, and waits
+until A finds it in the DHT.  A request for the blob to A is then a miss on A's own containerd: A
+looks B up, streams the blob from B (B serves it from disk with C{os.sendfile}) and hashes it on
+the way, holding the last chunk back until the digest matches.
+
+The client of L{serve_blob} (a raw socket reading into one preallocated buffer) fetches
+C{GET /v2/<repo>/blobs/<digest>?ns=<registry>} from A and C{GET /v2/<repo>/blobs/<digest>} from
+the registry: each once with the body hashed (untimed), once as a warm-up, then interleaved
+A-from-B, registry, A-from-B, registry...  It prints every run, the median throughput of each, the
+ratio (A-from-B)/registry against the target (>= 0.8), the CPU each process spent per GiB, A's
+peak memory over the timed runs (its peak is reset just before them: it must stay flat, the blob
+never passing whole through A), the bytes A passed on from peers and B served from its disk, and
+A's C{spegel_digest_mismatches_total} (must stay 0).  It exits 1 with a one-line reason when
+something fails; the rig kills every process it started.
+
+L{guarded} and L{Stopwatch} are shared by the other P2P benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+
+from attrs import frozen
+
+from serve_blob import (  # type: ignore[import-not-found]
+    CLIENTS,
+    BenchmarkFailed,
+    Client,
+    Fetch,
+    Server,
+    _fetch_into_containerd,
+    _first_line,
+    _last_line,
+    cpu_seconds,
+    fetch_with_socket,
+    memory_kib,
+)
+from spegel.testing.cluster import Cluster, static_bootstrap
+from spegel.testing.images import build_image
+from spegel.testing.node import SpegelNode
+from spegel.testing.process import CommandFailed, ProcessFailed
+
+MiB = 1 << 20
+GiB = 1 << 30
+TARGET_RATIO = 0.8
+REPO = "bench/p2p-blob"
+# A's peak resident set may grow by this much over the timed runs and still count as flat: its
+# buffers (socket, treq, the held-back chunk) are a few MiB; the blob is hundreds.
+FLAT_MEMORY_GROWTH = 64 * MiB
+FINDABLE_TIMEOUT = 10.0
+# Indexes in the cluster: A misses and asks the DHT, B holds the blob.
+A, B = 0, 1
+
+
+class Stopwatch:
+    """
+    Seconds since the benchmark started, printed before each progress line.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
+
+
+def guarded(benchmark: Callable[[], object]) -> int:
+    """
+    Run C{benchmark}, turning every expected failure into one line on stderr.
+
+    @return: the process exit status: 0, 1 on failure, 130 on Ctrl-C.
+    """
+    try:
+        benchmark()
+    except BenchmarkFailed as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    except CommandFailed as e:
+        print(f"benchmark failed: {' '.join(e.command[:6])} ... exited {e.returncode}: {_last_line(e.stderr)}",
+              file=sys.stderr)
+        return 1
+    except ProcessFailed as e:
+        print(f"benchmark failed: {_first_line(str(e))} (last log line: {_last_line(str(e))})", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("benchmark interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def reset_peak_memory(pid: int) -> None:
+    """
+    Reset process C{pid}'s C{VmHWM} to its current resident set (C{clear_refs} value 5), so the
+    peak read afterwards covers only what follows.
+    """
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        raise BenchmarkFailed(f"cannot reset the peak memory of process {pid} (needs root): {e}") from None
+
+
+@frozen
+class NodeCounters:
+    """
+    What a node's metrics say about the bytes it served.
+
+    @ivar local: bytes served from its own containerd.
+    @ivar peer: bytes passed on from peers.
+    @ivar mismatches: copies from peers whose bytes did not match their digest.
+    """
+
+    local: float
+    peer: float
+    mismatches: float
+
+    @classmethod
+    def of(cls, node: SpegelNode) -> "NodeCounters":
+        metrics = node.metrics()
+        return cls(
+            metrics.total("spegel_served_bytes_total", source="local"),
+            metrics.total("spegel_served_bytes_total", source="peer"),
+            metrics.total("spegel_digest_mismatches_total"),
+        )
+
+    def __sub__(self, other: "NodeCounters") -> "NodeCounters":
+        return NodeCounters(self.local - other.local, self.peer - other.peer, self.mismatches - other.mismatches)
+
+
+def run_benchmark(size_mib: int, runs: int, client_name: str, timeout: float) -> bool:
+    """
+    Set everything up, measure, print the report.
+
+    @return: whether A-from-B met the target ratio.
+    @raise BenchmarkFailed: when something does not work.
+    """
+    clock = Stopwatch()
+    client = CLIENTS[client_name]
+    with tempfile.TemporaryDirectory(prefix="spegel-bench-") as scratch:
+        clock.say(f"building an image with one {size_mib} MiB layer of random bytes")
+        image = build_image(seed="p2p-blob", layer_sizes=[size_mib * MiB], compress=False, directory=scratch)
+        (layer,) = image.layers
+        clock.say("starting docker-registry, two containerds and two spegel nodes (A, B) on 127.0.0.1")
+        with Cluster(2, node_args=static_bootstrap, wait_ready=True, log_level="info") as cluster:
+            registry = cluster.registry
+            node_a, node_b = cluster.nodes[A], cluster.nodes[B]
+            holder = cluster.containerds[B]
+            clock.say(f"pushing the image to docker-registry at {registry.url}")
+            ref = registry.push_image(REPO, "v1", image)
+            shutil.rmtree(scratch, ignore_errors=True)
+            clock.say(f"fetching {ref} into B's containerd only")
+            _fetch_into_containerd(holder, ref)
+            on_disk = holder.blob_path(layer.digest)
+            if not os.path.isfile(on_disk) or os.path.getsize(on_disk) != layer.size:
+                raise BenchmarkFailed(f"B's content store has no complete {layer.digest} at {on_disk}")
+            if os.path.exists(cluster.containerds[A].blob_path(layer.digest)):
+                raise BenchmarkFailed("A's containerd holds the blob: every request would be a local hit")
+            try:
+                seconds = cluster.wait_findable([A], REPO, image, timeout=FINDABLE_TIMEOUT)
+            except ProcessFailed:
+                raise BenchmarkFailed(f"A does not find B's copy in the DHT after {FINDABLE_TIMEOUT:.0f}s") from None
+            clock.say(f"A finds the image through the DHT ({seconds:.2f}s after the fetch)")
+            pids = [node_a.pid, node_b.pid, registry.pid]
+            if None in pids:
+                raise BenchmarkFailed("the rig does not know the pid of a node or the registry")
+            ns = urllib.parse.quote(registry.host, safe="")
+            through_a = Server("A-from-B", node_a.registry_port, f"/v2/{REPO}/blobs/{layer.digest}?ns={ns}",
+                               node_a.pid)  # type: ignore[arg-type]
+            direct = Server("registry", registry.port, f"/v2/{REPO}/blobs/{layer.digest}",
+                            registry.pid)  # type: ignore[arg-type]
+            return _measure(cluster, through_a, direct, layer.digest, layer.size, runs, client, client_name,
+                            timeout, clock)
+
+
+def _measure(
+    cluster: Cluster,
+    through_a: Server,
+    direct: Server,
+    digest: str,
+    size: int,
+    runs: int,
+    client: Client,
+    client_name: str,
+    timeout: float,
+    clock: Stopwatch,
+) -> bool:
+    """
+    Verify, warm up, run the interleaved timed fetches and print the report.
+    """
+    node_a, node_b = cluster.nodes[A], cluster.nodes[B]
+    servers = [through_a, direct]
+    # The push and containerd's fetch reach the disk now, not in the middle of a timed run.
+    os.sync()
+    for server in servers:
+        checked = fetch_with_socket(server, size, timeout, verify=True)
+        if checked.digest != digest:
+            raise BenchmarkFailed(f"{server.name} served bytes hashing to {checked.digest}, not {digest}")
+        clock.say(f"{server.name}: served {size} bytes with the right sha256 (checked, untimed)")
+    for server in servers:
+        client(server, size, timeout)
+    clock.say(f"warm-up done; {runs} timed runs each with the {client_name} client, interleaved")
+
+    a_before, b_before = NodeCounters.of(node_a), NodeCounters.of(node_b)
+    reset_peak_memory(through_a.pid)
+    memory_before = memory_kib(through_a.pid)
+    processes = {"A": node_a.pid, "B": node_b.pid, "registry": direct.pid}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}  # type: ignore[arg-type]
+    results: dict[str, list[Fetch]] = {s.name: [] for s in servers}
+    for run in range(1, runs + 1):
+        for server in servers:
+            fetch = client(server, size, timeout)
+            results[server.name].append(fetch)
+            print(
+                f"  run {run}  {server.name:<8}  {fetch.mib_per_second:8.1f} MiB/s  ({fetch.seconds:.3f} s)",
+                flush=True,
+            )
+    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in processes.items()}  # type: ignore[arg-type]
+    memory_after = memory_kib(through_a.pid)
+    a_used, b_used = NodeCounters.of(node_a) - a_before, NodeCounters.of(node_b) - b_before
+
+    served = runs * size
+    # Everything A sent must have come from B (not from A's own disk), and A must never have had
+    # to throw a copy away: with verification always on, a mismatch would mean wrong bytes on B.
+    if a_used.mismatches:
+        raise BenchmarkFailed(f"A counted {a_used.mismatches:.0f} digest mismatches on copies from B")
+    if a_used.peer < served or a_used.local:
+        raise BenchmarkFailed(
+            f"A passed on {a_used.peer:.0f} bytes from peers and {a_used.local:.0f} from its own disk; "
+            f"{served} were fetched through it"
+        )
+    if b_used.local < served:
+        raise BenchmarkFailed(f"B served {b_used.local:.0f} bytes from its disk, {served} were fetched through A")
+
+    medians = {name: statistics.median(f.mib_per_second for f in fetches) for name, fetches in results.items()}
+    ratio = medians[through_a.name] / medians[direct.name]
+    served_gib = served / GiB
+    print()
+    print(f"blob           {digest} ({size / MiB:.1f} MiB, random bytes), held by B only")
+    print(f"client         {client_name}; {runs} runs each, interleaved, after one checked fetch and one warm-up each")
+    for server in servers:
+        speeds = sorted(f.mib_per_second for f in results[server.name])
+        print(f"{server.name:<14} median {medians[server.name]:8.1f} MiB/s  (min {speeds[0]:.1f}, max {speeds[-1]:.1f})")
+    print(
+        f"CPU per GiB    A {cpu_used['A'] / served_gib:.2f} s + B {cpu_used['B'] / served_gib:.2f} s "
+        f"(the P2P path), registry {cpu_used['registry'] / served_gib:.2f} s"
+    )
+    growth = memory_after["VmHWM"] - memory_before["VmRSS"]
+    flat = growth * 1024 <= FLAT_MEMORY_GROWTH
+    print(
+        f"A memory       VmRSS {memory_before['VmRSS'] / 1024:.1f} MiB before the runs, peak (VmHWM) "
+        f"{memory_after['VmHWM'] / 1024:.1f} MiB during them, {growth / 1024:+.1f} MiB "
+        f"(the blob is {size / MiB:.0f} MiB): {'flat' if flat else 'NOT flat'}"
+    )
+    print(
+        f"bytes          A passed on {a_used.peer / MiB:.0f} MiB from peers; B served {b_used.local / MiB:.0f} MiB "
+        f"from its disk; A's spegel_digest_mismatches_total +{a_used.mismatches:.0f} "
+        f"(total {NodeCounters.of(node_a).mismatches:.0f})"
+    )
+    met = ratio >= TARGET_RATIO
+    verdict = "target met" if met else "BELOW target"
+    print(f"ratio          (A-from-B)/registry = {ratio:.2f} (target >= {TARGET_RATIO:.1f}): {verdict}")
+    return met
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/p2p_blob.py", description=(__doc__ or "").strip().splitlines()[0]
+    )
+    parser.add_argument("--size-mib", type=int, default=512, help="layer payload in MiB (default 512)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per path (default 5)")
+    parser.add_argument(
+        "--client", choices=sorted(CLIENTS), default="socket",
+        help="what fetches the blob: a raw socket with recv_into (default) or curl -o /dev/null",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for one fetch (default 120)")
+    args = parser.parse_args(argv)
+    if args.size_mib < 5 or args.runs < 1 or args.timeout <= 0:
+        # 4 MiB and less take the spooled path, not the streamed one this measures.
+        parser.error("--size-mib must be at least 5, --runs at least 1, --timeout positive")
+    return guarded(lambda: run_benchmark(args.size_mib, args.runs, args.client, args.timeout))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
