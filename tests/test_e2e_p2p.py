@@ -260,7 +260,7 @@ class KilledPeerTests(_OwnClusterTestCase):
         """
         Nodes 0 and 1 hold an image with one large layer; node 2 pulls it with upstream stopped.
         Whichever holder starts sending the layer is SIGKILLed while its bytes flow (the client
-        is paused meanwhile, so the copy cannot finish first): node 2's node resumes the copy on
+        runs in short bursts, so the copy cannot finish first): node 2's node resumes the copy on
         the other holder with a Range request and the pull completes, byte for byte.
         """
         cluster = self.cluster
@@ -283,20 +283,21 @@ class KilledPeerTests(_OwnClusterTestCase):
                 start = cluster.served()
                 pull = cluster.containerds[2].start_pull(ref)
                 self.addCleanup(pull.kill)
+                # ctr runs in short bursts, paused while the holders' counters are read: a
+                # poll on this busy machine can take longer than the whole copy, but a paused
+                # client lets only socket buffers' worth of bytes through.
                 victim = None
                 deadline = time.monotonic() + 30
                 while victim is None and pull.running and time.monotonic() < deadline:
-                    now = cluster.served()
-                    moved = {i: now[i].local - start[i].local for i in (0, 1)}
+                    pull.resume()
+                    time.sleep(0.05)
+                    pull.pause()
+                    moved = {i: _localBytes(cluster, i) - start[i].local for i in (0, 1)}
                     index = max(moved, key=moved.__getitem__)
                     if moved[index] > MiB:
-                        victim = index
-                        pull.pause()
-                        sentBeforeKill = cluster.nodes[index].metrics().total(
-                            "spegel_served_bytes_total", source="local"
-                        ) - start[index].local
+                        victim, sentBeforeKill = index, moved[index]
                         cluster.nodes[index].kill()
-                        pull.resume()
+                pull.resume()
                 self.assertIsNotNone(victim, "no holder's counter moved before the pull ended:\n" + pull.log_text())
                 self.assertLess(sentBeforeKill, layer.size)
                 self.assertEqual(pull.wait(60), 0, pull.log_text())
@@ -385,6 +386,10 @@ class CorruptPeerTests(_OwnClusterTestCase):
         response = self.cluster.nodes[2].request("GET", f"/v2/p2p/corrupt/blobs/{digest}?ns={ns}")
         self.assertEqual(response.status, 404, response.body[:200])
         return _mismatches(self.cluster, 2) > 0
+
+
+def _localBytes(cluster: Cluster, index: int) -> float:
+    return cluster.nodes[index].metrics().total("spegel_served_bytes_total", source="local")
 
 
 def _mismatches(cluster: Cluster, index: int) -> float:

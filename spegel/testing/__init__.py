@@ -16,6 +16,17 @@ scripts alike::
         cluster.pull(1, ref)                          # served by node 0
         cluster.nodes[0].metrics().total("spegel_served_bytes_total", source="local")
 
+    with Cluster(3, node_args=static_bootstrap, wait_ready=True) as cluster:   # a real cluster
+        cluster.mirror_through_own_nodes()            # each containerd tries its own node first
+        ref = cluster.registry.push_image("app", "v1", image)
+        cluster.pull(0, ref)                          # a miss: containerd falls back upstream
+        cluster.wait_findable([1, 2], "app", image, tag="v1")   # advertised in the DHT
+        cluster.registry.stop()
+        before = cluster.served()                     # every node's bytes served, local / peer
+        pull = cluster.containerds[1].start_pull(ref) # in the background: pause(), resume(), wait()
+        ...
+        cluster.containerds[1].damaged_content()      # blobs whose bytes do not match their name
+
 Modules: L{ports} (free loopback ports), L{process} (process groups, log files, clean-up),
 L{containerd} (L{ContainerdDaemon}), L{registry} (L{UpstreamRegistry}), L{images} (test images),
 L{node} (L{SpegelNode}), L{cluster} (L{Cluster}), L{shared} (module-wide fixtures for trial),
