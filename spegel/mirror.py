@@ -19,6 +19,7 @@ A peer that sends wrong bytes, or fails, is put aside for a while.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections import deque
 from typing import Any, Callable, Protocol as TypingProtocol
@@ -29,6 +30,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -141,9 +143,10 @@ class _ProviderQueue:
     L{next} waits for the next one; it fires L{None} when the lookup has ended and none is left.
     """
 
-    def __init__(self, put_aside: PutAside):
+    def __init__(self, put_aside: PutAside, pick: Callable[[int], int]):
         self._put_aside = put_aside
-        self._ready: deque[Provider] = deque()
+        self._pick = pick
+        self._ready: list[Provider] = []
         self._seen: set[tuple[str, int]] = set()
         self._waiting: list[Deferred[Provider | None]] = []
         self.finished = False
@@ -172,7 +175,8 @@ class _ProviderQueue:
 
     def next(self) -> Deferred[Provider | None]:
         if self._ready:
-            return succeed(self._ready.popleft())
+            # Of the providers at hand, any one: holders of popular content share the load.
+            return succeed(self._ready.pop(self._pick(len(self._ready))))
         if self.finished:
             return succeed(None)
         d: Deferred[Provider | None] = Deferred(self._forget)
@@ -222,6 +226,7 @@ class Mirror:
         stream (a spool would delay their first byte), their last chunk held back until the
         digest matches.
     @param spool_dir: where those spools live (unlinked files), L{None} for the system default.
+    @param pick: chooses among C{n} providers at hand (an index); random by default.
     """
 
     _log = Logger()
@@ -239,6 +244,7 @@ class Mirror:
         latency: LatencyTracker | None = None,
         spool_max: int = 4 * 1024 * 1024,
         spool_dir: str | None = None,
+        pick: Callable[[int], int] = random.randrange,
     ):
         self._clock = clock
         self._router = router
@@ -249,6 +255,7 @@ class Mirror:
         self.put_aside = put_aside or PutAside(clock)
         self.latency = latency or LatencyTracker()
         self._spool_max = spool_max
+        self._pick = pick
         self._spool_dir = spool_dir
 
     # The registry's seam ------------------------------------------------------------------
@@ -368,7 +375,7 @@ class Mirror:
         """
         Start a lookup of C{key}; wait (at most the resolve timeout) for its first provider.
         """
-        queue = _ProviderQueue(self.put_aside)
+        queue = _ProviderQueue(self.put_aside, self._pick)
         started = self._clock.seconds()
         lookup = self._router.find_providers(key, on_provider=queue.add, limit=max(self._retries * 2, 5))
         lookup.addBoth(lambda _: queue.finish())
@@ -385,6 +392,9 @@ class Mirror:
             if timer.active():
                 timer.cancel()
         metrics.resolve_duration_seconds.labels("dht").observe(self._clock.seconds() - started)
+        # The first provider usually arrives with others in the same reply: let them all land
+        # before choosing, or the first one listed would always be asked.
+        await deferLater(self._clock, 0)
         return queue
 
     async def _first_response(

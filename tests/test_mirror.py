@@ -39,7 +39,13 @@ def provider(n: int) -> Provider:
 
 
 class FakeRouter:
-    def __init__(self) -> None:
+    """
+    A DHT whose lookups the test drives; announcing providers also lets the clock's zero-delay
+    calls run, as a reactor turn would.
+    """
+
+    def __init__(self, clock: task.Clock) -> None:
+        self.clock = clock
         self.lookups: list[tuple[str, Callable[[Provider], None], Deferred[list[Provider]]]] = []
 
     def find_providers(self, key: str, *, on_provider=None, limit=20):  # type: ignore[no-untyped-def]
@@ -53,6 +59,7 @@ class FakeRouter:
             on_provider(p)
         if end and not d.called:
             d.callback(list(providers))
+        self.clock.advance(0)
 
 
 class BodyTransport:
@@ -153,13 +160,13 @@ class MirrorTestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.router = FakeRouter()
+        self.router = FakeRouter(self.clock)
         self.http = FakeHTTP()
         self.latency = LatencyTracker(initial=0.05)
         self.mirror = Mirror(
             self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
             idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
-            spool_dir=self.mktemp(),
+            spool_dir=self.mktemp(), pick=lambda n: 0,
         )
         os.makedirs(self.mirror._spool_dir)
         self.data = os.urandom(100_000)
@@ -378,6 +385,14 @@ class SpoolTests(MirrorTestCase):
 
 
 class HedgingTests(MirrorTestCase):
+    def test_load_spreads_over_holders(self) -> None:
+        picks: list[int] = []
+        self.mirror._pick = lambda n: picks.append(n) or n - 1
+        self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), provider(3))
+        self.assertIn("127.0.0.3:5003", self.http.requests[0][1])
+        self.assertEqual(picks, [3])
+
     def test_slow_peer_gets_a_hedge(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
@@ -482,7 +497,7 @@ class ThroughTreqTests(SynchronousTestCase):
         manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
         peer_content.add_manifest(REGISTRY, "team/app", "v1", manifest)
         peer = RegistryResource(clock, peer_content, RegistryFilter())
-        router = FakeRouter()
+        router = FakeRouter(clock)
         mirror = Mirror(clock, router, StubTreq(peer.resource()))
         local = RegistryResource(clock, MemoryContent(self.mktemp()), RegistryFilter(), mirror=mirror)
         client = StubTreq(local.resource())
