@@ -9,6 +9,7 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import gatherResults
+from twisted.internet.task import deferLater
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.service import DHTService
@@ -37,6 +38,34 @@ async def start_nodes(reactor: Any, n: int, config: RouterConfig = BASE) -> list
     await gatherResults([s.bootstrapping.when_joined() for s in services if s.bootstrapping])
     await gatherResults([s.node.find_node(s.node_id) for s in services])
     return services
+
+
+def busy(services: list[DHTService]) -> bool:
+    """
+    Whether any node is announcing, about to announce, or waiting for a reply.
+    """
+    return any(
+        s._unannounced or s._announce_call or s._announcing or s.node.protocol.pending
+        for s in services
+    )
+
+
+async def settle(reactor: Any, services: list[DHTService], quiet: float = 0.05) -> float:
+    """
+    Wait until the cluster has been idle (see L{busy}) for C{quiet} seconds, so background
+    work (announcements of the set-up keys, their lookups) does not run during, and get
+    counted in, the measurements that follow.  Returns the seconds waited.
+    """
+    started = now()
+    idle_since: float | None = None
+    while True:
+        if busy(services):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now()
+        elif now() - idle_since >= quiet:
+            return now() - started
+        await deferLater(reactor, 0.005, lambda: None)
 
 
 async def stop_nodes(services: list[DHTService]) -> None:
