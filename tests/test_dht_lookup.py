@@ -120,3 +120,66 @@ class LookupTests(SynchronousTestCase):
         self.net.answer(node(1))
         self.successResultOf(d)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class SatisfiedLookupTests(SynchronousTestCase):
+    """
+    A lookup whose caller is satisfied ends once the C{beta} closest live contacts answered.
+    """
+
+    def setUp(self) -> None:
+        self.net = ScriptedNetwork()
+        self.enough = False
+        self.lookup = IterativeLookup(
+            TARGET, k=5, alpha=2, query=self.net.query, satisfied=lambda: self.enough, beta=2
+        )
+
+    def test_unsatisfied_walks_to_the_k_closest(self) -> None:
+        d = self.lookup.start([node(1), node(2), node(3), node(4)])
+        self.net.answer(node(1))
+        self.net.answer(node(2))
+        self.assertNoResult(d)
+        self.assertEqual(sorted(self.net.in_flight(), key=lambda c: c.port), [node(3), node(4)])
+        self.net.answer(node(3))
+        self.net.answer(node(4))
+        result = self.successResultOf(d)
+        self.assertFalse(result.stopped_early)
+        self.assertEqual(len(result.closest), 4)
+
+    def test_satisfied_ends_once_the_beta_closest_answered(self) -> None:
+        d = self.lookup.start([node(10), node(20), node(30), node(40)])
+        self.enough = True
+        # node(10) points at a closer node: it must be asked before the lookup may end.
+        self.net.answer(node(10), node(1))
+        self.assertNoResult(d)
+        self.assertIn(node(1), self.net.in_flight())
+        self.net.answer(node(1))
+        # node(1) and node(10), the two closest, answered; node(20) is still in flight.
+        result = self.successResultOf(d)
+        self.assertTrue(result.stopped_early)
+        self.assertEqual(result.closest, (node(1), node(10)))
+        self.assertIn(node(20), self.net.cancelled)
+        self.assertNotIn(node(40), self.net.asked)
+
+    def test_failed_contacts_do_not_count_among_the_closest(self) -> None:
+        d = self.lookup.start([node(1), node(2), node(3)])
+        self.enough = True
+        self.net.answer(node(2))
+        self.net.time_out(node(1))
+        self.net.time_out(node(1))
+        self.assertNoResult(d)
+        # node(1) failed: the two closest live contacts are node(2) and node(3).
+        self.net.answer(node(3))
+        self.assertTrue(self.successResultOf(d).stopped_early)
+
+    def test_errors_in_satisfied_are_contained(self) -> None:
+        def explode() -> bool:
+            raise RuntimeError("bug")
+
+        lookup = IterativeLookup(TARGET, 3, 2, self.net.query, satisfied=explode, beta=1)
+        d = lookup.start([node(1), node(2)])
+        self.net.answer(node(1))
+        self.assertNoResult(d)
+        self.net.answer(node(2))
+        self.assertFalse(self.successResultOf(d).stopped_early)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)

@@ -187,3 +187,61 @@ class NetworkTests(SynchronousTestCase):
         average = sum(estimates) / len(estimates)
         self.assertGreater(average, 10)
         self.assertLess(average, 120)
+
+
+class ProviderLookupEndTests(SynchronousTestCase):
+    """
+    A provider lookup that found providers ends once the beta closest nodes answered; one
+    that found none still asks the k closest.
+    """
+
+    def setUp(self) -> None:
+        self.rng = random.Random(8)
+        self.clock = SimulatedClock()
+        self.network = MemoryNetwork(self.clock, latency=0.001)
+        config = RouterConfig(k=12, alpha=3, beta=3, rpc_timeout=0.5)
+        self.nodes = []
+        for i in range(60):
+            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes)
+            self.network.reactor(f"10.0.1.{i + 1}").listenUDP(5001, node.protocol)
+            self.nodes.append(node)
+        for node in self.nodes[1:]:
+            node.join([("10.0.1.1", 5001)])
+            self.clock.advance(1)
+        for node in self.nodes:
+            node.refresh()
+        self.clock.advance(5)
+        self.finder = self.nodes[11]
+
+    def lookup(self, key: bytes) -> tuple[list[Provider], list[KademliaNode]]:
+        """
+        Run C{finder.find_providers(key)}; return its providers and the nodes it asked,
+        nearest to C{key} first.
+        """
+        before = {n.node_id: n.protocol.received["GET_PROVIDERS"] for n in self.nodes}
+        d = self.finder.find_providers(key)
+        self.clock.advance(5)
+        providers = self.successResultOf(d)
+        asked = [n for n in self.nodes if n.protocol.received["GET_PROVIDERS"] > before[n.node_id]]
+        return providers, sorted(asked, key=lambda n: distance(n.node_id, key))
+
+    def closest(self, key: bytes) -> list[KademliaNode]:
+        others = [n for n in self.nodes if n is not self.finder]
+        return sorted(others, key=lambda n: distance(n.node_id, key))
+
+    def test_found_ends_at_the_beta_closest(self) -> None:
+        announcer = self.nodes[2]
+        key = self.rng.randbytes(32)
+        announcer.announce([key])
+        self.clock.advance(5)
+        providers, asked = self.lookup(key)
+        self.assertEqual([p.node_id for p in providers], [announcer.node_id])
+        # The three closest answered, and the lookup ended well before the k (12) closest.
+        self.assertEqual(asked[:3], self.closest(key)[:3])
+        self.assertLess(len(asked), 12)
+
+    def test_miss_asks_the_k_closest(self) -> None:
+        key = self.rng.randbytes(32)
+        providers, asked = self.lookup(key)
+        self.assertEqual(providers, [])
+        self.assertEqual(asked[:12], self.closest(key)[:12])

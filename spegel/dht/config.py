@@ -42,6 +42,8 @@ class RouterConfig:
     @ivar rpc_timeout: how long a request waits for its reply.
     @ivar refresh_interval: a k-bucket untouched for this long is refreshed by a lookup.
     @ivar provider_cache_ttl: how long found providers are cached by C{find_providers}.
+    @ivar beta: a provider lookup that found providers ends once this many of the closest
+        nodes it has seen have answered (go-libp2p-kad-dht's "resiliency").
     @ivar max_failures: consecutive unanswered requests after which a contact is dropped.
     @ivar announce_window: ADD_PROVIDER requests in flight at once during an announcement.
     """
@@ -62,6 +64,7 @@ class RouterConfig:
     advertise_host: str | None = None
     k: int = field(default=20, validator=_positive)
     alpha: int = field(default=3, validator=_positive)
+    beta: int = field(default=3, validator=_positive)
     provider_ttl: float = field(default=19 * 60.0, validator=_positive)
     republish_interval: float = field(default=15 * 60.0, validator=_positive)
     announce_delay: float = field(default=0.05, validator=_positive)

@@ -5,8 +5,16 @@ alpha of them at a time, each reply bringing closer contacts.
 
 The lookup keeps every contact it has heard of, sorted by distance to the target.  It always
 has up to alpha requests in flight among the k closest contacts not known to have failed, and
-ends when those k closest have all answered (or nobody is left to ask).  A provider lookup is
-the same walk with GET_PROVIDERS, and may stop early once it has found enough providers.
+sends the next request as soon as any reply arrives (no lock-step rounds).  It ends when those
+k closest have all answered (or nobody is left to ask).  A provider lookup is the same walk
+with GET_PROVIDERS, and may stop early in two ways:
+
+ - once it has found as many providers as it wants (C{on_reply} says so);
+ - once it has found I{some} providers (C{satisfied} says so) and the C{beta} closest live
+   contacts seen so far have all answered.  This is go-libp2p-kad-dht's lookup termination
+   (its "resiliency", beta = 3): records are stored at the k closest nodes, so the nearest
+   few that answered hold what the others would say.  Without any provider found the lookup
+   still walks to the k closest, so a miss stays as thorough as before.
 
 Each contact remembers its hop count: 1 for contacts from our own routing table, and one more
 than the contact that told us about it otherwise.  The hop count of a lookup (the longest
@@ -54,7 +62,8 @@ class LookupResult:
     @ivar closest: the (at most k) closest nodes that answered, nearest first.
     @ivar hops: the longest referral chain among them.
     @ivar queried: how many requests the lookup sent.
-    @ivar stopped_early: whether the C{on_reply} callback ended the lookup.
+    @ivar stopped_early: whether the lookup ended before the k closest had all answered
+        (C{on_reply} asked it to, or it was satisfied once the C{beta} closest had answered).
     """
 
     closest: tuple[Contact, ...]
@@ -72,6 +81,9 @@ class IterativeLookup:
     @ivar query: sends the lookup's request to a contact; fires with the reply.
     @ivar on_reply: sees each reply; returns C{True} to end the lookup early.
     @ivar on_failure: told about each contact that did not answer (routing upkeep).
+    @ivar satisfied: whether the caller already has what it came for; from then on the lookup
+        ends as soon as the C{beta} closest live contacts have answered.
+    @ivar beta: see C{satisfied}.
     @ivar exclude: ids never queried (our own).
     @ivar attempts: requests sent to a silent contact before it counts as failed: one lost
         datagram should not hide the node closest to the target.
@@ -83,6 +95,8 @@ class IterativeLookup:
     query: Callable[[Contact], Deferred[Message]]
     on_reply: Callable[[Contact, Message], bool] = lambda contact, message: False
     on_failure: Callable[[Contact], None] = lambda contact: None
+    satisfied: Callable[[], bool] = lambda: False
+    beta: int = 3
     exclude: frozenset[bytes] = frozenset()
     attempts: int = 2
     _target_int: int = field(init=False)
@@ -125,6 +139,9 @@ class IterativeLookup:
         if self._finished:
             return
         window = self._window()
+        if self._settled(window):
+            self._finish(stopped_early=True)
+            return
         in_flight = sum(1 for c in window if c.state is _State.IN_FLIGHT)
         for candidate in window:
             if in_flight >= self.alpha:
@@ -136,6 +153,18 @@ class IterativeLookup:
                     return
         if in_flight == 0 and all(c.state is _State.ANSWERED for c in self._window()):
             self._finish(stopped_early=False)
+
+    def _settled(self, window: list[_Candidate]) -> bool:
+        # Checked before asking anyone new: a reply that satisfies the caller should not
+        # trigger requests that would be cancelled a moment later.
+        nearest = window[: self.beta]
+        if not nearest or any(c.state is not _State.ANSWERED for c in nearest):
+            return False
+        try:
+            return bool(self.satisfied())
+        except Exception:
+            log.failure("Error in a lookup's satisfied callback")
+            return False
 
     def _send(self, candidate: _Candidate) -> None:
         candidate.state = _State.IN_FLIGHT

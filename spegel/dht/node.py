@@ -175,6 +175,7 @@ class KademliaNode:
         request: wire.Body,
         on_reply: Callable[[Contact, Message], bool] = lambda c, m: False,
         seeds: Iterable[Contact] | None = None,
+        satisfied: Callable[[], bool] = lambda: False,
     ) -> Deferred[LookupResult]:
         self.routing.touch(target)
         lookup = IterativeLookup(
@@ -184,6 +185,8 @@ class KademliaNode:
             query=lambda contact: self.protocol.request(contact.address, request),
             on_reply=on_reply,
             on_failure=lambda contact: self.routing.failed(contact.node_id),
+            satisfied=satisfied,
+            beta=self.config.beta,
             exclude=frozenset({self.node_id}),
         )
         return lookup.start(self.routing.closest(target, self.k) if seeds is None else seeds)
@@ -205,8 +208,10 @@ class KademliaNode:
     ) -> Deferred[list[Provider]]:
         """
         Iterative GET_PROVIDERS for the key id C{key}: up to C{limit} providers, never this
-        node.  C{on_provider} sees each one as soon as it is found; the lookup stops once
-        C{limit} are found, else when the k closest nodes to the key have all answered.
+        node.  C{on_provider} sees each one as soon as it is found.  The lookup stops once
+        C{limit} are found; else, once at least one is found and the C{beta} closest nodes
+        seen have all answered (see L{spegel.dht.lookup}); else when the k closest have all
+        answered.
         """
         found: dict[bytes, Provider] = {}
 
@@ -233,7 +238,7 @@ class KademliaNode:
             return isinstance(body, wire.Providers) and take(body.providers)
 
         started = self.clock.seconds()
-        d = self._lookup(key, wire.GetProviders(key), on_reply)
+        d = self._lookup(key, wire.GetProviders(key), on_reply, satisfied=lambda: bool(found))
         d.addBoth(self._observe_lookup, "get_providers", started)
         return d.addCallback(lambda result: list(found.values()))
 
