@@ -5,7 +5,8 @@ nodes on loopback UDP (one process, one reactor).
     .venv/bin/python benchmarks/dht_lookup.py --nodes 20 100
 
 Prints, per cluster size: p50/p99 of provider lookups (time to the first provider, which is
-what the mirror's hedged proxy waits for, and time to the end of the lookup), and the time
+what the mirror's hedged proxy waits for, and time to the end of the lookup), of lookups for
+keys nobody provides (they ask the key's k closest nodes before giving up), and the time
 from C{provide()} on one node until the key's k closest nodes acknowledged its record (then
 checked: every other node finds it).
 """
@@ -58,6 +59,15 @@ async def measure(reactor, n: int, keys: int, lookups: int, rng: random.Random) 
             else:
                 misses += 1
 
+        # Keys nobody provides: such a lookup still walks until the k closest answered.
+        miss_times: list[float] = []
+        for _ in range(max(1, lookups // 5)):
+            asker = rng.choice(services)
+            started = now()
+            providers = await asker.find_providers(f"sha256:{rng.getrandbits(256):064x}")
+            miss_times.append(now() - started)
+            assert not providers
+
         # A new key: time from provide() until its records are acknowledged by the key's k
         # closest nodes (from then on any lookup ends there), then every other node checks.
         visibility: list[float] = []
@@ -80,6 +90,8 @@ async def measure(reactor, n: int, keys: int, lookups: int, rng: random.Random) 
             "full_p50": percentile(full_times, 0.5),
             "full_p99": percentile(full_times, 0.99),
             "misses": misses,
+            "absent_p50": percentile(miss_times, 0.5),
+            "absent_p99": percentile(miss_times, 0.99),
             "visible_max": max(visibility),
             "visible_p50": percentile(visibility, 0.5),
             "found_everywhere": found_everywhere,
@@ -95,13 +107,17 @@ async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def
     parser.add_argument("--lookups", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
     options = parser.parse_args(argv)
-    print("nodes  first-provider p50/p99 ms  whole lookup p50/p99 ms  misses  new key announced p50/max ms  then found by all")
+    print(
+        "nodes  first-provider p50/p99 ms  whole lookup p50/p99 ms  misses"
+        "  absent key p50/p99 ms  new key announced p50/max ms  then found by all"
+    )
     for n in options.nodes:
         r = await measure(reactor, n, options.keys, options.lookups, random.Random(options.seed))
         print(
             f"{n:5d}  {r['first_p50'] * 1e3:9.2f} / {r['first_p99'] * 1e3:7.2f}"
             f"        {r['full_p50'] * 1e3:9.2f} / {r['full_p99'] * 1e3:7.2f}"
-            f"   {r['misses']:5d}   {r['visible_p50'] * 1e3:9.1f} / {r['visible_max'] * 1e3:7.1f}"
+            f"   {r['misses']:5d}   {r['absent_p50'] * 1e3:8.2f} / {r['absent_p99'] * 1e3:7.2f}"
+            f"    {r['visible_p50'] * 1e3:9.1f} / {r['visible_max'] * 1e3:7.1f}"
             f"     {r['found_everywhere']}/5",
             flush=True,
         )
