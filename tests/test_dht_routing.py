@@ -108,6 +108,24 @@ class RoutingTableTests(SynchronousTestCase):
         self.assertEqual(best[0].node_id, target)
         self.assertNotIn(target, [c.node_id for c in self.table.closest(target, 4, exclude=[target])])
 
+    def test_closest_after_evictions_and_replacements(self) -> None:
+        # Full buckets, with replacement caches, then evictions that promote replacements:
+        # closest() must agree with a brute-force sort of what the table now holds.
+        for i in range(3):
+            for j in range(12):
+                self.table.observe(in_bucket(i, j))
+        for j in range(0, 12, 2):
+            self.table.evict(in_bucket(1, j).node_id)
+        held = list(self.table)
+        self.assertNotIn(in_bucket(1, 0), held)
+        for target in (in_bucket(1, 3).node_id, in_bucket(0, 7).node_id, bytes(32)):
+            exclude = [held[0].node_id]
+            expected = sorted(
+                (c for c in held if c.node_id not in exclude),
+                key=lambda c: distance(c.node_id, target),
+            )[:5]
+            self.assertEqual(self.table.closest(target, 5, exclude=exclude), expected)
+
     def test_stale_buckets(self) -> None:
         self.table.observe(in_bucket(4, 1))
         self.assertEqual(self.table.stale_buckets(60), [])

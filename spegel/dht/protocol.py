@@ -26,6 +26,11 @@ from spegel.dht.wire import Body, Kind, MalformedDatagram, Message, OversizedMes
 
 Address = tuple[str, int]
 
+# Each datagram is counted; labels() takes a lock and hashes its arguments every call, so
+# the per-kind children are looked up once.
+_SENT = {kind: metrics.DATAGRAMS_SENT.labels(kind.name) for kind in Kind}
+_RECEIVED = {kind: metrics.DATAGRAMS_RECEIVED.labels(kind.name) for kind in Kind}
+
 REPLY_KIND = {
     Kind.PING: Kind.PONG,
     Kind.FIND_NODE: Kind.NODES,
@@ -166,9 +171,8 @@ class DHTProtocol(DatagramProtocol):
         if self.transport is None:
             raise OSError("not listening")
         self.transport.write(data, address)
-        kind = message.kind.name
-        self.sent[kind] += 1
-        metrics.DATAGRAMS_SENT.labels(kind).inc()
+        self.sent[message.kind.name] += 1
+        _SENT[message.kind].inc()
 
     def _encode(self, message: Message) -> bytes:
         body = message.body
@@ -239,7 +243,7 @@ class DHTProtocol(DatagramProtocol):
 
     def _count_received(self, message: Message) -> None:
         self.received[message.kind.name] += 1
-        metrics.DATAGRAMS_RECEIVED.labels(message.kind.name).inc()
+        _RECEIVED[message.kind].inc()
 
     def _reply(self, request: Message, address: Address) -> None:
         try:

@@ -56,6 +56,9 @@ class RoutingTable:
     _size: int = field(init=False, default=0)
     # Every contact of every bucket, for iteration without visiting 256 buckets.
     _all: dict[bytes, Contact] = field(init=False, factory=dict)
+    # The same ids as integers: closest() runs for every FIND_NODE and GET_PROVIDERS
+    # answered, and converting each id on every call was most of its cost.
+    _id_ints: dict[bytes, int] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         start = self.now()
@@ -108,7 +111,7 @@ class RoutingTable:
             return None
         if len(bucket.contacts) < self.k:
             bucket.contacts[contact.node_id] = contact
-            self._all[contact.node_id] = contact
+            self._remember(contact)
             bucket.replacements.pop(contact.node_id, None)
             self._resize(+1)
             return None
@@ -134,11 +137,12 @@ class RoutingTable:
             bucket.replacements.pop(node_id, None)
             return
         del self._all[node_id]
+        del self._id_ints[node_id]
         self._resize(-1)
         if bucket.replacements:
             _, replacement = bucket.replacements.popitem(last=True)
             bucket.contacts[replacement.node_id] = replacement
-            self._all[replacement.node_id] = replacement
+            self._remember(replacement)
             self._resize(+1)
 
     def failed(self, node_id: bytes) -> None:
@@ -160,11 +164,16 @@ class RoutingTable:
         """
         excluded = set(exclude)
         target_int = int.from_bytes(target, "big")
-        return heapq.nsmallest(
-            count,
-            (c for c in self._all.values() if c.node_id not in excluded),
-            key=lambda c: int.from_bytes(c.node_id, "big") ^ target_int,
+        nearest = heapq.nsmallest(
+            count + len(excluded),
+            self._id_ints.items(),
+            key=lambda item: item[1] ^ target_int,
         )
+        return [self._all[node_id] for node_id, _ in nearest if node_id not in excluded][:count]
+
+    def _remember(self, contact: Contact) -> None:
+        self._all[contact.node_id] = contact
+        self._id_ints[contact.node_id] = int.from_bytes(contact.node_id, "big")
 
     def touch(self, target: bytes) -> None:
         """
