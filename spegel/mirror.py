@@ -413,13 +413,15 @@ class Mirror:
         """
         result: Deferred[_Upstream | None] = Deferred()
         pending: dict[Deferred[Any], Provider] = {}
-        state: dict[str, Any] = {"hedge": None, "waiting": None}
+        state: dict[str, Any] = {"hedge": None, "waiting": None, "settled": False}
 
         def settle(value: _Upstream | None) -> None:
-            if result.called:
+            if state["settled"]:
                 if value is not None:
                     _discard(value.response)
                 return
+            # Cancelling the losers below fails them at once: they must not settle again.
+            state["settled"] = True
             hedge = state["hedge"]
             if hedge is not None and hedge.active():
                 hedge.cancel()
@@ -479,7 +481,9 @@ class Mirror:
 
             def failed(failure: Failure) -> None:
                 pending.pop(d, None)
-                if failure.check(CancelledError):
+                # A cancelled attempt fails with CancelledError, ConnectingCancelledError or
+                # ResponseNeverReceived([CancelledError]): none of them is the peer's fault.
+                if state["settled"] or failure.check(CancelledError):
                     return
                 self._log.info("peer {peer} failed: {e}", peer=_peer(provider), e=failure.value)
                 self.put_aside.put_aside(provider)

@@ -13,9 +13,11 @@ from typing import Any, Callable
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.error import ConnectionLost
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectingCancelledError, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
@@ -516,3 +518,45 @@ class ThroughTreqTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(self.successResultOf(response.content()), manifest)
         self.assertEqual(response.headers.getRawHeaders("content-type"), [oci.OCI_MANIFEST])
+
+
+class CancellingHTTP(FakeHTTP):
+    """
+    Like treq over a real Agent: cancelling a request fails it with ConnectingCancelledError
+    while the TCP connection is being made, and with ResponseNeverReceived([CancelledError])
+    once the request was sent -- neither is a CancelledError.
+    """
+
+    def __init__(self, cancelled: Exception) -> None:
+        super().__init__()
+        self.cancelled = cancelled
+
+    def request(self, method: str, url: str, headers=None, unbuffered=False):  # type: ignore[no-untyped-def]
+        d: Deferred[Any] = Deferred(lambda d: d.errback(self.cancelled))
+        self.requests.append((method, url, dict(headers or {}), d))
+        return d
+
+
+class HedgeLoserCancelledTests(MirrorTestCase):
+    spool_max = 1_000_000  # the 100 kB blob is spooled, as small blobs are in real nodes
+
+    def check(self, cancelled: Exception) -> None:
+        self.http = self.mirror._http = CancellingHTTP(cancelled)
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), end=True)  # a cached lookup ends at once
+        self.clock.advance(0.06)  # no answer within the hedge delay: peer 2 is asked too
+        self.assertEqual(len(self.http.requests), 2)
+        response = self.http.answer(0, 200, len(self.data), docker_content_digest=self.digest)
+        self.assertIsNotNone(response.protocol, "peer 1's 200 was dropped: the request ended as a miss")
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(1)) or self.mirror.put_aside.is_aside(provider(2)))
+
+    def test_loserStillConnecting(self) -> None:
+        self.check(ConnectingCancelledError("127.0.0.1:5002"))
+
+    def test_loserWaitingForHeaders(self) -> None:
+        self.check(ResponseNeverReceived([Failure(CancelledError())]))
