@@ -71,6 +71,7 @@ class Router(TypingProtocol):
         *,
         on_provider: Callable[[Provider], None] | None = None,
         limit: int = 20,
+        use_cache: bool = True,
     ) -> Deferred[list[Provider]]: ...
 
 
@@ -150,6 +151,7 @@ class _ProviderQueue:
         self._seen: set[tuple[str, int]] = set()
         self._waiting: list[Deferred[Provider | None]] = []
         self.finished = False
+        self.skipped_aside = 0
         self.found_any = Deferred[None]()
 
     def has_ready(self) -> bool:
@@ -157,7 +159,10 @@ class _ProviderQueue:
 
     def add(self, provider: Provider) -> None:
         key = (provider.host, provider.registry_port)
-        if key in self._seen or self._put_aside.is_aside(provider):
+        if key in self._seen:
+            return
+        if self._put_aside.is_aside(provider):
+            self.skipped_aside += 1
             return
         self._seen.add(key)
         if not self.found_any.called:
@@ -377,16 +382,33 @@ class Mirror:
         """
         queue = _ProviderQueue(self.put_aside, self._pick)
         started = self._clock.seconds()
-        lookup = self._router.find_providers(key, on_provider=queue.add, limit=max(self._retries * 2, 5))
-        lookup.addBoth(lambda _: queue.finish())
         first = queue.found_any
+        lookups: list[Deferred[Any]] = []
+
+        def look(use_cache: bool) -> None:
+            lookup = self._router.find_providers(
+                key, on_provider=queue.add, limit=max(self._retries * 2, 5), use_cache=use_cache
+            )
+            lookups.append(lookup)
+
+            def ended(result: object) -> None:
+                if use_cache and not first.called and queue.skipped_aside:
+                    # A cached answer may name only peers put aside since then, while
+                    # another holder has appeared: ask the cluster afresh, once.
+                    look(use_cache=False)
+                    return
+                queue.finish()
+                if not first.called:
+                    first.cancel()
+
+            lookup.addBoth(ended)
+
         timer = self._clock.callLater(self._resolve_timeout, first.cancel)
-        # A lookup that ends with nothing found ends the wait too.
-        lookup.addBoth(lambda _: None if first.called else first.cancel())
+        look(use_cache=True)
         try:
             await first
         except CancelledError:
-            lookup.cancel()
+            lookups[-1].cancel()
             raise unknown("not found in the cluster", {"key": key})
         finally:
             if timer.active():

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from attrs import frozen
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -306,6 +307,10 @@ class RegistryResource:
                     result = await self._mirror.serve_blob(request, ref)
             except (ManifestUnknown, BlobUnknown):
                 pass
+            except CancelledError:
+                # The client went away (Klein cancels the request's Deferred): nothing to answer.
+                self._log.info("client left while {ref} was mirrored", ref=ref)
+                raise
             except Exception:
                 # A bug in the mirror must not turn a miss into a 5xx: containerd would stall
                 # instead of falling back. A response already under way can only be cut short.

@@ -68,6 +68,16 @@ class ServiceTests(SynchronousTestCase):
         asker.find_providers("k")
         self.assertGreater(sum(asker.node.protocol.sent.values()), sent)
 
+    def test_cache_can_be_bypassed(self) -> None:
+        holder, asker = self.services[2], self.services[5]
+        holder.provide(["k"])
+        self.clock.advance(0.5)
+        self.find(asker, "k")
+        sent = sum(asker.node.protocol.sent.values())
+        providers = self.find(asker, "k", use_cache=False)
+        self.assertGreater(sum(asker.node.protocol.sent.values()), sent)
+        self.assertEqual([p.node_id for p in providers], [holder.node_id])
+
     def test_misses_are_not_cached(self) -> None:
         asker = self.services[5]
         self.assertEqual(self.find(asker, "late"), [])

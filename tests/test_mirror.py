@@ -48,11 +48,13 @@ class FakeRouter:
 
     def __init__(self, clock: task.Clock) -> None:
         self.clock = clock
+        self.used_cache: list[bool] = []
         self.lookups: list[tuple[str, Callable[[Provider], None], Deferred[list[Provider]]]] = []
 
-    def find_providers(self, key: str, *, on_provider=None, limit=20):  # type: ignore[no-untyped-def]
+    def find_providers(self, key: str, *, on_provider=None, limit=20, use_cache=True):  # type: ignore[no-untyped-def]
         d: Deferred[list[Provider]] = Deferred()
         self.lookups.append((key, on_provider, d))
+        self.used_cache.append(use_cache)
         return d
 
     def announce(self, *providers: Provider, end: bool = False) -> None:
@@ -190,6 +192,20 @@ class ResolveTests(MirrorTestCase):
         d = self.blob(ClientRequest())
         self.router.announce(end=True)
         self.failureResultOf(d, BlobUnknown)
+
+    def test_only_peers_put_aside_asks_afresh(self) -> None:
+        self.mirror.put_aside.put_aside(provider(1))
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)  # a cached answer naming only provider 1
+        self.assertEqual(self.router.used_cache, [True, False])
+        self.router.announce(provider(2), end=True)
+        response = self.http.answer(0, 200, len(self.data))
+        self.assertIn("127.0.0.2:5002", self.http.requests[0][1])
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
 
     def test_request_to_peer(self) -> None:
         request = ClientRequest()

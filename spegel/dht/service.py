@@ -272,14 +272,16 @@ class DHTService(MultiService):
         *,
         on_provider: Callable[[Provider], None] | None = None,
         limit: int = 20,
+        use_cache: bool = True,
     ) -> Deferred[list[Provider]]:
         """
         Providers of C{key} other than this node.  C{on_provider} is called as each is found;
         the result fires when the lookup ends; cancelling it stops the lookup.  Non-empty
-        results are cached for C{provider_cache_ttl} seconds.
+        results are cached for C{provider_cache_ttl} seconds; C{use_cache=False} asks the
+        cluster afresh (for a caller that found every cached provider unusable).
         """
         now = self.reactor.seconds()
-        cached = self._cache.get(key)
+        cached = self._cache.get(key) if use_cache else None
         if cached is not None and cached[0] > now:
             providers = cached[1][:limit]
             for provider in providers:
