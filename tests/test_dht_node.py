@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht import wire
 from spegel.dht.config import RouterConfig
-from spegel.dht.ids import Contact, Provider, distance
+from spegel.dht.ids import Contact, Provider, common_prefix_bits, distance
 from spegel.dht.node import KEYS_PER_MESSAGE, KademliaNode
 from spegel.dht.simulation import MemoryNetwork, SimulatedClock
 from spegel.dht.wire import Message
@@ -90,6 +90,31 @@ class RequestTests(SynchronousTestCase):
         self.clock.advance(CONFIG.rpc_timeout)
         self.assertNotIn(contacts[0].node_id, self.node.routing)
         self.assertIn(bytes([0xF0]) * 32, self.node.routing)
+
+    def test_join_refreshes_buckets_beyond_the_closest_neighbour(self) -> None:
+        # Our closest neighbour shares 3 bits with us (bucket 3): buckets 0, 1 and 2 are
+        # further away and each gets a lookup of a random id in its range; deeper ones do not.
+        neighbour = bytes([0b00010000]) + bytes(31)
+        d = self.node.join([PEER])
+        data, to = self.transport.written[-1]
+        self.node.protocol.datagramReceived(
+            wire.encode(Message(wire.decode(data).txid, neighbour, wire.Pong())), to
+        )
+        targets = []
+        while not d.called:
+            data, to = self.transport.written[-1]
+            request = wire.decode(data)
+            self.assertIsInstance(request.body, wire.FindNode)
+            targets.append(request.body.target)
+            # The neighbour knows nobody else.
+            self.node.protocol.datagramReceived(
+                wire.encode(Message(request.txid, neighbour, wire.Nodes(()))), to
+            )
+        self.assertEqual(self.successResultOf(d).peers_found, 1)
+        self.assertEqual(targets[0], self.node.node_id)
+        self.assertEqual(
+            [common_prefix_bits(self.node.node_id, t) for t in targets[1:]], [0, 1, 2]
+        )
 
     def test_join_alone(self) -> None:
         d = self.node.join([("10.0.0.1", 5001)])
