@@ -231,14 +231,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor  # the process boundary: nothing below imports it
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
 
     from spegel.advertiser import Advertiser
     from spegel.containerd.client import ContainerdClient
     from spegel.containerd.events import EventSubscriber
     from spegel.dht.service import DHTService
     from spegel.mirror import Mirror
+    from spegel.peers import peer_client
     from spegel.registry import RegistryResource, make_site
     from spegel.store import ContainerdContent
 
@@ -262,9 +261,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, client, advertiser.on_event, advertiser.on_resubscribed
     ).setServiceParent(node)
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    peers = HTTPClient(Agent(reactor, pool=pool, connectTimeout=2))
+    peers = peer_client(reactor, connect_timeout=2)
     mirror = Mirror(
         reactor,
         router,
