@@ -320,41 +320,65 @@ class Mirror:
                     self._succeeded()
                     return b""
                 if response.code == 200 and response.length <= self._spool_max:
-                    try:
-                        spooled = await self._spool(upstream, digest)
-                    except PeerFailed as e:
-                        self._log.info("peer {peer}: {e}", peer=_peer(upstream.provider), e=e)
-                        self.put_aside.put_aside(upstream.provider)
-                        continue
-                    request.setResponseCode(200)
-                    _copy_headers(response.headers, request)
-                    request.setHeader("Content-Length", str(response.length))
-                    body = FileBodyProducer(
-                        request, spooled, 0, response.length,
-                        on_bytes=metrics.served_bytes_total.labels("peer").inc,
-                    )
-                    try:
-                        await body.start()
-                    except BodyInterrupted:
-                        abort_response(request)
+                    if await self._serve_spooled(request, upstream, digest):
                         return None
-                    self._succeeded()
-                    return None
-                break
-            request.setResponseCode(response.code)
-            _copy_headers(response.headers, request)
-            request.setHeader("Content-Length", str(response.length))
-            copy = _BlobCopy(self, request, digest, path, providers, upstream)
-            try:
-                await copy.run()
-            except PeerFailed as e:
-                self._log.warn("copy of {digest} failed: {e}", digest=digest, e=e)
-                abort_response(request)
+                    continue
+                await self._serve_streamed(request, upstream, digest, path, providers)
                 return None
-            self._succeeded()
-            return None
         finally:
             providers.finish()
+
+    async def _serve_spooled(self, request: Request, upstream: _Upstream, digest: str) -> bool:
+        """
+        Serve a small blob checked whole before its first byte is sent.
+
+        @return: C{False} when the peer's copy was wrong or incomplete (nothing was sent; the
+            caller asks another peer).
+        """
+        length = upstream.response.length
+        try:
+            spooled = await self._spool(upstream, digest)
+        except PeerFailed as e:
+            self._log.info("peer {peer}: {e}", peer=_peer(upstream.provider), e=e)
+            self.put_aside.put_aside(upstream.provider)
+            return False
+        request.setResponseCode(200)
+        _copy_headers(upstream.response.headers, request)
+        request.setHeader("Content-Length", str(length))
+        body = FileBodyProducer(
+            request, spooled, 0, length, on_bytes=metrics.served_bytes_total.labels("peer").inc
+        )
+        try:
+            await body.start()
+        except BodyInterrupted:
+            abort_response(request)
+            return True
+        self._succeeded()
+        return True
+
+    async def _serve_streamed(
+        self,
+        request: Request,
+        upstream: _Upstream,
+        digest: str,
+        path: str,
+        providers: _ProviderQueue,
+    ) -> None:
+        """
+        Stream a blob (or a range of one) as it arrives, resuming on other peers if need be.
+        """
+        response = upstream.response
+        request.setResponseCode(response.code)
+        _copy_headers(response.headers, request)
+        request.setHeader("Content-Length", str(response.length))
+        copy = _BlobCopy(self, request, digest, path, providers, upstream)
+        try:
+            await copy.run()
+        except PeerFailed as e:
+            self._log.warn("copy of {digest} failed: {e}", digest=digest, e=e)
+            abort_response(request)
+            return
+        self._succeeded()
 
     async def _spool(self, upstream: _Upstream, digest: str) -> int:
         """
