@@ -6,6 +6,7 @@ finding with the cache, readiness, and start/stop.
 import random
 
 from attrs import evolve
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht.config import RouterConfig
@@ -77,6 +78,17 @@ class ServiceTests(SynchronousTestCase):
         providers = self.find(asker, "k", use_cache=False)
         self.assertGreater(sum(asker.node.protocol.sent.values()), sent)
         self.assertEqual([p.node_id for p in providers], [holder.node_id])
+
+    def test_one_full_refresh_after_joining(self) -> None:
+        service = self.services[4]
+        self.assertIsNotNone(service._settle_call)
+        refreshed: list[float | None] = []
+        self.patch(service.node, "refresh", lambda interval=None: refreshed.append(interval) or succeed(None))
+        self.clock.advance(CONFIG.settle_refresh_delay)
+        self.assertEqual(refreshed.count(0), 1)
+        service.join([])  # later joins schedule nothing more
+        self.clock.advance(CONFIG.settle_refresh_delay)
+        self.assertEqual(refreshed.count(0), 1)
 
     def test_misses_are_not_cached(self) -> None:
         asker = self.services[5]

@@ -77,3 +77,6 @@ class RouterConfig:
     bootstrap_min_backoff: float = field(default=0.5, validator=_positive)
     bootstrap_max_backoff: float = field(default=30.0, validator=_positive)
     bootstrap_rejoin_interval: float = field(default=300.0, validator=_positive)
+    # Nodes that start together (a DaemonSet rollout) join a cluster that is still forming; one
+    # full bucket refresh this long after the first successful join meets the ones that came later.
+    settle_refresh_delay: float = field(default=30.0, validator=_positive)

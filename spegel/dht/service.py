@@ -86,6 +86,7 @@ class DHTService(MultiService):
         self._provided: dict[bytes, str] = {}
         self._unannounced: set[bytes] = set()
         self._announce_call: IDelayedCall | None = None
+        self._settle_call: IDelayedCall | None = None
         self._announcing: Deferred[AnnounceResult] | None = None
         self._cache: dict[str, tuple[float, list[Provider]]] = {}
         self._loops: list[LoopingCall] = []
@@ -132,6 +133,9 @@ class DHTService(MultiService):
         self._announce_call = None
         if self._announcing is not None:
             self._announcing.cancel()
+        if self._settle_call is not None and self._settle_call.active():
+            self._settle_call.cancel()
+        self._settle_call = None
         return super().stopService()
 
     @property
@@ -166,6 +170,10 @@ class DHTService(MultiService):
                 # Keys provided before anyone was reachable went nowhere: announce them now.
                 self._unannounced.update(self._provided)
                 self._schedule_announce()
+            if outcome.peers_found and self._settle_call is None and self.running:
+                self._settle_call = self.reactor.callLater(
+                    self.config.settle_refresh_delay, self._settle_refresh
+                )
             return bootstrap.JoinResult(outcome.peers_found, outcome.only_self)
 
         return self.node.join(addresses).addCallback(joined)
@@ -174,6 +182,9 @@ class DHTService(MultiService):
 
     def _refresh(self) -> Deferred[None]:
         return self.node.refresh().addErrback(_logged(self.log, "bucket refresh"))
+
+    def _settle_refresh(self) -> Deferred[None]:
+        return self.node.refresh(0).addErrback(_logged(self.log, "settling bucket refresh"))
 
     def _sweep(self) -> None:
         try:
