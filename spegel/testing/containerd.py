@@ -21,7 +21,7 @@ import tempfile
 
 from attrs import define, field
 
-from spegel.testing.process import ManagedProcess, ProcessFailed, run, wait_for
+from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, run, wait_for
 
 CONTAINERD = "containerd"
 CTR = "ctr"
@@ -66,7 +66,7 @@ def short_tempdir(prefix: str = "sp") -> str:
 
 
 @define(eq=False)
-class ContainerdDaemon:
+class ContainerdDaemon(RunsOneProcess):
     """
     One containerd daemon under C{base_dir}.
 
@@ -119,14 +119,6 @@ class ContainerdDaemon:
     @property
     def log_path(self) -> str:
         return os.path.join(self.base_dir, "containerd.log")
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def start(self, timeout: float = 20.0) -> None:
         """

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.httputil import Response, get_status, request
 from spegel.testing.ports import free_port
-from spegel.testing.process import ManagedProcess, ProcessFailed, wait_for
+from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, wait_for
 
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -72,7 +72,7 @@ def twistd_command() -> list[str]:
 
 
 @define(eq=False)
-class SpegelNode:
+class SpegelNode(RunsOneProcess):
     """
     One spegel node process.
 
@@ -123,14 +123,6 @@ class SpegelNode:
     @property
     def log_path(self) -> str:
         return os.path.join(self.base_dir, "node.log")
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def args(self) -> list[str]:
         """

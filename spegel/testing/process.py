@@ -287,3 +287,20 @@ class ManagedProcess:
         The last lines of this process's log.
         """
         return f"---- {self.name} log ({self.log_path}) ----\n{tail(self.log_path, lines)}"
+
+
+class RunsOneProcess:
+    """
+    What every rig component that runs one L{ManagedProcess} (in C{_process}) tells about it.
+    """
+
+    __slots__ = ()
+    _process: ManagedProcess | None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid

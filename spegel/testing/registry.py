@@ -19,7 +19,7 @@ from attrs import define, field
 
 from spegel.testing.images import MANIFEST_MEDIA_TYPES, Blob, TestImage
 from spegel.testing.ports import free_port
-from spegel.testing.process import ManagedProcess, wait_for
+from spegel.testing.process import ManagedProcess, RunsOneProcess, wait_for
 
 DOCKER_REGISTRY = "docker-registry"
 
@@ -46,7 +46,7 @@ class RegistryError(Exception):
 
 
 @define(eq=False)
-class UpstreamRegistry:
+class UpstreamRegistry(RunsOneProcess):
     """
     A C{docker-registry} serving plain HTTP on 127.0.0.1:C{port}.
 
@@ -79,14 +79,6 @@ class UpstreamRegistry:
     @property
     def log_path(self) -> str:
         return os.path.join(self.base_dir, "registry.log")
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
 
     def ref(self, repo: str, tag_or_digest: str) -> str:
         """
