@@ -192,6 +192,8 @@ class FileBodyProducer:
         if sent == 0:
             raise OSError(errno.EIO, "file ended before the expected length")
         self.bytes_by_sendfile += sent
+        # request.write counts what it sends; the access log should see these too.
+        self._request.sentLength += sent
         self._advance(sent)
         return sent
 
