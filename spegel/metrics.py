@@ -48,6 +48,11 @@ served_bytes_total = Counter(
     "peer: streamed from another node).",
     ("source",),
 )
+spliced_bytes_total = Counter(
+    "spegel_spliced_bytes_total",
+    "Of the bytes served from peers, those moved from the peer's socket to the client's by "
+    "splice, without passing through this process.",
+)
 digest_mismatches_total = Counter(
     "spegel_digest_mismatches_total",
     "Bytes from a peer that did not match their digest; the copy was aborted.",

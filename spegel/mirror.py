@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from spegel import metrics
+from spegel import metrics, relay
 from spegel.bodies import BodyInterrupted, FileBodyProducer
 from spegel.dht.ids import Provider
 from spegel.oci import (
@@ -112,6 +112,19 @@ class LatencyTracker:
         ordered = sorted(self.window)
         seen = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
         return min(self.maximum, max(self.minimum, seen * self.factor))
+
+
+@frozen
+class SpliceRelaying:
+    """
+    How a node relays large blobs with splice (L{spegel.relay}), when the kernel allows it.
+
+    @ivar reactor: watches the peer's socket; an C{IReactorFDSet} and C{IReactorTime}.
+    @ivar hash_executor: runs the digest work off the reactor thread.
+    """
+
+    reactor: Any
+    hash_executor: relay.HashExecutor
 
 
 @define
@@ -232,6 +245,8 @@ class Mirror:
         digest matches.
     @param spool_dir: where those spools live (unlinked files), L{None} for the system default.
     @param pick: chooses among C{n} providers at hand (an index); random by default.
+    @param splice: relay large blobs between plain TCP sockets with splice; L{None} to relay
+        every byte through Python.
     """
 
     _log = Logger()
@@ -250,6 +265,7 @@ class Mirror:
         spool_max: int = 4 * 1024 * 1024,
         spool_dir: str | None = None,
         pick: Callable[[int], int] = random.randrange,
+        splice: SpliceRelaying | None = None,
     ):
         self._clock = clock
         self._router = router
@@ -262,6 +278,7 @@ class Mirror:
         self._spool_max = spool_max
         self._pick = pick
         self._spool_dir = spool_dir
+        self._splice = splice
 
     # The registry's seam ------------------------------------------------------------------
 
@@ -611,6 +628,7 @@ class _BlobCopy:
         self._held = b""
         self._paused = False
         self._body: _BodyReader | None = None
+        self._relay: relay.SpliceRelay | None = None
         self._done: Deferred[None] = Deferred()
         self._resumes = 0
 
@@ -628,24 +646,118 @@ class _BlobCopy:
         self._paused = True
         if self._body is not None:
             self._body.pause()
+        if self._relay is not None:
+            self._relay.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         if self._body is not None:
             self._body.resume()
+        if self._relay is not None:
+            self._relay.resumeProducing()
 
     def stopProducing(self) -> None:
         if self._body is not None:
             self._body.stop()
+        if self._relay is not None:
+            self._relay.stopProducing()
         if not self._done.called:
             self._done.errback(PeerFailed("the client went away"))
 
     def _read(self, upstream: _Upstream) -> None:
         self._upstream = upstream
         body = self._body = _BodyReader(self._mirror._clock, self._mirror._idle_timeout, self._data, self._ended)
+        # Whatever body bytes came with the headers arrive in here, synchronously.
         upstream.response.deliverBody(body)
-        if self._paused:
+        if self._done.called or self._body is not body:
+            return
+        if self._paused or self._may_splice(body):
             body.pause()
+
+    # The rest of the body by splice (spegel.relay), when both ends are plain TCP.
+    def _may_splice(self, body: "_BodyReader") -> bool:
+        """
+        Whether the rest of C{body} may go by splice; if so, the take-over is on its way.
+
+        We are called from inside Twisted's HTTP parser, which has yet to hand over the body
+        bytes that came with the headers: the socket changes hands on the next turn of the
+        reactor, once they are in, with the peer paused until then so that nothing more is read.
+        """
+        splicing = self._mirror._splice
+        if splicing is None or self._expected - self._received < relay.RELAY_MIN:
+            return False
+        if relay.peer_socket(body.transport) is None or relay.client_socket(self._request) is None:
+            return False
+        splicing.reactor.callLater(0, self._take_over, body)
+        return True
+
+    def _take_over(self, body: "_BodyReader") -> None:
+        if self._done.called or self._body is not body:
+            return
+        if not self._splice(body) and not self._paused:
+            body.resume()
+
+    def _splice(self, body: "_BodyReader") -> bool:
+        splicing = self._mirror._splice
+        assert splicing is not None
+        left = self._expected - self._received
+        peer = relay.peer_socket(body.transport)
+        client = relay.client_socket(self._request)
+        if left < relay.RELAY_MIN or peer is None or client is None:
+            return False
+        try:
+            spliced = relay.SpliceRelay(
+                splicing.reactor, self._request, peer, client, left,
+                hasher=self._hasher,
+                digest=self._digest if self._hasher is not None else None,
+                hash_executor=splicing.hash_executor,
+                idle_timeout=self._mirror._idle_timeout,
+                on_bytes=metrics.served_bytes_total.labels("peer").inc,
+            )
+        except OSError as e:
+            self._mirror._log.info("relaying through Python: {e}", e=e)
+            return False
+        # From here the relay reads the peer's socket; Twisted's HTTP client must not.
+        peer.stopReading()
+        body.detach()
+        self._body = None
+        self._relay = spliced
+        if self._held:
+            self._forward(self._held)
+            self._held = b""
+        if self._paused:
+            spliced.pauseProducing()
+        spliced.start().addCallbacks(
+            lambda result: self._relay_ended(peer, result),
+            lambda failure: self._relay_failed(peer, failure),
+        )
+        return True
+
+    def _relay_ended(self, peer: Any, result: relay.RelayResult) -> None:
+        self._relay = None
+        # The HTTP client never saw these bytes: the connection cannot serve another request.
+        peer.abortConnection()
+        self._received += result.moved
+        if self._done.called:
+            return
+        if result.peer_error is not None:
+            self._failed_peer(
+                f"the peer stopped after {self._received} of {self._expected} bytes: {result.peer_error}", lied=False
+            )
+            return
+        self._done.callback(None)
+
+    def _relay_failed(self, peer: Any, failure: Failure) -> None:
+        self._relay = None
+        peer.abortConnection()
+        if failure.check(relay.DigestMismatch):
+            metrics.digest_mismatches_total.inc()
+            self._mirror.put_aside.put_aside(self._upstream.provider)
+            why = f"bytes from {_peer(self._upstream.provider)} do not match {self._digest}"
+        else:
+            why = failure.getErrorMessage()
+        if not self._done.called:
+            self._done.errback(PeerFailed(why))
 
     def _data(self, data: bytes) -> None:
         if self._done.called:
@@ -784,6 +896,13 @@ class _BodyReader(Protocol):
         self._disarm()
         if self.transport is not None:
             self.transport.stopProducing()
+
+    def detach(self) -> None:
+        """
+        Hear nothing more: someone else reads the rest of the body.
+        """
+        self._ended = True
+        self._disarm()
 
     def _arm(self) -> None:
         self._disarm()

@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     textFileLogObserver,
@@ -30,6 +31,8 @@ from spegel import flags
 from spegel.dht.bootstrap import parse_host_port
 from spegel.flags import ListenAddress
 from spegel.registry import RegistryFilter
+
+_log = Logger()
 
 LOG_LEVELS = {
     "debug": LogLevel.debug,
@@ -236,7 +239,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.containerd.client import ContainerdClient
     from spegel.containerd.events import EventSubscriber
     from spegel.dht.service import DHTService
-    from spegel.mirror import Mirror
+    from spegel import relay
+    from spegel.mirror import Mirror, SpliceRelaying
     from spegel.peers import peer_client
     from spegel.registry import RegistryResource, make_site
     from spegel.store import ContainerdContent
@@ -261,6 +265,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, client, advertiser.on_event, advertiser.on_resubscribed
     ).setServiceParent(node)
 
+    splice = None
+    if relay.available():
+        hashing = relay.HashingPool(reactor)
+        hashing.setServiceParent(node)
+        splice = SpliceRelaying(reactor, hashing.run)
+    else:
+        _log.info("splice(2) or tee(2) is not available: large blobs from peers are relayed through Python")
     peers = peer_client(reactor, connect_timeout=2)
     mirror = Mirror(
         reactor,
@@ -268,6 +279,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         peers,
         resolve_timeout=config.mirror_resolve_timeout,
         retries=config.mirror_resolve_retries,
+        splice=splice,
     )
     registry = RegistryResource(
         reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
