@@ -217,12 +217,13 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """
-    User plus system CPU time process C{pid} has used so far.
+    User plus system CPU time process C{pid} has used so far, or only its thread C{thread}.
     """
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             stat = f.read()
     except OSError as e:
         raise BenchmarkFailed(f"cannot read the CPU time of process {pid}: {e}") from None
