@@ -388,6 +388,60 @@ class CorruptPeerTests(_OwnClusterTestCase):
         return _mismatches(self.cluster, 2) > 0
 
 
+class CorruptLargeLayerTests(_OwnClusterTestCase):
+    """
+    A holder with a wrong copy of a layer too large to check before sending: it streams (by
+    splice, on Linux) with its last bytes held back until the digest matches.
+    """
+
+    def test_corruptStreamedLayerNeverStored(self) -> None:
+        """
+        Node 0's copy of a 16 MiB layer has one byte flipped near its start; node 1's is good but
+        its containerd is down; upstream is stopped.  Node 2's pull gets node 0's bytes up to the
+        held-back end, then the connection is cut: the pull fails and containerd keeps nothing.
+        With node 1's containerd back, the next pull (containerd starts the blob afresh) comes
+        from node 1 and stores the good layer.  What containerd does after the cut is what a
+        kubelet retry would see.
+        """
+        cluster = self.cluster
+        repo = "p2p/corrupt-large"
+        scratch = tempfile.mkdtemp(prefix="spegel-p2p-")
+        self.addCleanup(_removeTree, scratch)
+        image = build_image(seed="p2p-corrupt-large", layer_sizes=(16 * MiB,), compress=False, directory=scratch)
+        layer = image.layers[0]
+        with self.logsOnFailure():
+            ref = cluster.registry.push_image(repo, "v1", image)
+            cluster.pull(0, ref)
+            cluster.pull(1, ref)
+            self.waitFindable([2], repo, image, "v1", "image held by two nodes")
+            path = cluster.containerds[0].blob_path(layer.digest)
+            with open(path, "r+b") as f:
+                f.seek(1000)
+                flipped = f.read(1)[0] ^ 0xFF
+                f.seek(1000)
+                f.write(bytes([flipped]))
+
+            with self.upstreamStopped():
+                cluster.containerds[1].stop()
+                with self.assertRaises(CommandFailed):
+                    cluster.pull(2, ref)
+                self.assertGreater(_mismatches(cluster, 2), 0)
+                self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
+                self.assertEqual(cluster.containerds[2].damaged_content(), {})
+
+                subscribed = self.subscriptions(1)
+                cluster.containerds[1].start()
+                wait_for(lambda: self.subscriptions(1) > subscribed, timeout=15, what="node 1 resubscribing")
+                served = cluster.served()
+                cluster.pull(2, ref)
+            delta = _delta(cluster.served(), served)
+
+            self.assertHolds(2, ref, image)
+            self.assertEqual(cluster.containerds[2].damaged_content(), {})
+            self.assertGreaterEqual(delta[1].local, layer.size, delta)
+            self.assertGreater(cluster.nodes[2].metrics().total("spegel_spliced_bytes_total"), 0)
+
+
 def _localBytes(cluster: Cluster, index: int) -> float:
     return cluster.nodes[index].metrics().total("spegel_served_bytes_total", source="local")
 
