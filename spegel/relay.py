@@ -52,8 +52,10 @@ from spegel.oci import hashed_digest
 # One step of the relay moves at most this much: the pipes' capacity. Linux lets an unprivileged
 # process size a pipe up to /proc/sys/fs/pipe-max-size, 1 MiB by default.
 PIPE_SIZE = 1 << 20
-# Of a whole blob, at least the bytes past this distance from its end stay in the pipe until the
-# digest matches.
+# Of a whole blob, the bytes of the final read from the peer that lie within this distance of its
+# end stay in the pipe until the digest matches: at least the last byte, so a client never has
+# every byte of a wrong blob. (Bytes of earlier reads have gone out already: the pipe must be
+# empty before the next read, for tee.)
 HELD_BACK = 64 * 1024
 # Chunks teed for hashing at once: one being hashed, one read and sent meanwhile.
 COPY_PIPES = 2
@@ -137,7 +139,9 @@ def _try_splice_and_tee() -> bool:
 
 
 def _pipe() -> tuple[int, int]:
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    # Non-blocking: the relay only reads bytes it knows are there, and a mistake there must
+    # fail loudly rather than block the reactor.
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
