@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, NoReturn, Sequence, TextIO
 
 import spegel
+from spegel import flags
 from spegel.hostsconfig import (
     DEFAULT_CONFIG_PATH,
     HostsConfigError,
@@ -37,8 +38,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
-_FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
 
 
 class UsageError(Exception):
@@ -89,12 +88,10 @@ def parse_bool(text: str) -> bool:
     """
     ``true``/``false`` and the usual spellings of them, as the reference's flags accept.
     """
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    try:
+        return flags.parse_bool(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}") from None
 
 
 class _CommaSeparated(argparse.Action):

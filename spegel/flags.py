@@ -13,6 +13,9 @@ from attrs import frozen
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The spellings the one-shot commands take too (spegel.cli.parse_bool).
+_TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
 
 
 @frozen
@@ -63,6 +66,19 @@ def parse_duration(text: str) -> float:
     if not text or position != len(text):
         raise ValueError(f"{text!r} is not a duration such as 20ms, 1.5s or 1m30s")
     return total
+
+
+def parse_bool(text: str) -> bool:
+    """
+    Parse the value of a boolean flag written C{--flag=true} or C{--flag=false}, as the
+    reference's manifests pass them (C{1}/C{0}, C{yes}/C{no}, C{on}/C{off} too, in any case).
+    """
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not true or false")
 
 
 def parse_list(text: str) -> list[str]:

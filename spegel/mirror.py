@@ -140,6 +140,15 @@ class PutAside:
     def put_aside(self, provider: Provider) -> None:
         self._until[(provider.host, provider.registry_port)] = self.clock.seconds() + self.duration
 
+    def listing(self) -> list[tuple[str, int, float]]:
+        """
+        The peers put aside now, as (host, registry port, seconds left), soonest back first.
+        Read-only: expired entries are left for L{is_aside} to drop.
+        """
+        now = self.clock.seconds()
+        aside = [(host, port, until - now) for (host, port), until in self._until.items() if until > now]
+        return sorted(aside, key=lambda entry: entry[2])
+
     def is_aside(self, provider: Provider) -> bool:
         key = (provider.host, provider.registry_port)
         until = self._until.get(key)

@@ -7,6 +7,7 @@ L{Options} validates every flag into a L{NodeConfig}; L{makeService} only wires 
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, TextIO
 
@@ -42,6 +43,9 @@ LOG_LEVELS = {
     "error": LogLevel.error,
 }
 BOOTSTRAP_KINDS = ("static", "dns", "http")
+# Boolean flags the reference also takes as --flag=true or --flag=false, the form its manifests
+# and charts write; usage.Options alone knows only the bare --flag.
+BOOLEAN_FLAGS = frozenset({"debug-web-enabled"})
 
 
 @frozen
@@ -67,6 +71,7 @@ class NodeConfig:
     http_bootstrap_addr: ListenAddress | None
     http_bootstrap_url: str | None
     router_secret: bytes | None
+    debug_web_enabled: bool
 
 
 class Options(usage.Options):
@@ -106,14 +111,49 @@ class Options(usage.Options):
         ["http-bootstrap-url", None, "", "URL of a peer's http bootstrap address."],
         ["router-secret-file", None, "", "File with a cluster key; datagrams are authenticated."],
     ]
+    optFlags = [
+        [
+            "debug-web-enabled",
+            None,
+            "Serve read-only debug pages at /debug/web/ on the metrics address (or =true/=false).",
+        ],
+    ]
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # One clear line instead of the whole usage text and a traceback.
         try:
-            super().parseOptions(options)
+            super().parseOptions(self._boolean_flags(sys.argv[1:] if options is None else options))
         except usage.UsageError as e:
             sys.stderr.write(f"spegel: error: {e}\n")
             raise SystemExit(2)
+
+    def _boolean_flags(self, argv: list[str]) -> list[str]:
+        """
+        C{argv} with the L{BOOLEAN_FLAGS} written bare, for getopt: C{--flag=false} dropped,
+        C{--flag=true} as C{--flag}; the last mention of a flag wins, as with the reference.
+        """
+        takes_value = {parameter[0] for parameter in self.optParameters}
+        enabled: dict[str, bool] = {}
+        rest: list[str] = []
+        args = iter(argv)
+        for arg in args:
+            if arg == "--":
+                rest.append(arg)
+                rest.extend(args)
+                break
+            name, sep, value = arg.partition("=")
+            flag = name[2:] if name.startswith("--") else ""
+            if flag in BOOLEAN_FLAGS:
+                try:
+                    enabled[flag] = flags.parse_bool(value) if sep else True
+                except ValueError as e:
+                    raise usage.UsageError(f"--{flag}: {e}") from None
+                continue
+            rest.append(arg)
+            if flag in takes_value and not sep:
+                # "--data-dir --debug-web-enabled=x" names a directory: leave the value alone.
+                rest.extend(itertools.islice(args, 1))
+        return [f"--{flag}" for flag, on in enabled.items() if on] + rest
 
     def postOptions(self) -> None:
         try:
@@ -199,6 +239,7 @@ class Options(usage.Options):
             http_bootstrap_addr=address("http-bootstrap-addr") if self["http-bootstrap-addr"] else None,
             http_bootstrap_url=self["http-bootstrap-url"] or None,
             router_secret=secret,
+            debug_web_enabled=bool(self["debug-web-enabled"]),
         )
 
 
@@ -230,7 +271,7 @@ def make_log_observer(level: LogLevel, logfile: str | None) -> ILogObserver:
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Wire a node: the containerd bridge, the DHT router, the mirror, the registry and the
-    metrics endpoint.
+    metrics endpoint (with the debug pages under it when enabled).
     """
     if reactor is None:
         from twisted.internet import reactor  # the process boundary: nothing below imports it
@@ -288,6 +329,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     metrics_root = Resource()
     metrics_root.putChild(b"metrics", MetricsResource())
+    if config.debug_web_enabled:
+        from spegel.debugweb import DebugWeb
+
+        # Beside the metrics, as the reference has it: away from the port containerd and the
+        # peers use.
+        debug = DebugWeb(
+            reactor,
+            router,
+            mirror.put_aside,
+            registry_address=(config.registry_addr.host, config.registry_addr.port),
+        )
+        metrics_root.putChild(b"debug", debug.resource())
     _listen(reactor, config.metrics_addr, Site(metrics_root)).setServiceParent(node)
     return node
 
