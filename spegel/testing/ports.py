@@ -2,17 +2,32 @@
 """
 Free loopback TCP port picking for the real-component test rig.
 
-A port is found by binding port 0 on 127.0.0.1 and closing the socket again; the kernel does not
-hand out the same ephemeral port again soon, so the small race with another process grabbing it
-before our child binds it is acceptable for tests.  Ports handed out by this process are also
-remembered so that two components started in the same test never get the same one.
+A port is picked at random below the kernel's ephemeral range and probed by binding it (TCP, and
+UDP when asked); then the socket is closed and the child binds it. Below the ephemeral range, no
+outgoing connection anywhere on the machine can take the port in between, which is what made
+port 0 (a port from the ephemeral range) racy on a busy machine; only another listener choosing
+the same number could, and the random pick makes that unlikely.  Ports handed out by this
+process are also remembered so that two components started in the same test never get the same
+one.
 """
 
 from __future__ import annotations
 
+import random
 import socket
 
 _handed_out: set[int] = set()
+# Well clear of the ports services usually take.
+_LOWEST = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(field) for field in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
@@ -23,16 +38,23 @@ def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
     @param udp_too: also require the UDP port of that number to be free (for an address used
         for both, like a node's router address).
     """
-    for _ in range(100):
+    low, _ = _ephemeral_range()
+    below_ephemeral = low - 1 > _LOWEST + 1000
+    for _ in range(200):
+        candidate = random.randint(_LOWEST, low - 1) if below_ephemeral else 0
+        if candidate in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            port = probe.getsockname()[1]
-            if udp_too and not _udp_free(host, port):
+            try:
+                probe.bind((host, candidate))
+            except OSError:
                 continue
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise RuntimeError("no free loopback port found after 100 tries")
+            port = probe.getsockname()[1]
+        if port in _handed_out or (udp_too and not _udp_free(host, port)):
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port found after 200 tries")
 
 
 def _udp_free(host: str, port: int) -> bool:
