@@ -680,7 +680,9 @@ class _BlobCopy:
         upstream.response.deliverBody(body)
         if self._done.called or self._body is not body:
             return
-        if self._paused or self._may_splice(body):
+        # Asked even while the client is paused (a resume can start then): the relay pauses too.
+        splicing = self._may_splice(body)
+        if self._paused or splicing:
             body.pause()
 
     # The rest of the body by splice (spegel.relay), when both ends are plain TCP.
