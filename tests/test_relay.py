@@ -158,7 +158,11 @@ class RelayTestCase(TestCase):
             pick=lambda n: 0, splice=SpliceRelaying(reactor, hashing.run) if splice else None,
         )
         registry = RegistryResource(reactor, MemoryContent(self.mktemp()), RegistryFilter(), mirror=mirror)
-        port = reactor.listenTCP(0, make_site(registry.resource()), interface="127.0.0.1")
+        site = make_site(registry.resource())
+        # What the access log would say each response's size was.
+        self.logged_sizes: list[int] = []
+        site.log = lambda request: self.logged_sizes.append(request.sentLength)  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -181,6 +185,7 @@ class RelayTests(RelayTestCase):
         # Nearly every byte went by splice: only those that came with the peer's headers and
         # the chunks that wake the relay up went through Python.
         self.assertGreater(self.spliced() - spliced_before, self.size * 0.8)
+        self.assertEqual(self.logged_sizes, [self.size])
 
     async def test_range_by_splice(self) -> None:
         provider, peer = self.peer(self.good)
