@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -237,6 +237,22 @@ class RelayTests(RelayTestCase):
         self.assertEqual((total, "sha256:" + digest), (self.size, self.digest))
         # The relay waited on the client's socket rather than reading everything through Python.
         self.assertGreater(self.spliced() - spliced_before, self.size * 0.5)
+
+    async def test_concurrent_relays_keep_their_bytes_apart(self) -> None:
+        """
+        Several clients at once, some fast, some slow, through one node from two peers: every
+        body arrives whole and right, so no relay ever touched another's pipes, sockets or
+        digest.
+        """
+        providers = [self.peer(self.good)[0], self.peer(self.good)[0]]
+        port = self.node(providers)
+        fetches = [
+            deferToThread(_fetch, port, self.blob_path(), "", 0.0005 if n % 2 else 0.0) for n in range(6)
+        ]
+        results = await gatherResults(fetches)
+        for head, digest, total in results:
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+            self.assertEqual((total, "sha256:" + digest), (self.size, self.digest))
 
     async def test_python_path_gives_the_same_bytes(self) -> None:
         provider, _ = self.peer(self.good)
