@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from attrs import frozen
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,7 +33,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from spegel.advertiser import UnparseableImageName, parse_image_name
 from spegel.dht.ids import Provider
 from spegel.dht.routing import RoutingTable, sort_by_distance
-from spegel.mirror import PutAside
+from spegel.mirror import PutAside, Router
 from spegel.oci import OCIError, Unsupported, is_digest
 from spegel.registry import write_oci_error
 
@@ -69,9 +69,10 @@ class _Node(Protocol):
     routing: RoutingTable
 
 
-class DebugRouter(Protocol):
+class DebugRouter(Router, Protocol):
     """
-    What the debug pages read from the DHT (L{spegel.dht.service.DHTService} provides it).
+    What the debug pages read from the DHT (L{spegel.dht.service.DHTService} provides it):
+    lookups as the mirror makes them, and the node's state.
     """
 
     node_id: bytes
@@ -84,15 +85,6 @@ class DebugRouter(Protocol):
     def address(self) -> tuple[str, int]: ...
 
     def provided_keys_count(self) -> int: ...
-
-    def find_providers(
-        self,
-        key: str,
-        *,
-        on_provider: Callable[[Provider], None] | None = None,
-        limit: int = 20,
-        use_cache: bool = True,
-    ) -> Deferred[list[Provider]]: ...
 
 
 @frozen
