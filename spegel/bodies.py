@@ -38,13 +38,22 @@ class BodyInterrupted(Exception):
     """
 
 
-def _plain_tcp_socket_fd(request: Request) -> int | None:
+def client_socket(request: Request) -> tcp.Connection | None:
     """
-    The socket's file descriptor when the response goes straight to a plain TCP socket (so
-    sendfile can write to it), else L{None}.
+    The connection C{request} is answered on when it is a plain TCP socket that the kernel can
+    write to directly (sendfile, splice), else L{None}.
     """
     transport = getattr(getattr(request, "channel", None), "transport", None)
     if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return None
+    if not transport.connected or transport.disconnecting:
+        return None
+    return transport
+
+
+def _plain_tcp_socket_fd(request: Request) -> int | None:
+    transport = client_socket(request)
+    if transport is None:
         return None
     try:
         return transport.getHandle().fileno()
@@ -52,7 +61,7 @@ def _plain_tcp_socket_fd(request: Request) -> int | None:
         return None
 
 
-def _transport_buffer_empty(transport: object) -> bool:
+def transport_buffer_empty(transport: object) -> bool:
     """
     Whether Twisted has written out everything handed to C{transport.write}. Bytes sent by
     sendfile must not overtake bytes still waiting in that buffer (the response headers, a
@@ -151,7 +160,7 @@ class FileBodyProducer:
             if (
                 self._socket_fd is not None
                 and budget > 0
-                and _transport_buffer_empty(transport)
+                and transport_buffer_empty(transport)
             ):
                 sent = self._sendfile(min(self._remaining, budget))
                 budget -= sent

@@ -39,7 +39,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from spegel import metrics, relay
-from spegel.bodies import BodyInterrupted, FileBodyProducer
+from spegel.bodies import BodyInterrupted, FileBodyProducer, client_socket
 from spegel.dht.ids import Provider
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
@@ -697,7 +697,7 @@ class _BlobCopy:
         splicing = self._mirror._splice
         if splicing is None or self._expected - self._received < relay.RELAY_MIN:
             return False
-        if relay.peer_socket(body.transport) is None or relay.client_socket(self._request) is None:
+        if relay.peer_socket(body.transport) is None or client_socket(self._request) is None:
             return False
         splicing.reactor.callLater(0, self._take_over, body)
         return True
@@ -713,7 +713,7 @@ class _BlobCopy:
         assert splicing is not None
         left = self._expected - self._received
         peer = relay.peer_socket(body.transport)
-        client = relay.client_socket(self._request)
+        client = client_socket(self._request)
         if left < relay.RELAY_MIN or peer is None or client is None:
             return False
         try:

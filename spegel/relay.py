@@ -46,7 +46,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from spegel import metrics
-from spegel.bodies import BodyInterrupted
+from spegel.bodies import BodyInterrupted, transport_buffer_empty
 from spegel.oci import hashed_digest
 
 # One step of the relay moves at most this much: the pipes' capacity. Linux lets an unprivileged
@@ -198,26 +198,6 @@ def peer_socket(transport: object) -> tcp.Connection | None:
     if not connection.connected or connection.disconnecting:
         return None
     return connection
-
-
-def client_socket(request: Request) -> tcp.Connection | None:
-    """
-    The plain TCP connection C{request} is answered on, if that is what it is.
-    """
-    transport = getattr(getattr(request, "channel", None), "transport", None)
-    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
-        return None
-    if not transport.connected or transport.disconnecting:
-        return None
-    return transport
-
-
-def _buffer_empty(transport: Any) -> bool:
-    try:
-        pending = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:
-        return False
-    return pending == 0
 
 
 @implementer(IReadDescriptor)
@@ -422,7 +402,7 @@ class SpliceRelay:
         transport, a little more than its buffer holds, so that it pauses the relay and resumes
         it once the socket drains: the wake-up the next splice needs.
         """
-        if _buffer_empty(self._client):
+        if transport_buffer_empty(self._client):
             try:
                 moved = os.splice(self._pipe_r, self._client_fd, sendable, flags=_SPLICE_F_NONBLOCK)
             except BlockingIOError:

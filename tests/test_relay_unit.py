@@ -35,7 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import TransportProxyProducer
 from twisted.web.test.requesthelper import DummyRequest
 
-from spegel.bodies import BodyInterrupted
+from spegel.bodies import BodyInterrupted, client_socket
 from spegel.relay import (
     HELD_BACK,
     PIPE_SIZE,
@@ -43,7 +43,6 @@ from spegel.relay import (
     RelayResult,
     SpliceRelay,
     available,
-    client_socket,
     peer_socket,
 )
 
