@@ -121,10 +121,9 @@ def _try_splice_and_tee() -> bool:
         return False
     fds: list[int] = []
     try:
-        source_r, source_w = _pipe()
-        copy_r, copy_w = _pipe()
-        sink_r, sink_w = _pipe()
-        fds = [source_r, source_w, copy_r, copy_w, sink_r, sink_w]
+        for _ in range(3):
+            fds.extend(_pipe())
+        source_r, source_w, copy_r, copy_w, sink_r, sink_w = fds
         os.write(source_w, b"spegel")
         if _tee(source_r, copy_w, 6, _SPLICE_F_NONBLOCK) != 6:
             return False
