@@ -57,14 +57,16 @@ def static_bootstrap(index: int, cluster: "Cluster") -> list[str]:
 class Served:
     """
     One node's C{spegel_served_bytes_total}: bytes it served from its own containerd
-    (C{local}, to its containerd or to peers) and bytes it passed on from peers (C{peer}).
+    (C{local}, to its containerd or to peers) and bytes it passed on from peers (C{peer}), of
+    which C{spliced} never entered the node's process (C{spegel_spliced_bytes_total}).
     """
 
     local: float
     peer: float
+    spliced: float = 0.0
 
     def __sub__(self, other: "Served") -> "Served":
-        return Served(self.local - other.local, self.peer - other.peer)
+        return Served(self.local - other.local, self.peer - other.peer, self.spliced - other.spliced)
 
 
 @define(eq=False)
@@ -305,6 +307,7 @@ class Cluster:
                 Served(
                     metrics.total("spegel_served_bytes_total", source="local"),
                     metrics.total("spegel_served_bytes_total", source="peer"),
+                    metrics.total("spegel_spliced_bytes_total"),
                 )
             )
         return result

@@ -53,6 +53,7 @@ class PullReport:
         not serve).
     @ivar own_disk: bytes the pulling node served from its own containerd.
     @ivar from_peers: bytes the pulling node passed on from peers.
+    @ivar spliced: of those, the bytes it moved by splice, never through Python.
     @ivar by_peer: bytes each other node served from its disk meanwhile (0-based index).
     """
 
@@ -62,6 +63,7 @@ class PullReport:
     upstream: float
     own_disk: float
     from_peers: float
+    spliced: float
     by_peer: dict[int, float]
 
 
@@ -199,7 +201,7 @@ def _pull(cluster: Cluster, image: TestImage, index: int, ref: str, how: str, cl
     mine: Served = delta[index] or Served(0, 0)
     by_peer = {i: d.local for i, d in enumerate(delta) if i != index and d is not None and d.local > 0}
     upstream = max(0.0, image.total_size() - mine.local - mine.peer)
-    report = PullReport(index, how, seconds, upstream, mine.local, mine.peer, by_peer)
+    report = PullReport(index, how, seconds, upstream, mine.local, mine.peer, mine.spliced, by_peer)
     clock.say(f"node {index + 1} pulled {ref} {how} in {seconds:.2f}s: {_sources(report)}")
     return report
 
@@ -208,6 +210,8 @@ def _sources(report: PullReport) -> str:
     parts = [f"{_mib(report.upstream)} from upstream", f"{_mib(report.own_disk)} from its own disk"]
     peers = ", ".join(f"node {i + 1} {_mib(n)}" for i, n in sorted(report.by_peer.items()))
     parts.append(f"{_mib(report.from_peers)} from peers" + (f" ({peers})" if peers else ""))
+    if report.from_peers:
+        parts.append(f"{report.spliced / report.from_peers:.0%} of those by splice")
     return ", ".join(parts)
 
 
