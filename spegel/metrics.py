@@ -53,6 +53,12 @@ spliced_bytes_total = Counter(
     "Of the bytes served from peers, those moved from the peer's socket to the client's by "
     "splice, without passing through this process.",
 )
+pull_coalescing_total = Counter(
+    "spegel_pull_coalescing_total",
+    "Manifest misses with coalescing on, by outcome: upstream (this node's containerd pulls "
+    "it and said so), waited (another node's pull provided it), timeout (waited in vain).",
+    ("outcome",),
+)
 digest_mismatches_total = Counter(
     "spegel_digest_mismatches_total",
     "Bytes from a peer that did not match their digest; the copy was aborted.",

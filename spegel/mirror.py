@@ -40,6 +40,7 @@ from zope.interface import implementer
 
 from spegel import metrics, relay
 from spegel.bodies import BodyInterrupted, FileBodyProducer, client_socket
+from spegel.coalesce import PullCoalescer
 from spegel.dht.ids import Provider
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
@@ -256,6 +257,8 @@ class Mirror:
     @param pick: chooses among C{n} providers at hand (an index); random by default.
     @param splice: relay large blobs between plain TCP sockets with splice; L{None} to relay
         every byte through Python.
+    @param coalescer: on a manifest miss, waits for another node's upstream pull of it, or says
+        that this node's containerd is about to pull it (L{spegel.coalesce}); L{None}: off.
     """
 
     _log = Logger()
@@ -275,6 +278,7 @@ class Mirror:
         spool_dir: str | None = None,
         pick: Callable[[int], int] = random.randrange,
         splice: SpliceRelaying | None = None,
+        coalescer: PullCoalescer | None = None,
     ):
         self._clock = clock
         self._router = router
@@ -288,12 +292,13 @@ class Mirror:
         self._pick = pick
         self._spool_dir = spool_dir
         self._splice = splice
+        self._coalescer = coalescer
 
     # The registry's seam ------------------------------------------------------------------
 
     async def serve_manifest(self, request: Request, reference: Reference) -> bytes:
         key = reference.digest or reference.tag_key
-        providers = await self._providers(key, ManifestUnknown)
+        providers = await self._manifest_providers(key)
         method = request.method.decode("ascii")
         path = _peer_path(reference, "manifests", reference.digest or reference.tag)  # type: ignore[arg-type]
         budget = _Budget(self._retries)
@@ -426,9 +431,39 @@ class Mirror:
 
     # Finding and asking peers ---------------------------------------------------------------
 
-    async def _providers(self, key: str, unknown: type[OCIError]) -> _ProviderQueue:
+    async def _manifest_providers(self, key: str) -> _ProviderQueue:
+        """
+        The providers of a manifest; on a miss with coalescing on, those that appear while
+        another node pulls it from upstream (see L{spegel.coalesce}).
+        """
+        coalescer = self._coalescer
+        try:
+            return await self._providers(key, ManifestUnknown)
+        except ManifestUnknown:
+            if coalescer is None:
+                raise
+        if not await coalescer.others_pulling(key):
+            coalescer.pulling(key)
+            raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
+        self._log.info("another node is pulling {key} from upstream: waiting for it", key=key)
+        deadline = self._clock.seconds() + coalescer.timeout
+        while (remaining := deadline - self._clock.seconds()) > 0:
+            await deferLater(self._clock, min(coalescer.poll_interval, remaining))
+            try:
+                providers = await self._providers(key, ManifestUnknown, fresh=True)
+            except ManifestUnknown:
+                continue
+            metrics.pull_coalescing_total.labels("waited").inc()
+            return providers
+        metrics.pull_coalescing_total.labels("timeout").inc()
+        # This node's containerd goes upstream now: others may wait on it in turn.
+        coalescer.pulling(key)
+        raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
+
+    async def _providers(self, key: str, unknown: type[OCIError], fresh: bool = False) -> _ProviderQueue:
         """
         Start a lookup of C{key}; wait (at most the resolve timeout) for its first provider.
+        C{fresh}: ask the cluster, not the cache of recent lookups (which may hold a miss).
         """
         queue = _ProviderQueue(self.put_aside, self._pick)
         started = self._clock.seconds()
@@ -454,7 +489,7 @@ class Mirror:
             lookup.addBoth(ended)
 
         timer = self._clock.callLater(self._resolve_timeout, first.cancel)
-        look(use_cache=True)
+        look(use_cache=not fresh)
         try:
             await first
         except CancelledError:

@@ -63,6 +63,7 @@ class NodeConfig:
     data_dir: str | None
     registry_filter: RegistryFilter
     mirror_resolve_timeout: float
+    mirror_coalesce_timeout: float
     mirror_resolve_retries: int
     log_level: LogLevel
     bootstrap_kind: str | None
@@ -102,6 +103,13 @@ class Options(usage.Options):
         ],
         ["registry-filters", None, "", "Comma-separated regexes on registry/repo[:tag] to refuse."],
         ["mirror-resolve-timeout", None, "20ms", "How long to look for a peer before a 404."],
+        [
+            "mirror-coalesce-timeout",
+            None,
+            "0s",
+            "How long to wait for another node's upstream pull of a manifest rather than pull "
+            "it upstream too (0s: never wait).",
+        ],
         ["mirror-resolve-retries", None, "3", "How many peers to try for one request."],
         ["log-level", None, "info", "debug, info, warn or error."],
         ["bootstrap-kind", None, "", "How to find peers: static, dns or http."],
@@ -188,6 +196,10 @@ class Options(usage.Options):
             timeout = flags.parse_duration(self["mirror-resolve-timeout"])
         except ValueError as e:
             raise ValueError(f"--mirror-resolve-timeout: {e}") from None
+        try:
+            coalesce_timeout = flags.parse_duration(self["mirror-coalesce-timeout"])
+        except ValueError as e:
+            raise ValueError(f"--mirror-coalesce-timeout: {e}") from None
         retries_text = self["mirror-resolve-retries"]
         if not retries_text.isdigit() or not 1 <= int(retries_text) <= 100:
             raise ValueError("--mirror-resolve-retries: must be a whole number from 1 to 100")
@@ -231,6 +243,7 @@ class Options(usage.Options):
             data_dir=self["data-dir"] or None,
             registry_filter=RegistryFilter(registries, patterns),
             mirror_resolve_timeout=timeout,
+            mirror_coalesce_timeout=coalesce_timeout,
             mirror_resolve_retries=int(retries_text),
             log_level=level,
             bootstrap_kind=kind,
@@ -281,6 +294,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.containerd.events import EventSubscriber
     from spegel.dht.service import DHTService
     from spegel import relay
+    from spegel.coalesce import PullCoalescer
     from spegel.mirror import Mirror, SpliceRelaying
     from spegel.peers import peer_client
     from spegel.registry import RegistryResource, make_site
@@ -321,6 +335,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         resolve_timeout=config.mirror_resolve_timeout,
         retries=config.mirror_resolve_retries,
         splice=splice,
+        coalescer=(
+            PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout)
+            if config.mirror_coalesce_timeout > 0
+            else None
+        ),
     )
     registry = RegistryResource(
         reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror

@@ -65,6 +65,7 @@ class OptionsTests(SynchronousTestCase):
             node.containerd_content_path, "/var/lib/containerd/io.containerd.content.v1.content"
         )
         self.assertAlmostEqual(node.mirror_resolve_timeout, 0.02)
+        self.assertEqual(node.mirror_coalesce_timeout, 0.0)
         self.assertEqual(node.mirror_resolve_retries, 3)
         self.assertEqual(node.log_level, LogLevel.info)
         self.assertIsNone(node.bootstrap_kind)
@@ -76,6 +77,7 @@ class OptionsTests(SynchronousTestCase):
             "--registry-filters", "^docker.io/private/,:latest$",
             "--mirror-resolve-timeout", "50ms",
             "--mirror-resolve-retries", "5",
+            "--mirror-coalesce-timeout", "1m30s",
             "--log-level", "debug",
             "--bootstrap-kind", "static",
             "--static-bootstrap-peers", "127.0.0.1:5001,127.0.0.2:5001",
@@ -86,6 +88,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(node.static_bootstrap_peers, (("127.0.0.1", 5001), ("127.0.0.2", 5001)))
         self.assertEqual(node.mirror_resolve_retries, 5)
+        self.assertEqual(node.mirror_coalesce_timeout, 90.0)
         self.assertEqual(node.log_level, LogLevel.debug)
         # The filters act as configured.
         node.registry_filter.check(Reference("docker.io", "library/nginx", tag="1.25"))
@@ -105,6 +108,7 @@ class OptionsTests(SynchronousTestCase):
         cases = [
             (["--registry-addr", "nonsense"], "--registry-addr"),
             (["--mirror-resolve-timeout", "fast"], "--mirror-resolve-timeout"),
+            (["--mirror-coalesce-timeout", "forever"], "--mirror-coalesce-timeout"),
             (["--mirror-resolve-retries", "0"], "--mirror-resolve-retries"),
             (["--mirrored-registries", "docker.io"], "--mirrored-registries"),
             (["--registry-filters", "(unclosed"], "--registry-filters"),
