@@ -22,29 +22,24 @@ of it, then at peer speed. So coalescing is off unless C{--mirror-coalesce-timeo
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from spegel import metrics
-from spegel.dht.ids import Provider
+from spegel.mirror import Router
 
 MARKER_PREFIX = "pulling"
 # Markers are named by the minute (of the wall clock) they were set in.
 BUCKET_SECONDS = 60.0
 
 
-class CoalescingRouter(Protocol):
-    def find_providers(
-        self,
-        key: str,
-        *,
-        on_provider: Callable[[Provider], None] | None = None,
-        limit: int = 20,
-        use_cache: bool = True,
-    ) -> Deferred[list[Provider]]: ...
+class CoalescingRouter(Router, Protocol):
+    """
+    Lookups as the mirror makes them, and providing keys (L{spegel.dht.service.DHTService}).
+    """
 
     def provide(self, keys: Iterable[str]) -> None: ...
 

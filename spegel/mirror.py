@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 from collections import deque
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 from urllib.parse import quote
 
 from attrs import define, field, frozen
@@ -40,7 +40,6 @@ from zope.interface import implementer
 
 from spegel import metrics, relay
 from spegel.bodies import BodyInterrupted, FileBodyProducer, client_socket
-from spegel.coalesce import PullCoalescer
 from spegel.dht.ids import Provider
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
@@ -53,6 +52,10 @@ from spegel.oci import (
     new_hasher,
 )
 from spegel.registry import MIRRORED_HEADER, abort_response
+
+if TYPE_CHECKING:
+    # Only a type here; spegel.coalesce builds on this module's Router.
+    from spegel.coalesce import PullCoalescer
 
 # Headers of a peer's answer that the client gets as they are.
 _FORWARDED_HEADERS = (
