@@ -237,6 +237,10 @@ class DebugWeb:
     @app.route("/web/lookup", methods=["GET"])
     async def lookup(self, request: Request) -> bytes:
         key = parse_key(request.args.get(b"key"))
+        if request.method == b"HEAD":
+            # werkzeug routes HEAD with GET; a HEAD must not send datagrams to the cluster.
+            request.setHeader("Content-Type", "application/json")
+            return b""
         if self._lookups >= MAX_CONCURRENT_LOOKUPS:
             raise TooManyLookups(f"{MAX_CONCURRENT_LOOKUPS} lookups are running; try again")
         started = self._clock.seconds()

@@ -197,6 +197,12 @@ class DebugWebTests(SynchronousTestCase):
         self.assertEqual(response.code, 405)
         self.assertEqual(self.router.lookups, [])
 
+    def test_head_of_lookup_asks_nobody(self) -> None:
+        d = self.treq.head("http://node:9090/debug/web/lookup?key=" + DIGEST)
+        self.treq.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(self.router.lookups, [])
+
     # -- lookups ------------------------------------------------------------------------
 
     def test_lookup_reports_each_provider_with_its_time(self) -> None:
