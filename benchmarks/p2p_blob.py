@@ -22,7 +22,7 @@ served from its disk, A's C{spegel_digest_mismatches_total} (must stay 0), and t
 machine puts on any verifying relay: SHA-256's speed on one core, as a ratio to the registry.  It exits 1 with a one-line reason when
 something fails; the rig kills every process it started.
 
-L{guarded} and L{Stopwatch} are shared by the other P2P benchmarks.
+L{Stopwatch} is shared by the other P2P benchmarks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from attrs import frozen
 
@@ -47,16 +47,15 @@ from serve_blob import (  # type: ignore[import-not-found]
     Fetch,
     Server,
     _fetch_into_containerd,
-    _first_line,
-    _last_line,
     cpu_seconds,
+    guarded,
     fetch_with_socket,
     memory_kib,
 )
 from spegel.testing.cluster import Cluster, static_bootstrap
 from spegel.testing.images import build_image
 from spegel.testing.node import SpegelNode
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel.testing.process import ProcessFailed
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -80,33 +79,6 @@ class Stopwatch:
 
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {message}", flush=True)
-
-
-def guarded(benchmark: Callable[[], object]) -> int:
-    """
-    Run C{benchmark}, turning every expected failure into one line on stderr.
-
-    @return: the process exit status: 0, 1 on failure, 130 on Ctrl-C.
-    """
-    try:
-        benchmark()
-    except BenchmarkFailed as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    except CommandFailed as e:
-        print(f"benchmark failed: {' '.join(e.command[:6])} ... exited {e.returncode}: {_last_line(e.stderr)}",
-              file=sys.stderr)
-        return 1
-    except ProcessFailed as e:
-        print(f"benchmark failed: {_first_line(str(e))} (last log line: {_last_line(str(e))})", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("benchmark interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def reset_peak_memory(pid: int) -> None:

@@ -32,7 +32,8 @@ from collections.abc import Sequence
 
 from attrs import define, field, frozen
 
-from p2p_blob import A, B, Stopwatch, guarded  # type: ignore[import-not-found]
+from p2p_blob import A, B, Stopwatch  # type: ignore[import-not-found]
+from serve_blob import guarded  # type: ignore[import-not-found]
 from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
 from spegel.testing.cluster import Cluster, static_bootstrap
 from spegel.testing.images import TestImage, build_image

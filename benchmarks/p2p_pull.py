@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 from attrs import frozen
 
-from p2p_blob import A, B, FINDABLE_TIMEOUT, NodeCounters, Stopwatch, guarded  # type: ignore[import-not-found]
+from p2p_blob import A, B, FINDABLE_TIMEOUT, NodeCounters, Stopwatch  # type: ignore[import-not-found]
+from serve_blob import guarded  # type: ignore[import-not-found]
 from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
 from spegel.testing.cluster import Cluster, static_bootstrap
 from spegel.testing.images import TestImage, build_image

@@ -42,7 +42,7 @@ from attrs import frozen
 from spegel.testing.cluster import Cluster
 from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.images import Blob, build_image
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel.testing.process import CommandFailed, ProcessFailed, failure_line
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -400,33 +400,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.runs < 1 or args.timeout <= 0:
         parser.error("--size-mib and --runs must be at least 1, --timeout positive")
+    return guarded(lambda: run_benchmark(args.size_mib, args.runs, args.client, args.timeout))
+
+
+def guarded(benchmark: Callable[[], object]) -> int:
+    """
+    Run C{benchmark}, turning every expected failure into one line on stderr.
+
+    @return: the process exit status: 0, 1 on failure, 130 on Ctrl-C.
+    """
     try:
-        run_benchmark(args.size_mib, args.runs, args.client, args.timeout)
-    except BenchmarkFailed as e:
+        benchmark()
+    except (BenchmarkFailed, OSError) as e:
         print(f"benchmark failed: {e}", file=sys.stderr)
         return 1
-    except CommandFailed as e:
-        print(f"benchmark failed: {' '.join(e.command[:5])} ... exited {e.returncode}: {_last_line(e.stderr)}",
-              file=sys.stderr)
-        return 1
-    except ProcessFailed as e:
-        print(f"benchmark failed: {_first_line(str(e))} (last log line: {_last_line(str(e))})", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"benchmark failed: {e}", file=sys.stderr)
+    except (CommandFailed, ProcessFailed) as e:
+        print(f"benchmark failed: {failure_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("benchmark interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "(no output)"
-
-
-def _last_line(text: str) -> str:
-    return text.strip().splitlines()[-1] if text.strip() else "(no output)"
 
 
 if __name__ == "__main__":

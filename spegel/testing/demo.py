@@ -26,7 +26,7 @@ from attrs import frozen
 
 from spegel.testing.cluster import Cluster, Served, static_bootstrap
 from spegel.testing.images import TestImage, build_image
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel.testing.process import CommandFailed, ProcessFailed, failure_line, last_line
 
 MiB = 1 << 20
 
@@ -196,7 +196,7 @@ def _pull(cluster: Cluster, image: TestImage, index: int, ref: str, how: str, cl
         process.kill()
     seconds = time.monotonic() - started
     if status != 0:
-        raise DemoFailed(f"node {index + 1}'s pull failed: {_last_line(process.log_text())}")
+        raise DemoFailed(f"node {index + 1}'s pull failed: {last_line(process.log_text())}")
     delta = [None if a is None or b is None else a - b for a, b in zip(cluster.served(), before)]
     mine: Served = delta[index] or Served(0, 0)
     by_peer = {i: d.local for i, d in enumerate(delta) if i != index and d is not None and d.local > 0}
@@ -257,25 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoFailed as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
-    except CommandFailed as e:
-        print(f"demo failed: {' '.join(e.command[:3])} ... exited {e.returncode}: {_last_line(e.stderr)}", file=sys.stderr)
-        return 1
-    except ProcessFailed as e:
-        print(f"demo failed: {_first_line(str(e))} (last log line: {_last_line(str(e))})", file=sys.stderr)
+    except (CommandFailed, ProcessFailed) as e:
+        print(f"demo failed: {failure_line(e, command_words=3)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("demo interrupted", file=sys.stderr)
         return 130
     print("demo ok")
     return 0
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "(no output)"
-
-
-def _last_line(text: str) -> str:
-    return text.strip().splitlines()[-1] if text.strip() else "(no output)"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.httputil import Response, get_status, request
 from spegel.testing.ports import free_port
-from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, wait_for
+from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, read_log, wait_for
 
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -221,11 +221,7 @@ class SpegelNode(RunsOneProcess):
         """
         Everything the node has logged so far (across restarts).
         """
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
         if self._process is None:

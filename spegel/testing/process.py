@@ -83,6 +83,38 @@ def live_processes() -> list["ManagedProcess"]:
     return [p for p in _live.values() if p.running]
 
 
+def read_log(path: str) -> str:
+    """
+    The whole text of the log at C{path}; empty when there is none yet.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no output)"
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else "(no output)"
+
+
+def failure_line(error: CommandFailed | ProcessFailed, command_words: int = 6) -> str:
+    """
+    One line saying why a rig step failed, for a script's error message: the command and the
+    last line it printed on stderr, or the first and last lines of a process failure (the
+    message, then the tail of the process's log).
+    """
+    if isinstance(error, CommandFailed):
+        command = " ".join(error.command[:command_words])
+        return f"{command} ... exited {error.returncode}: {last_line(error.stderr)}"
+    text = str(error)
+    return f"{first_line(text)} (last log line: {last_line(text)})"
+
+
 def tail(path: str, lines: int = 40) -> str:
     """
     The last C{lines} lines of the text file at C{path}, or a note that it does not exist.
@@ -276,11 +308,7 @@ class ManagedProcess:
         """
         Everything the process wrote to its log so far.
         """
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 40) -> str:
         """
