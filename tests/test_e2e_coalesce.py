@@ -13,7 +13,6 @@ killed at the end, also on failure, and a failing test carries the tail of every
 from __future__ import annotations
 
 import re
-import tempfile
 import threading
 import time
 
@@ -22,7 +21,7 @@ from twisted.logger import Logger
 from spegel.testing.cluster import Cluster, static_bootstrap
 from spegel.testing.images import build_image
 from spegel.testing.process import wait_for
-from tests.test_e2e_p2p import MiB, _delta, _P2PTestCase, _removeTree
+from tests.test_e2e_p2p import MiB, _delta, _P2PTestCase
 
 _log = Logger()
 
@@ -124,9 +123,7 @@ class CoalescingTests(_P2PTestCase):
         """
         cluster = self.cluster
         repo = "coalesce/large"
-        scratch = tempfile.mkdtemp(prefix="spegel-coalesce-")
-        self.addCleanup(_removeTree, scratch)
-        image = build_image(seed="coalesce-large", layer_sizes=(LARGE_LAYER,), compress=False, directory=scratch)
+        image = self.oneLayerImage("coalesce-large", LARGE_LAYER)
         layer = image.layers[0]
         with self.logsOnFailure():
             ref = cluster.registry.push_image(repo, "v1", image)

@@ -67,6 +67,15 @@ class _P2PTestCase(TestCase):
 
     cluster: Cluster
 
+    def oneLayerImage(self, seed: str, size: int) -> TestImage:
+        """
+        An image with one layer of C{size} random bytes, plain tar (cheap to build at any size),
+        built in a scratch directory removed when the test ends.
+        """
+        scratch = tempfile.mkdtemp(prefix="spegel-p2p-")
+        self.addCleanup(_removeTree, scratch)
+        return build_image(seed=seed, layer_sizes=(size,), compress=False, directory=scratch)
+
     @contextlib.contextmanager
     def logsOnFailure(self) -> Iterator[None]:
         """
@@ -265,10 +274,8 @@ class KilledPeerTests(_OwnClusterTestCase):
         """
         cluster = self.cluster
         repo = "p2p/large"
-        scratch = tempfile.mkdtemp(prefix="spegel-p2p-")
-        self.addCleanup(_removeTree, scratch)
-        # Plain tar: cheap to build, and big enough that a transfer lasts well over a poll.
-        image = build_image(seed="p2p-large", layer_sizes=(48 * MiB,), compress=False, directory=scratch)
+        # Big enough that a transfer lasts well over a poll.
+        image = self.oneLayerImage("p2p-large", 48 * MiB)
         layer = image.layers[0]
         with self.logsOnFailure():
             ref = cluster.registry.push_image(repo, "v1", image)
@@ -405,9 +412,7 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
         """
         cluster = self.cluster
         repo = "p2p/corrupt-large"
-        scratch = tempfile.mkdtemp(prefix="spegel-p2p-")
-        self.addCleanup(_removeTree, scratch)
-        image = build_image(seed="p2p-corrupt-large", layer_sizes=(16 * MiB,), compress=False, directory=scratch)
+        image = self.oneLayerImage("p2p-corrupt-large", 16 * MiB)
         layer = image.layers[0]
         with self.logsOnFailure():
             ref = cluster.registry.push_image(repo, "v1", image)
