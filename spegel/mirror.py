@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -892,7 +893,7 @@ class _BlobCopy:
             self._done.errback(PeerFailed("no provider left to resume the copy"))
 
 
-class _BodyReader(Protocol):
+class _BodyReader(Protocol, TimeoutMixin):
     """
     Receives a peer's response body for L{_BlobCopy}; fails it when the peer goes silent while
     not paused.
@@ -909,7 +910,6 @@ class _BodyReader(Protocol):
         self._idle_timeout = idle_timeout
         self._on_data = on_data
         self._on_end = on_end
-        self._timer: IDelayedCall | None = None
         self._ended = False
         self._paused = False
 
@@ -954,17 +954,17 @@ class _BodyReader(Protocol):
         self._disarm()
 
     def _arm(self) -> None:
-        self._disarm()
-        if not self._paused and not self._ended:
-            self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+        self.setTimeout(None if self._paused or self._ended else self._idle_timeout)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self.setTimeout(None)
 
-    def _idle(self) -> None:
-        self._timer = None
+    # TimeoutMixin, on the mirror's clock.
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        return self._clock.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
+        self.setTimeout(None)
         if self.transport is not None:
             self.transport.stopProducing()
         if not self._ended:

@@ -40,6 +40,7 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.internet.threads import deferToThreadPool
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Request
@@ -200,7 +201,7 @@ def peer_socket(transport: object) -> tcp.Connection | None:
 
 
 @implementer(IReadDescriptor)
-class SpliceRelay:
+class SpliceRelay(TimeoutMixin):
     """
     Move the next C{count} bytes of a peer's response body from its socket to the client's.
 
@@ -259,7 +260,6 @@ class SpliceRelay:
         self._reading = False
         self._stepping = False
         self._peer_error: str | None = None
-        self._idle: IDelayedCall | None = None
         self._done: Deferred[RelayResult] = Deferred()
         self._outcome: Failure | RelayResult | None = None
         self._pipe_r = self._pipe_w = -1
@@ -475,26 +475,22 @@ class SpliceRelay:
         if not self._reading:
             self._reading = True
             self._reactor.addReader(self)
-        if self._idle is None:
-            self._arm_idle()
+        # Silence is counted from when the relay starts waiting, not from each call.
+        if self.timeOut is None:
+            self.setTimeout(self._idle_timeout)
 
     def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
             self._reactor.removeReader(self)
-        self._disarm_idle()
+        self.setTimeout(None)
 
-    def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = self._clock.callLater(self._idle_timeout, self._went_silent)
+    # TimeoutMixin, on the relay's clock.
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        return self._clock.callLater(period, func)
 
-    def _disarm_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-
-    def _went_silent(self) -> None:
-        self._idle = None
+    def timeoutConnection(self) -> None:
+        self.setTimeout(None)
         if self._reading:
             self._peer_failed("it went silent")
 
