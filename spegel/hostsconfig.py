@@ -16,15 +16,17 @@ instances on the node, and whose ``server`` is the real registry, containerd's l
 
 The module has two layers. The pure one validates URLs and renders text
 (`parse_registry_url`, `render_hosts_toml`, `plan_configuration`) and can be tested without a
-disk. The I/O layer (`configure`, `cleanup`) moves what the operator had in ``config_path`` to
-``_backup/`` once, writes our files atomically, and restores the operator's files on cleanup.
+disk. The I/O layer (`configure`, `cleanup`) touches only the directories of the registries it
+mirrors: the operator's directory for such a registry is moved to ``_backup/`` once, ours is
+written in its place, and cleanup puts the original back byte for byte. Every other entry under
+``config_path`` (a private registry's own ``hosts.toml`` and certificates, say) is never
+touched, so configuring spegel cannot break pulls from registries it does not mirror.
 
-Every step of the I/O layer can be interrupted (the node reboots, the init container is killed)
-and run again without losing the operator's files. That needs two more directory names besides
-``_backup``: ``_backup.partial`` (a backup being assembled: renamed to ``_backup`` only once
-every original entry is inside it, so ``_backup`` existing always means "everything else in
-config_path is ours") and ``_backup.restoring`` (a cleanup that already removed our files and
-is moving the originals back, so nothing outside it may be deleted any more).
+Our files start with a marker line (`MARKER`); that is how a later run and cleanup tell our
+directories from the operator's. Every step can be interrupted (the node reboots, the init
+container is killed) and run again without losing the operator's files: a directory is moved
+to ``_backup`` by one rename, and ours is assembled aside and renamed into place, so each
+registry's directory is at any moment absent, the operator's, or ours in full.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
@@ -48,9 +49,15 @@ from twisted.logger import Logger
 log = Logger()
 
 BACKUP_DIR = "_backup"
-PARTIAL_BACKUP_DIR = "_backup.partial"
-RESTORING_BACKUP_DIR = "_backup.restoring"
-_OUR_DIRS = frozenset({BACKUP_DIR, PARTIAL_BACKUP_DIR, RESTORING_BACKUP_DIR})
+# Where a directory of ours is assembled before it is renamed into place; a leftover of a
+# killed run is removed by the next.
+STAGING_DIR = "_spegel.staging"
+_OUR_DIRS = frozenset({BACKUP_DIR, STAGING_DIR})
+
+# The first line of every hosts.toml spegel writes: how a later run, and cleanup, tell our
+# directories from the operator's, and how an operator reading the file learns who wrote it.
+MARKER = "# Written by 'spegel configuration'; 'spegel cleanup' restores what was here before."
+MARKER_BYTES = MARKER.encode("ascii")
 
 # containerd's name for the configuration that applies to every registry without its own.
 DEFAULT_HOST_DIR = "_default"
@@ -393,7 +400,7 @@ def render_hosts_toml(
     """
     capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
     existing = existing or {}
-    head = []
+    head = [MARKER]
     if registry is not None:
         head.append(f"server = {toml_string(upstream_server(registry))}")
     head.extend(
@@ -401,7 +408,7 @@ def render_hosts_toml(
         for k, v in existing.items()
         if k not in ("server", "host") and not isinstance(v, dict)
     )
-    blocks = ["\n".join(head)] if head else []
+    blocks = ["\n".join(head)]
     ours = []
     for target in mirror_targets:
         ours.append(str(target))
@@ -467,11 +474,21 @@ def plan_configuration(
 class ConfigurationResult:
     """
     What `configure` did, paths relative to config_path.
+
+    @ivar backed_up: the operator's directories moved to ``_backup`` by this run.
+    @ivar removed: our directories removed because their registry is no longer mirrored.
+    @ivar restored: the operator's directories moved back from ``_backup`` for those.
+    @ivar written: every file of ours written.
+    @ivar untouched: the other registries' directories, left exactly as they were. When
+        every registry is mirrored (``_default``), containerd reads these instead of
+        ``_default`` for their registries: pulls from them do not go through spegel.
     """
 
     backed_up: tuple[str, ...]
     removed: tuple[str, ...]
     written: tuple[str, ...]
+    restored: tuple[str, ...] = ()
+    untouched: tuple[str, ...] = ()
 
 
 @frozen
@@ -488,65 +505,111 @@ def configure(
     config_path: str | os.PathLike[str], configuration: MirrorConfiguration
 ) -> ConfigurationResult:
     """
-    Make C{config_path} hold exactly C{configuration}'s files, the operator's originals being
-    kept in ``_backup`` (moved there on the first run only: later runs find ``_backup`` and
-    know everything else is ours to replace).
+    Make the directories of C{configuration}'s registries under C{config_path} hold exactly
+    our files, and leave every other entry of C{config_path} as it was.
 
-    @raise HostsConfigError: if the directory cannot be read or written, or an old
-        ``hosts.toml`` cannot be merged. Whatever was done before stays consistent: running
-        again finishes the job, `cleanup` undoes it.
+    The operator's directory for a registry we now mirror is moved to ``_backup`` first (once:
+    a later run finds ours in its place); ours for a registry no longer mirrored is removed
+    and the operator's original, if any, moved back.
+
+    @raise HostsConfigError: if the directory cannot be read or written, an old
+        ``hosts.toml`` cannot be merged, or an operator's directory and its backup are both
+        there. Whatever was done before stays consistent: running again finishes the job,
+        `cleanup` undoes it.
     """
     root = Path(config_path)
     try:
         root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        _finish_interrupted_cleanup(root)
-        backed_up = _back_up(root)
+        _remove(root / STAGING_DIR)
+        wanted = configuration.directories()
+        owned = _owned_directories(root)
+        backed_up = tuple(d for d in wanted if d not in owned and _back_up(root, d))
+        removed = tuple(sorted(owned - set(wanted)))
+        restored = tuple(d for d in removed if _remove_ours(root, d))
         backup = (
-            _read_backup(root / BACKUP_DIR, configuration.directories())
-            if configuration.prepend_existing
-            else {}
+            _read_backup(root / BACKUP_DIR, wanted) if configuration.prepend_existing else {}
         )
         planned = plan_configuration(configuration, backup)
-        removed = _remove_unplanned(root, planned)
-        for path, content in sorted(planned.items()):
-            _write_atomically(root / path, content)
-            log.info("wrote {path}", path=str(root / path))
+        for directory in wanted:
+            _install_directory(root, directory, planned)
+        _remove_if_empty(root / BACKUP_DIR)
+        untouched = tuple(
+            sorted(
+                entry.name
+                for entry in root.iterdir()
+                if entry.name not in _OUR_DIRS and entry.name not in wanted
+            )
+        )
     except OSError as e:
         raise _os_failure(e) from None
-    return ConfigurationResult(backed_up=backed_up, removed=removed, written=tuple(sorted(planned)))
+    return ConfigurationResult(
+        backed_up=backed_up,
+        removed=removed,
+        written=tuple(sorted(planned)),
+        restored=restored,
+        untouched=untouched,
+    )
 
 
 def cleanup(config_path: str | os.PathLike[str]) -> CleanupResult:
     """
-    Remove our files from C{config_path} and put the operator's originals back, byte for byte.
-    Nothing to do (C{config_path} never configured, or already cleaned) is not an error.
+    Remove our directories from C{config_path} and put the operator's originals back, byte
+    for byte. Nothing to do (C{config_path} never configured, or already cleaned) is not an
+    error.
 
-    @raise HostsConfigError: if the directory cannot be read or written; running again
-        finishes the job.
+    @raise HostsConfigError: if the directory cannot be read or written, or something that is
+        not ours took the place of an original (the original then stays in ``_backup``);
+        running again finishes the job.
     """
     root = Path(config_path)
     try:
         if not root.is_dir():
             return CleanupResult(removed=(), restored=())
-        removed: tuple[str, ...] = ()
-        if not (root / RESTORING_BACKUP_DIR).exists():
-            if (root / BACKUP_DIR).is_dir():
-                removed = _remove_unplanned(root, {})
-                # From here on, what is outside the backup is the operator's again.
-                os.rename(root / BACKUP_DIR, root / RESTORING_BACKUP_DIR)
-            elif (root / PARTIAL_BACKUP_DIR).is_dir():
-                # A backup was interrupted before we wrote anything: only undo the moves.
-                restored = _move_back(root, root / PARTIAL_BACKUP_DIR)
-                return CleanupResult(removed=(), restored=restored)
+        _remove(root / STAGING_DIR)
+        removed = tuple(sorted(_owned_directories(root)))
+        restored = tuple(d for d in removed if _remove_ours(root, d))
+        backup = root / BACKUP_DIR
+        # Originals whose directory of ours was already removed by an interrupted run.
+        leftovers = sorted(e.name for e in backup.iterdir()) if backup.is_dir() else []
+        blocked = []
+        for name in leftovers:
+            if (root / name).exists() or (root / name).is_symlink():
+                blocked.append(name)
             else:
-                log.info(
-                    "nothing to clean up in {root}: no {backup}", root=str(root), backup=BACKUP_DIR
-                )
-                return CleanupResult(removed=(), restored=())
-        restored = _move_back(root, root / RESTORING_BACKUP_DIR)
+                _move_back(root, name)
+                restored += (name,)
+        _remove_if_empty(backup)
     except OSError as e:
         raise _os_failure(e) from None
-    return CleanupResult(removed=removed, restored=restored)
+    if blocked:
+        raise HostsConfigError(
+            f"kept {', '.join(str(backup / n) for n in blocked)} in the backup: "
+            f"{', '.join(str(root / n) for n in blocked)} exists and is not spegel's; "
+            "move one of them away and run cleanup again"
+        )
+    if not removed and not restored:
+        log.info("nothing to clean up in {root}", root=str(root))
+    return CleanupResult(removed=removed, restored=tuple(sorted(restored)))
+
+
+def is_ours(directory: Path) -> bool:
+    """
+    Whether C{directory} is one spegel wrote: a real directory whose ``hosts.toml`` starts
+    with our marker line.
+    """
+    hosts = directory / HOSTS_FILE
+    if directory.is_symlink() or not directory.is_dir() or hosts.is_symlink() or not hosts.is_file():
+        return False
+    with open(hosts, "rb") as f:
+        return f.read(len(MARKER_BYTES)) == MARKER_BYTES
+
+
+def _owned_directories(root: Path) -> set[str]:
+    return {
+        entry.name
+        for entry in root.iterdir()
+        if entry.name not in _OUR_DIRS and is_ours(entry)
+    }
 
 
 def _os_failure(e: OSError) -> HostsConfigError:
@@ -554,52 +617,56 @@ def _os_failure(e: OSError) -> HostsConfigError:
     return HostsConfigError(f"{where}{e.strerror or e}")
 
 
-def _back_up(root: Path) -> tuple[str, ...]:
+def _back_up(root: Path, name: str) -> bool:
     """
-    Move every original entry of C{root} into ``_backup``, unless that was done before.
+    Move the operator's C{root/name} into ``_backup``, if there is one.
+
+    @return: whether something was moved.
     """
+    original = root / name
+    if not (original.exists() or original.is_symlink()):
+        return False
     backup = root / BACKUP_DIR
-    if backup.is_dir():
-        return ()
-    if backup.exists() or backup.is_symlink():
+    if backup.is_symlink() or (backup.exists() and not backup.is_dir()):
         raise HostsConfigError(f"{backup} exists but is not a directory; move it away first")
-    partial = root / PARTIAL_BACKUP_DIR
-    # exist_ok: an earlier run may have moved some entries before it was interrupted.
-    partial.mkdir(mode=_DIR_MODE, exist_ok=True)
-    moved = []
-    for entry in sorted(root.iterdir()):
-        if entry.name in _OUR_DIRS:
-            continue
-        os.rename(entry, partial / entry.name)
-        moved.append(entry.name)
-        log.info("backed up {path} to {backup}", path=str(entry), backup=str(backup))
-    _fsync_directory(partial)
-    os.rename(partial, backup)
+    if (backup / name).exists() or (backup / name).is_symlink():
+        raise HostsConfigError(
+            f"{original} is not spegel's, and {backup / name} already holds an earlier "
+            "original; move one of them away first"
+        )
+    backup.mkdir(mode=_DIR_MODE, exist_ok=True)
+    os.rename(original, backup / name)
+    _fsync_directory(backup)
     _fsync_directory(root)
-    return tuple(moved)
+    log.info("backed up {path} to {backup}", path=str(original), backup=str(backup / name))
+    return True
 
 
-def _finish_interrupted_cleanup(root: Path) -> None:
-    if (root / RESTORING_BACKUP_DIR).is_dir():
-        log.info("finishing an interrupted cleanup of {root}", root=str(root))
-        _move_back(root, root / RESTORING_BACKUP_DIR)
-
-
-def _move_back(root: Path, source: Path) -> tuple[str, ...]:
+def _remove_ours(root: Path, name: str) -> bool:
     """
-    Move every entry of C{source} back into C{root}, then remove C{source}.
+    Remove our C{root/name} and move the operator's original back, if there is one.
+
+    @return: whether an original was moved back.
     """
-    restored = []
-    for entry in sorted(source.iterdir()):
-        destination = root / entry.name
-        # Only something created after our cleanup began can be in the way; the original wins.
-        _remove(destination)
-        os.rename(entry, destination)
-        restored.append(entry.name)
-        log.info("restored {path}", path=str(destination))
-    source.rmdir()
+    shutil.rmtree(root / name)
+    log.info("removed {path}", path=str(root / name))
+    backup = root / BACKUP_DIR / name
+    if backup.exists() or backup.is_symlink():
+        _move_back(root, name)
+        return True
     _fsync_directory(root)
-    return tuple(restored)
+    return False
+
+
+def _move_back(root: Path, name: str) -> None:
+    os.rename(root / BACKUP_DIR / name, root / name)
+    _fsync_directory(root)
+    log.info("restored {path}", path=str(root / name))
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not directory.is_symlink() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _read_backup(backup: Path, directories: Iterable[str]) -> dict[str, FileContent]:
@@ -620,31 +687,34 @@ def _read_backup(backup: Path, directories: Iterable[str]) -> dict[str, FileCont
     return files
 
 
-def _remove_unplanned(root: Path, planned: Mapping[str, FileContent]) -> tuple[str, ...]:
+def _install_directory(root: Path, name: str, planned: Mapping[str, FileContent]) -> None:
     """
-    Remove every entry under C{root} that is neither planned, nor a parent directory of a
-    planned file, nor one of our backup directories. Planned files themselves are left for
-    `_write_atomically` to replace, so containerd never sees them missing.
+    Make C{root/name} hold exactly the planned files under C{name/}.
+
+    The directory is assembled aside and renamed into place, so containerd (which may read it
+    at any moment) and a run that is killed half-way only ever find no directory, ours in
+    full, or the operator's: never a ``hosts.toml`` whose certificates are not written yet,
+    nor one of ours without its marker.
     """
-    keep_dirs = {p.as_posix() for path in planned for p in Path(path).parents if p != Path(".")}
-    removed = []
-
-    def visit(directory: Path) -> None:
-        for entry in sorted(directory.iterdir()):
-            relative = entry.relative_to(root).as_posix()
-            if directory == root and entry.name in _OUR_DIRS:
-                continue
-            is_dir = entry.is_dir() and not entry.is_symlink()
-            if is_dir and relative in keep_dirs:
-                visit(entry)
-            elif not is_dir and relative in planned:
-                continue
-            else:
-                _remove(entry)
-                removed.append(relative)
-
-    visit(root)
-    return tuple(removed)
+    staging = root / STAGING_DIR
+    staging.mkdir(mode=_DIR_MODE, exist_ok=True)
+    fresh = staging / name
+    for path, content in planned.items():
+        if path.startswith(name + "/"):
+            _write_synced(staging / path, content)
+    _fsync_directory(fresh)
+    target = root / name
+    if target.exists() or target.is_symlink():
+        # Ours from an earlier run (the operator's was backed up before this was called).
+        old = staging / (name + ".old")
+        os.rename(target, old)
+        os.rename(fresh, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(fresh, target)
+    staging.rmdir()
+    _fsync_directory(root)
+    log.info("wrote {path}", path=str(target))
 
 
 def _remove(path: Path) -> None:
@@ -654,23 +724,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _write_atomically(path: Path, content: FileContent) -> None:
-    """
-    Replace C{path} with C{content} so a reader sees the old file or the new one, never a
-    partial one: containerd may read hosts.toml at any moment.
-    """
+def _write_synced(path: Path, content: FileContent) -> None:
     path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content.data)
-            os.fchmod(f.fileno(), content.mode)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with open(path, "xb") as f:
+        os.fchmod(f.fileno(), content.mode)
+        f.write(content.data)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_directory(path.parent)
 
 

@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from spegel import hostsconfig
 from spegel.hostsconfig import (
     BACKUP_DIR,
-    PARTIAL_BACKUP_DIR,
-    RESTORING_BACKUP_DIR,
+    MARKER,
+    STAGING_DIR,
     ExistingConfigError,
     FileContent,
     HostsConfigError,
@@ -204,13 +204,15 @@ class MirrorConfigurationTests(SynchronousTestCase):
 class RenderTests(SynchronousTestCase):
     def test_reference_example(self) -> None:
         """
-        The example in REFERENCE.md, byte for byte (plus the final newline of a text file).
+        The example in REFERENCE.md, byte for byte, after our marker line (plus the final newline
+        of a text file).
         """
         self.assertEqual(
             render_hosts_toml(
                 parse_registry_url("https://docker.io"),
                 [parse_registry_url("http://10.0.0.5:30020")],
             ),
+            f"{MARKER}\n"
             "server = 'https://registry-1.docker.io'\n"
             "\n"
             "[host.'http://10.0.0.5:30020']\n"
@@ -222,6 +224,7 @@ class RenderTests(SynchronousTestCase):
         text = render_hosts_toml(None, [parse_registry_url(TARGET)], resolve_tags=False)
         self.assertEqual(
             text,
+            f"{MARKER}\n\n"
             "[host.'http://10.0.0.5:30020']\ncapabilities = ['pull']\ndial_timeout = '200ms'\n",
         )
 
@@ -332,7 +335,9 @@ class PlanTests(SynchronousTestCase):
         plan = plan_configuration(configuration(["https://docker.io", "http://127.0.0.1:5000"]), {})
         self.assertEqual(sorted(plan), ["127.0.0.1:5000/hosts.toml", "docker.io/hosts.toml"])
         self.assertTrue(
-            plan["docker.io/hosts.toml"].data.startswith(b"server = 'https://registry-1")
+            plan["docker.io/hosts.toml"].data.startswith(
+                MARKER.encode() + b"\nserver = 'https://registry-1"
+            )
         )
         self.assertEqual(plan["docker.io/hosts.toml"].mode, 0o644)
 
@@ -420,7 +425,8 @@ class GoldenTests(GoldenTestMixin, SynchronousTestCase):
         result = configure(
             self.config_path("replace-existing"), configuration(["https://docker.io"])
         )
-        self.assertEqual(result.backed_up, ("README.txt", "docker.io"))
+        self.assertEqual(result.backed_up, ("docker.io",))
+        self.assertEqual(result.untouched, ("README.txt",))
         self.assertEqual(result.written, ("docker.io/hosts.toml",))
         self.check("replace-existing", configuration(["https://docker.io"]))
 
@@ -435,11 +441,17 @@ class GoldenTests(GoldenTestMixin, SynchronousTestCase):
         )
 
     def test_second_run_reports(self) -> None:
+        """
+        A registry no longer mirrored gets its original back; nothing is backed up twice.
+        """
         root = self.config_path("second-run-keeps-backup")
-        configure(root, configuration(["https://docker.io", "https://ghcr.io"]))
-        result = configure(root, configuration(["https://docker.io"]))
-        self.assertEqual(result.backed_up, ())
-        self.assertEqual(result.removed, ("ghcr.io",))
+        first = configure(root, configuration(["https://docker.io", "https://ghcr.io"]))
+        self.assertEqual(first.backed_up, ("docker.io",))
+        second = configure(root, configuration(["https://docker.io"]))
+        self.assertEqual(second.backed_up, ())
+        self.assertEqual(second.removed, ("ghcr.io",))
+        self.assertEqual(second.restored, ())
+        self.assertFalse((root / "ghcr.io").exists())
 
     def test_backup_then_cleanup(self) -> None:
         """
@@ -448,20 +460,63 @@ class GoldenTests(GoldenTestMixin, SynchronousTestCase):
         """
         root = self.config_path("backup-then-cleanup")
         (root / "docker.io" / "certs" / "client.key").chmod(0o600)
-        configure(
+        first = configure(
             root, configuration(["https://docker.io", "https://quay.io"], prepend_existing=True)
         )
-        configure(root, configuration(["https://docker.io"], ["http://10.0.0.5:30021"]))
+        self.assertEqual(first.backed_up, ("docker.io", "quay.io"))
+        self.assertEqual(first.untouched, ("empty-dir",))
+        second = configure(root, configuration(["https://docker.io"], ["http://10.0.0.5:30021"]))
+        # quay.io is no longer mirrored: its original is back at once.
+        self.assertEqual((second.removed, second.restored), (("quay.io",), ("quay.io",)))
         self.assertNotEqual(
             snapshot(root), golden_snapshot(GOLDEN / "backup-then-cleanup" / "input")
         )
         result = cleanup(root)
         self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
-        self.assertEqual(result.restored, ("docker.io", "empty-dir", "quay.io"))
+        self.assertEqual(result.restored, ("docker.io",))
         self.assertEqual(result.removed, ("docker.io",))
         self.assertEqual(
             stat.S_IMODE((root / "docker.io" / "certs" / "client.key").stat().st_mode), 0o600
         )
+
+    def test_other_registries_untouched(self) -> None:
+        """
+        A private registry's own directory (hosts.toml with its CA, plain HTTP, its own mirror)
+        is the same bytes after configuration, reconfiguration and cleanup: only the mirrored
+        registries' directories are ever touched.
+        """
+        root = self.config_path("backup-then-cleanup")
+        private = root / "registry.internal:5443"
+        private.mkdir()
+        (private / "hosts.toml").write_bytes(
+            b"server = 'https://registry.internal:5443'\nca = 'ca.crt'\n"
+        )
+        (private / "ca.crt").write_bytes(b"private CA")
+        before = snapshot(root)
+        for prepend in (False, True):
+            configure(
+                root, configuration(["https://docker.io"], prepend_existing=prepend)
+            )
+            self.assertEqual(
+                {p: d for p, d in snapshot(root).items() if p.startswith("registry.internal")},
+                {p: d for p, d in before.items() if p.startswith("registry.internal")},
+            )
+            cleanup(root)
+            self.assertEqual(snapshot(root), before)
+
+    def test_default_leaves_registry_directories(self) -> None:
+        """
+        Mirroring every registry writes _default only; registries with a directory of their
+        own keep it (containerd reads it instead of _default), and the result says which.
+        """
+        root = self.config_path("backup-then-cleanup")
+        before = snapshot(root)
+        result = configure(root, configuration([]))
+        self.assertEqual(result.untouched, ("docker.io", "empty-dir", "quay.io"))
+        self.assertEqual(result.backed_up, ())
+        self.assertFalse((root / BACKUP_DIR).exists())
+        cleanup(root)
+        self.assertEqual(snapshot(root), before)
 
     def test_cleanup_twice(self) -> None:
         """
@@ -502,74 +557,91 @@ class GoldenTests(GoldenTestMixin, SynchronousTestCase):
         self.assertTrue((root / "docker.io").is_symlink())
         self.assertEqual((outside / "keep").read_bytes(), b"outside")
 
+    def test_operator_file_with_marker_text_elsewhere(self) -> None:
+        """
+        Only a hosts.toml that starts with the marker is ours: one quoting it further down is
+        the operator's and is backed up, not overwritten.
+        """
+        root = self.config_path()
+        (root / "docker.io").mkdir(parents=True)
+        text = f"server = 'https://registry-1.docker.io'\n{MARKER}\n".encode()
+        (root / "docker.io" / "hosts.toml").write_bytes(text)
+        result = configure(root, configuration(["https://docker.io"]))
+        self.assertEqual(result.backed_up, ("docker.io",))
+        cleanup(root)
+        self.assertEqual(snapshot(root), {"docker.io/hosts.toml": text})
+
 
 class InterruptionTests(GoldenTestMixin, SynchronousTestCase):
     """
     Every intermediate state a killed run can leave behind is finished by the next run.
     """
 
-    def test_interrupted_backup_then_configure(self) -> None:
+    def test_killed_after_backup_then_configure(self) -> None:
+        """
+        Killed after the original was moved aside, before ours was in place.
+        """
         root = self.config_path("replace-existing")
-        (root / PARTIAL_BACKUP_DIR).mkdir()
-        os.rename(root / "README.txt", root / PARTIAL_BACKUP_DIR / "README.txt")
+        (root / BACKUP_DIR).mkdir()
+        os.rename(root / "docker.io", root / BACKUP_DIR / "docker.io")
         configure(root, configuration(["https://docker.io"]))
         self.assertMatchesGolden(root, GOLDEN / "replace-existing" / "expected")
 
-    def test_interrupted_backup_then_cleanup(self) -> None:
+    def test_killed_after_backup_then_cleanup(self) -> None:
         root = self.config_path("replace-existing")
-        (root / PARTIAL_BACKUP_DIR).mkdir()
-        os.rename(root / "docker.io", root / PARTIAL_BACKUP_DIR / "docker.io")
+        (root / BACKUP_DIR).mkdir()
+        os.rename(root / "docker.io", root / BACKUP_DIR / "docker.io")
         result = cleanup(root)
         self.assertEqual(result.restored, ("docker.io",))
         self.assertMatchesGolden(root, GOLDEN / "replace-existing" / "input")
 
-    def interrupted_cleanup(self) -> Path:
+    def test_killed_while_staging(self) -> None:
         """
-        A cleanup that removed our files and moved one original back, then died.
+        A half-assembled directory of ours is thrown away by the next run, whichever it is.
         """
-        root = self.config_path("backup-then-cleanup")
-        configure(root, configuration(["https://docker.io"]))
-        shutil.rmtree(root / "docker.io")
-        os.rename(root / BACKUP_DIR, root / RESTORING_BACKUP_DIR)
-        os.rename(root / RESTORING_BACKUP_DIR / "quay.io", root / "quay.io")
-        return root
+        for command in (lambda r: configure(r, configuration(["https://docker.io"])), cleanup):
+            root = self.config_path("replace-existing")
+            (root / BACKUP_DIR).mkdir()
+            os.rename(root / "docker.io", root / BACKUP_DIR / "docker.io")
+            (root / STAGING_DIR / "docker.io").mkdir(parents=True)
+            (root / STAGING_DIR / "docker.io" / "ca.pem").write_bytes(b"half")
+            command(root)
+            self.assertFalse((root / STAGING_DIR).exists())
+        self.assertMatchesGolden(root, GOLDEN / "replace-existing" / "input")
 
-    def test_interrupted_cleanup_then_cleanup(self) -> None:
-        root = self.interrupted_cleanup()
-        cleanup(root)
-        self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
-
-    def test_interrupted_cleanup_then_configure(self) -> None:
+    def test_killed_during_cleanup(self) -> None:
         """
-        configure first finishes the restore, so the backup it then makes is complete.
+        A cleanup that removed one of our directories and died before moving its original
+        back: the next cleanup, or configure, finishes the job.
         """
-        root = self.interrupted_cleanup()
-        configure(root, configuration(["https://docker.io"]))
-        self.assertEqual(
-            sorted(p.name for p in (root / BACKUP_DIR).iterdir()),
-            ["docker.io", "empty-dir", "quay.io"],
-        )
-        self.assertFalse((root / RESTORING_BACKUP_DIR).exists())
-        cleanup(root)
-        self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
+        for finish in ("cleanup", "configure"):
+            root = self.config_path("backup-then-cleanup")
+            configure(root, configuration(["https://docker.io", "https://quay.io"]))
+            shutil.rmtree(root / "docker.io")
+            if finish == "configure":
+                configure(root, configuration(["https://docker.io", "https://quay.io"]))
+                self.assertEqual(
+                    sorted(p.name for p in (root / BACKUP_DIR).iterdir()), ["docker.io", "quay.io"]
+                )
+            cleanup(root)
+            self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
 
-    def test_leftover_temporary_file_removed(self) -> None:
+    def test_failed_write_keeps_what_was_there(self) -> None:
+        """
+        A write that fails half-way leaves the previous directory of ours in place, and no
+        staging leftovers once the next run succeeds.
+        """
         root = self.config_path()
         configure(root, configuration(["https://docker.io"]))
-        (root / "docker.io" / ".hosts.toml.abc.tmp").write_bytes(b"half")
+        before = snapshot(root)
+        (root / STAGING_DIR).write_bytes(b"in the way")  # mkdir of the staging area fails
+        original = hostsconfig._remove
+        self.patch(hostsconfig, "_remove", lambda path: None)
+        self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"], ["http://10.0.0.5:30021"]))
+        self.patch(hostsconfig, "_remove", original)
+        self.assertEqual(snapshot(root), {**before, STAGING_DIR: b"in the way"})
         configure(root, configuration(["https://docker.io"]))
-        self.assertEqual(sorted(p.name for p in (root / "docker.io").iterdir()), ["hosts.toml"])
-
-    def test_failed_write_leaves_no_temporary(self) -> None:
-        """
-        If the final rename fails, the temporary file is removed and the error propagates.
-        """
-        root = Path(self.mktemp())
-        (root / "hosts.toml" / "occupied").mkdir(parents=True)
-        self.assertRaises(
-            OSError, hostsconfig._write_atomically, root / "hosts.toml", FileContent(b"x")
-        )
-        self.assertEqual([p.name for p in root.iterdir()], ["hosts.toml"])
+        self.assertEqual(snapshot(root), before)
 
 
 class FailureTests(GoldenTestMixin, SynchronousTestCase):
@@ -581,11 +653,51 @@ class FailureTests(GoldenTestMixin, SynchronousTestCase):
 
     def test_backup_is_a_file(self) -> None:
         root = self.config_path()
-        root.mkdir(parents=True)
+        (root / "docker.io").mkdir(parents=True)
         (root / BACKUP_DIR).write_bytes(b"")
-        e = self.assertRaises(HostsConfigError, configure, root, configuration([]))
+        e = self.assertRaises(
+            HostsConfigError, configure, root, configuration(["https://docker.io"])
+        )
         self.assertIn("not a directory", str(e))
-        self.assertEqual(snapshot(root), {BACKUP_DIR: b""})
+        self.assertEqual(snapshot(root), {BACKUP_DIR: b"", "docker.io/": None})
+
+    def test_original_and_backup_both_there(self) -> None:
+        """
+        An operator's directory where ours should be, while _backup already holds an earlier
+        original: neither is overwritten, and the message says what to do.
+        """
+        root = self.config_path()
+        (root / "docker.io").mkdir(parents=True)
+        (root / "docker.io" / "hosts.toml").write_bytes(b"new")
+        (root / BACKUP_DIR / "docker.io").mkdir(parents=True)
+        (root / BACKUP_DIR / "docker.io" / "hosts.toml").write_bytes(b"old")
+        before = snapshot(root)
+        e = self.assertRaises(
+            HostsConfigError, configure, root, configuration(["https://docker.io"])
+        )
+        self.assertIn("move one of them away", str(e))
+        self.assertEqual(snapshot(root), before)
+        e = self.assertRaises(HostsConfigError, cleanup, root)
+        self.assertIn("move one of them away", str(e))
+        self.assertEqual(snapshot(root), before)
+
+    def test_read_only_config_path(self) -> None:
+        """
+        A config path that cannot be written fails with one message naming it, and changes
+        nothing.
+        """
+        if os.getuid() == 0:
+            # root ignores permission bits: use a read-only bind of the kernel instead.
+            root = Path("/proc/self")
+            self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"]))
+            return
+        root = self.config_path("replace-existing")
+        before = snapshot(root)
+        root.chmod(0o555)
+        self.addCleanup(root.chmod, 0o755)
+        e = self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"]))
+        self.assertIn(str(root), str(e))
+        self.assertEqual(snapshot(root), before)
 
     def test_bad_old_file_keeps_originals(self) -> None:
         """
