@@ -5,25 +5,29 @@ The ``spegel`` console script: one-shot commands run next to the long-running no
 
     spegel configuration --containerd-registry-config-path /etc/containerd/certs.d \\
         --mirrored-registries https://docker.io,https://ghcr.io \\
-        --mirror-targets http://10.0.0.5:30020 [--resolve-tags=false] [--prepend-existing]
+        --mirror-targets http://10.0.0.5:30020 [--resolve-tags=false] [--prepend-existing] \\
+        [--containerd-config-file /etc/containerd/config.toml] \\
+        [--containerd-sock /run/containerd/containerd.sock] [--preflight strict|warn|off]
     spegel cleanup --containerd-registry-config-path /etc/containerd/certs.d
     spegel version
 
 Flag names are the reference's, so existing manifests keep working. Lists are comma-separated
 and may also be given as several words or by repeating the flag. Exit status: 0 done, 1 the
-configuration directory could not be read or written, 2 bad command line; errors are one line
-on stderr, ``spegel: error: ...``.
+configuration directory could not be read or written, or the preflight (spegel.preflight) found
+that containerd would not use it, 2 bad command line; errors are one line each on stderr,
+``spegel: error: ...`` (and ``spegel: warning: ...`` for what is doubtful but not fatal).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from typing import Any, NoReturn, Sequence, TextIO
 
 import spegel
-from spegel import flags
+from spegel import flags, preflight
 from spegel.hostsconfig import (
     DEFAULT_CONFIG_PATH,
     HostsConfigError,
@@ -141,7 +145,8 @@ def build_parser(
         "configuration",
         help="point containerd at spegel for the mirrored registries",
         description="Write <config path>/<registry>/hosts.toml for every mirrored registry, "
-        "moving what was there to <config path>/_backup (once).",
+        "moving what was there to <config path>/_backup (once). Nothing else under the "
+        "config path is touched.",
     )
     _add_config_path(configuration)
     configuration.add_argument(
@@ -180,10 +185,39 @@ def build_parser(
         help="keep the [host] entries of existing hosts.toml files after ours (default: false)",
     )
 
+    configuration.add_argument(
+        "--containerd-config-file",
+        metavar="FILE",
+        default=preflight.DEFAULT_CONTAINERD_CONFIG,
+        help="containerd's configuration, read (when it exists) to check that containerd "
+        "will use what spegel writes (default: %(default)s)",
+    )
+    configuration.add_argument(
+        "--containerd-sock",
+        metavar="SOCKET",
+        default="",
+        help="containerd's socket, to check its version and images (default: not asked)",
+    )
+    configuration.add_argument(
+        "--containerd-namespace",
+        metavar="NAME",
+        default="k8s.io",
+        help="the namespace the node serves (default: %(default)s)",
+    )
+    configuration.add_argument(
+        "--preflight",
+        choices=("strict", "warn", "off"),
+        default="strict",
+        help="strict: a misconfiguration that keeps spegel from working stops the command "
+        "(exit 1) before anything is written; warn: report it and go on; off: do not check "
+        "(default: %(default)s)",
+    )
+
     cleanup_command = commands.add_parser(
         "cleanup",
         help="remove spegel's configuration and restore the original",
-        description="Remove what 'configuration' wrote and move <config path>/_backup back.",
+        description="Remove what 'configuration' wrote and move the originals in "
+        "<config path>/_backup back.",
     )
     _add_config_path(cleanup_command)
 
@@ -210,7 +244,7 @@ def main(
         if not arguments.containerd_registry_config_path:
             raise UsageError("--containerd-registry-config-path must not be empty")
         if arguments.command == "configuration":
-            return _configuration(arguments, out)
+            return _configuration(arguments, out, err)
         return _cleanup(arguments, out)
     except _Exit as e:
         return e.status
@@ -222,7 +256,7 @@ def main(
         return EXIT_FAILED
 
 
-def _configuration(arguments: argparse.Namespace, out: TextIO) -> int:
+def _configuration(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Validated in full before the directory is touched.
     wanted = MirrorConfiguration.from_strings(
         arguments.mirrored_registries,
@@ -231,13 +265,39 @@ def _configuration(arguments: argparse.Namespace, out: TextIO) -> int:
         prepend_existing=arguments.prepend_existing,
     )
     root = arguments.containerd_registry_config_path.rstrip("/") or "/"
+    if arguments.preflight != "off":
+        problems = preflight.run_preflight(
+            config_file=arguments.containerd_config_file,
+            certs_dir=root,
+            socket_path=arguments.containerd_sock or None,
+            namespace=arguments.containerd_namespace,
+        )
+        for problem in problems:
+            print(f"spegel: {problem}", file=err)
+        if arguments.preflight == "strict" and any(p.fatal for p in problems):
+            print(
+                "spegel: nothing written: fix containerd's configuration, or pass --preflight=warn",
+                file=err,
+            )
+            return EXIT_FAILED
     result = configure(root, wanted)
     for name in result.backed_up:
         print(f"backed up {root}/{name} to {root}/_backup/{name}", file=out)
     for path in result.removed:
         print(f"removed {root}/{path}", file=out)
+    for name in result.restored:
+        print(f"restored {root}/{name}", file=out)
     for path in result.written:
         print(f"wrote {root}/{path}", file=out)
+    if not wanted.mirrored_registries:
+        # containerd prefers a registry's own directory to _default: say which pulls bypass us.
+        for name in result.untouched:
+            if os.path.isdir(os.path.join(root, name)) and not name.startswith("_"):
+                print(
+                    f"note: {root}/{name} has its own configuration, which containerd reads "
+                    f"instead of _default: pulls from {name} do not go through spegel",
+                    file=out,
+                )
     return EXIT_OK
 
 

@@ -60,6 +60,8 @@ class NodeConfig:
     containerd_sock: str
     containerd_namespace: str
     containerd_content_path: str
+    containerd_config_file: str
+    containerd_registry_config_path: str
     data_dir: str | None
     registry_filter: RegistryFilter
     mirror_resolve_timeout: float
@@ -93,6 +95,19 @@ class Options(usage.Options):
             None,
             "/var/lib/containerd/io.containerd.content.v1.content",
             "containerd's content store, read directly when readable.",
+        ],
+        [
+            "containerd-config-file",
+            None,
+            "/etc/containerd/config.toml",
+            "containerd's configuration, read at start (when it exists) to check that the node "
+            "can work with spegel.",
+        ],
+        [
+            "containerd-registry-config-path",
+            None,
+            "/etc/containerd/certs.d",
+            "Where 'spegel configuration' writes containerd's hosts.toml, for the same check.",
         ],
         ["data-dir", None, "/var/lib/spegel", "Where the node keeps its identity; empty for none."],
         [
@@ -240,6 +255,8 @@ class Options(usage.Options):
             containerd_sock=self["containerd-sock"],
             containerd_namespace=self["containerd-namespace"],
             containerd_content_path=self["containerd-content-path"],
+            containerd_config_file=self["containerd-config-file"],
+            containerd_registry_config_path=self["containerd-registry-config-path"],
             data_dir=self["data-dir"] or None,
             registry_filter=RegistryFilter(registries, patterns),
             mirror_resolve_timeout=timeout,
@@ -297,11 +314,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.coalesce import PullCoalescer
     from spegel.mirror import Mirror, SpliceRelaying
     from spegel.peers import peer_client
+    from spegel.preflight import PreflightService
     from spegel.registry import RegistryResource, make_site
     from spegel.store import ContainerdContent
 
     config: NodeConfig = options.node
     node = MultiService()
+
+    PreflightService(
+        reactor,
+        config_file=config.containerd_config_file or None,
+        certs_dir=config.containerd_registry_config_path,
+        socket_path=config.containerd_sock,
+        namespace=config.containerd_namespace,
+    ).setServiceParent(node)
 
     client = ContainerdClient(reactor, config.containerd_sock, config.containerd_namespace)
     client.setServiceParent(node)

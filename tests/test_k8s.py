@@ -400,9 +400,30 @@ class ManifestTests(SynchronousTestCase):
         self.assertIn("emptyDir", mounts["/tmp"]["volume"])
 
     def test_init_mounts_config_path(self) -> None:
-        path = flag_values(expand(self.init, self.documents))["--containerd-registry-config-path"]
+        flags = flag_values(expand(self.init, self.documents))
+        path = flags["--containerd-registry-config-path"]
         self.assertEqual(path, "/etc/containerd/certs.d")
-        self.assertEqual(self.mounts(self.init)[path]["volume"]["hostPath"]["path"], path)
+        mounts = self.mounts(self.init)
+        self.assertEqual(mounts[path]["volume"]["hostPath"]["path"], path)
+        self.assertNotIn("readOnly", mounts[path])
+
+    def test_preflight_reads_what_is_mounted(self) -> None:
+        """
+        The init container and the node read containerd's configuration from a read-only
+        mount of the node's /etc/containerd, and the init container asks containerd itself.
+        """
+        init_flags = flag_values(expand(self.init, self.documents))
+        node_flags = flag_values(self.node_args())
+        for container, flags in ((self.init, init_flags), (self.node, node_flags)):
+            config_file = flags["--containerd-config-file"]
+            self.assertEqual(config_file, "/etc/containerd/config.toml")
+            etc = self.mounts(container)["/etc/containerd"]
+            self.assertIs(etc["readOnly"], True)
+            self.assertEqual(etc["volume"]["hostPath"]["path"], "/etc/containerd")
+        self.assertEqual(init_flags["--preflight"], "strict")
+        socket = self.mounts(self.init)[init_flags["--containerd-sock"]]
+        self.assertEqual(socket["volume"]["hostPath"]["type"], "Socket")
+        self.assertEqual(node_flags["--containerd-registry-config-path"], init_flags["--containerd-registry-config-path"])
 
     def test_selectors(self) -> None:
         labels = self.daemonset["spec"]["template"]["metadata"]["labels"]
