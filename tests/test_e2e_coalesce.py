@@ -19,6 +19,7 @@ import time
 from twisted.logger import Logger
 
 from spegel.testing.cluster import Cluster, static_bootstrap
+from spegel.testing.containerd import per_containerd
 from spegel.testing.images import build_image
 from spegel.testing.process import wait_for
 from tests.test_e2e_p2p import MiB, _delta, _P2PTestCase
@@ -101,7 +102,9 @@ class CoalescingTests(_P2PTestCase):
     """
 
     def setUp(self) -> None:
-        self.cluster = Cluster(3, node_args=_coalescingNodeArgs, wait_ready=True)
+        self.cluster = Cluster(
+            3, node_args=_coalescingNodeArgs, wait_ready=True, containerd_build=self.containerd_build
+        )
         self.cluster.start()
         self.addCleanup(self.cluster.stop)
         self.cluster.mirror_through_own_nodes()
@@ -225,3 +228,7 @@ class CoalescingTests(_P2PTestCase):
             self.assertEqual(delta[2].peer, 0, delta)
             # Far below the 30 s a wait would cost; generous for this shared machine.
             self.assertLess(seconds, 10, "a lone pull was held back")
+
+
+globals().update(per_containerd(CoalescingTests))
+del CoalescingTests

@@ -23,6 +23,7 @@ from spegel.testing.cluster import Cluster
 from spegel.testing.images import LINUX_AMD64, MediaFormat, TestImage, build_image, build_index
 from spegel.testing.node import SpegelNode
 from spegel.testing.process import CommandFailed
+from spegel.testing.containerd import ContainerdBuild, per_containerd
 from spegel.testing.shared import Shared
 
 # Big enough to make ranges and streaming meaningful, small enough to stay fast.
@@ -31,8 +32,8 @@ HTTP_REPO = "e2e/http"
 HTTP_IMAGE = build_image(seed="e2e-http", layer_sizes=(300 * 1024,))
 
 
-def _startCluster() -> Cluster:
-    cluster = Cluster(2)
+def _startCluster(build: ContainerdBuild) -> Cluster:
+    cluster = Cluster(2, containerd_build=build)
     cluster.start()
     try:
         # Node 0 holds HTTP_IMAGE for the HTTP tests; node 1's containerd mirrors through node 0.
@@ -55,7 +56,7 @@ class PullThroughNodeTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.cluster = _cluster.get()
+        self.cluster = _cluster.get(self.containerd_build)
         self.node = self.cluster.nodes[0]
 
     def assertHolds(self, index: int, ref: str, image: TestImage, digests: set[str]) -> None:
@@ -172,7 +173,7 @@ class LiveNodeHTTPTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.cluster = _cluster.get()
+        self.cluster = _cluster.get(self.containerd_build)
         self.node = self.cluster.nodes[0]
         self.ns = urllib.parse.quote(self.cluster.registry.host, safe="")
         self.layer = HTTP_IMAGE.layers[0]
@@ -426,3 +427,8 @@ def _processesMentioning(text: str) -> list[str]:
         if text in command:
             found.append(f"{entry}: {command}")
     return found
+
+
+globals().update(per_containerd(PullThroughNodeTests))
+globals().update(per_containerd(LiveNodeHTTPTests))
+del PullThroughNodeTests, LiveNodeHTTPTests

@@ -28,6 +28,7 @@ from twisted.trial.unittest import TestCase
 from spegel.testing.cluster import Cluster, Served, static_bootstrap
 from spegel.testing.images import TestImage, build_image
 from spegel.testing.process import CommandFailed, ProcessFailed, wait_for
+from spegel.testing.containerd import ContainerdBuild, per_containerd
 from spegel.testing.shared import Shared
 
 _log = Logger()
@@ -46,8 +47,8 @@ SUBSCRIBED = "Subscribed to containerd events"
 ANNOUNCED = "Announced "
 
 
-def _startCluster(nodes: int = 3) -> Cluster:
-    cluster = Cluster(nodes, node_args=static_bootstrap, wait_ready=True)
+def _startCluster(build: ContainerdBuild, nodes: int = 3) -> Cluster:
+    cluster = Cluster(nodes, node_args=static_bootstrap, wait_ready=True, containerd_build=build)
     cluster.start()
     try:
         cluster.mirror_through_own_nodes()
@@ -140,7 +141,7 @@ class ClusterPullTests(_P2PTestCase):
     """
 
     def setUp(self) -> None:
-        self.cluster = _shared.get()
+        self.cluster = _shared.get(self.containerd_build)
 
     def test_pullThroughPeers(self) -> None:
         """
@@ -256,7 +257,7 @@ class _OwnClusterTestCase(_P2PTestCase):
     nodes = 3
 
     def setUp(self) -> None:
-        self.cluster = _startCluster(self.nodes)
+        self.cluster = _startCluster(self.containerd_build, self.nodes)
         self.addCleanup(self.cluster.stop)
 
 
@@ -471,3 +472,8 @@ def _sha256Of(path: str) -> str:
 
 def _removeTree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+for _template in (ClusterPullTests, KilledPeerTests, CorruptPeerTests, CorruptLargeLayerTests):
+    globals().update(per_containerd(_template))
+del _template, ClusterPullTests, KilledPeerTests, CorruptPeerTests, CorruptLargeLayerTests

@@ -20,7 +20,7 @@ import tarfile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.containerd import ContainerdDaemon, short_tempdir
+from spegel.testing.containerd import ContainerdBuild, ContainerdDaemon, per_containerd, short_tempdir
 from spegel.testing.images import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -49,7 +49,7 @@ class ContainerdDaemonTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.daemon = ContainerdDaemon(name="test-containerd")
+        self.daemon = ContainerdDaemon(name="test-containerd", build=self.containerd_build)
         self.addCleanup(self.daemon.cleanup)
 
     def test_startAnswersOnSocket(self) -> None:
@@ -187,9 +187,9 @@ class ImageBuilderTests(SynchronousTestCase):
         self.assertConsistent(onDisk)
 
 
-def _startRegistryAndDaemon() -> tuple[UpstreamRegistry, ContainerdDaemon]:
+def _startRegistryAndDaemon(build: ContainerdBuild) -> tuple[UpstreamRegistry, ContainerdDaemon]:
     registry = UpstreamRegistry(name="test-registry")
-    daemon = ContainerdDaemon(name="test-containerd")
+    daemon = ContainerdDaemon(name="test-containerd", build=build)
     try:
         registry.start()
         daemon.start()
@@ -213,7 +213,7 @@ class RegistryAndContainerdTests(TestCase):
     """
 
     def setUp(self) -> None:
-        self.registry, self.daemon = _registryAndDaemon.get()
+        self.registry, self.daemon = _registryAndDaemon.get(self.containerd_build)
 
     def assertPulled(self, image: TestImage, ref: str, digests: set[str]) -> None:
         """
@@ -493,3 +493,8 @@ class OrphanTests(TestCase):
         pid = int(completed.stdout.split()[0])
         wait_for(lambda: not _isAlive(pid), timeout=10, what=f"orphaned containerd {pid} to die")
         self.assertFalse(_isAlive(pid))
+
+
+for _template in (ContainerdDaemonTests, RegistryAndContainerdTests):
+    globals().update(per_containerd(_template))
+del _template, ContainerdDaemonTests, RegistryAndContainerdTests

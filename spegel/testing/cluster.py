@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from attrs import define, field, frozen
 
-from spegel.testing.containerd import ContainerdDaemon, short_tempdir
+from spegel.testing.containerd import ContainerdBuild, ContainerdDaemon, short_tempdir, system_containerd
 from spegel.testing.images import Platform, TestImage
 from spegel.testing.node import SpegelNode, twistd_command
 from spegel.testing.process import ProcessFailed, run
@@ -84,6 +84,8 @@ class Cluster:
     @ivar log_level: the nodes' log level.
     @ivar node_command: the runner prefix for nodes instead of L{twistd_command} (for example a
         stand-in, L{spegel.testing.fakenode}).
+    @ivar containerd_build: which containerd every node runs.
+    @ivar cri: run containerd's CRI plugin (pull as the kubelet does, through C{crictl}).
     """
 
     n_nodes: int = 2
@@ -93,6 +95,8 @@ class Cluster:
     wait_ready: bool = False
     log_level: str = "debug"
     node_command: Sequence[str] | None = None
+    containerd_build: ContainerdBuild = field(factory=system_containerd)
+    cri: bool = False
     base_dir: str = field(factory=lambda: short_tempdir("spc"))
     keep_dir: bool = False
     registry: UpstreamRegistry = field(init=False)
@@ -104,7 +108,12 @@ class Cluster:
         os.makedirs(self.registry.base_dir, exist_ok=True)
         mirrored = list(self.mirrored_registries) if self.mirrored_registries is not None else [self.registry.url]
         for index in range(self.n_nodes):
-            daemon = ContainerdDaemon(base_dir=os.path.join(self.base_dir, f"c{index}"), name=f"containerd-{index}")
+            daemon = ContainerdDaemon(
+                base_dir=os.path.join(self.base_dir, f"c{index}"),
+                name=f"containerd-{index}",
+                build=self.containerd_build,
+                cri=self.cri,
+            )
             node_dir = os.path.join(self.base_dir, f"n{index}")
             os.makedirs(node_dir, exist_ok=True)
             node = SpegelNode(
@@ -191,6 +200,12 @@ class Cluster:
             ",".join(registries if registries is not None else [self.registry.url]),
             "--mirror-targets",
             ",".join(self.mirror_target(t) for t in targets),
+            # The preflight reads this daemon's configuration and asks the daemon itself, as
+            # the init container does on a node.
+            "--containerd-config-file",
+            self.containerds[node_index].config_path,
+            "--containerd-sock",
+            self.containerds[node_index].socket,
         ]
         if not resolve_tags:
             args.append("--resolve-tags=false")

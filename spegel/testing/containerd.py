@@ -2,25 +2,40 @@
 """
 A real containerd daemon for tests: own root, state, socket and hosts directory (certs.d).
 
-The daemon runs with the CRI plugin disabled (it would add its own images and need CNI) and with
-the optional plugins that write outside its root (C{opt}) or probe hardware filesystems turned off,
-so several can run side by side on one machine.  Its content store is the directory a spegel node
-is given as C{--containerd-content-path}.
+Every test that starts one can run against each containerd the project supports
+(L{containerd_builds}): Debian's 1.6 and the 2.x releases C{.ci/setup} builds
+(L{spegel.testing.tools}).  The daemon's configuration is written in the format of its version:
+C{version = 2} with the CRI plugin's C{io.containerd.grpc.v1.cri} sections for 1.x, and
+C{version = 3} with C{io.containerd.cri.v1.images}/C{runtime} for 2.x.
 
-Everything is driven through C{ctr}, the client shipped with containerd, so tests see exactly what a
-user of that containerd would see.
+By default the daemon runs with the CRI plugin disabled (it would add its own image names); a
+daemon started with C{cri=True} runs it the way a kubelet's containerd does, with C{config_path}
+pointing at its certs.d and C{discard_unpacked_layers = false} (or true, for a test of the
+misconfiguration), so tests can pull through the CRI C{ImageService} as the kubelet does.  No CNI
+is configured: pulls and host-network sandboxes need none.  The optional plugins that write
+outside the daemon's root (C{opt}, NRI's socket) or probe hardware filesystems are turned off, so
+several daemons, of several versions, can run side by side on one machine.  Its content store is
+the directory a spegel node is given as C{--containerd-content-path}.
+
+Everything is driven through C{ctr} and C{crictl}, the clients users have, so tests see exactly
+what a user of that containerd would see.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import re
 import shutil
 import socket
+import subprocess
 import tempfile
+from typing import TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 
+from spegel.testing import tools
 from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, run, wait_for
 
 CONTAINERD = "containerd"
@@ -29,19 +44,30 @@ CTR = "ctr"
 # Unix socket paths are limited to 108 bytes (sun_path); stay clear of it.
 MAX_SOCKET_PATH = 100
 
-_CONFIG = """\
-version = 2
+_VERSION = re.compile(r"\b(\d+)\.(\d+)\.(\d+)")
+
+_DISABLED_PLUGINS = (
+    "io.containerd.internal.v1.opt",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.tracing.processor.v1.otlp",
+    # One socket per machine (/var/run/nri): daemons side by side would fight over it.
+    "io.containerd.nri.v1.nri",
+)
+
+# The CRI plugin of 1.x; of 2.x it is split in three.
+_CRI_PLUGINS = {
+    2: ("io.containerd.grpc.v1.cri",),
+    3: ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"),
+}
+
+_COMMON = """\
+version = {config_version}
 root = "{root}"
 state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.internal.v1.opt",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.tracing.processor.v1.otlp",
-]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{socket}"
@@ -56,6 +82,193 @@ disabled_plugins = [
 [metrics]
   address = ""
 """
+
+# Where the CRI plugin finds registry configuration, and whether it keeps layers. Written also
+# when the plugin is disabled (containerd ignores it then), so the file always says where this
+# daemon's mirrors are configured: `spegel configuration` checks that before writing there.
+_IMAGES_V2 = """
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  discard_unpacked_layers = {discard}
+
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{hosts_dir}"
+"""
+
+_IMAGES_V3 = """
+[plugins.'io.containerd.cri.v1.images']
+  discard_unpacked_layers = {discard}
+
+[plugins.'io.containerd.cri.v1.images'.registry]
+  config_path = '{hosts_dir}'
+"""
+
+# root lacks CAP_SYS_RESOURCE in this sandbox, so pods need restrict_oom_score_adj. No CNI is
+# configured: pulls and host-network sandboxes need none.
+_RUNTIME_V2 = """
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  restrict_oom_score_adj = true
+
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{cni}/bin"
+  conf_dir = "{cni}/conf"
+"""
+
+_RUNTIME_V3 = """
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ['{cni}/bin']
+  conf_dir = '{cni}/conf'
+
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+  stream_server_port = '0'
+"""
+
+
+@frozen
+class ContainerdBuild:
+    """
+    One containerd to test against: its binaries and the version they are.
+
+    @ivar version: C{major.minor.patch}.
+    @ivar containerd: the daemon's path (or name on C{PATH}).
+    @ivar ctr: its client's.
+    @ivar missing: why the binaries are not there (not built yet), or L{None}.
+    """
+
+    version: str
+    containerd: str = CONTAINERD
+    ctr: str = CTR
+    missing: str | None = None
+
+    @property
+    def major_minor(self) -> tuple[int, int]:
+        major, minor, _ = self.version.split(".", 2)
+        return int(major), int(minor)
+
+    @property
+    def label(self) -> str:
+        """
+        What test names carry: C{containerd_2_4}.
+        """
+        major, minor = self.major_minor
+        return f"containerd_{major}_{minor}"
+
+    @property
+    def config_version(self) -> int:
+        """
+        The configuration format this containerd reads natively.
+        """
+        return 3 if self.major_minor >= (2, 0) else 2
+
+    @property
+    def publishes_content_create(self) -> bool:
+        """
+        containerd 2.1 added C{/content/create} events, sent as each blob is committed.
+        """
+        return self.major_minor >= (2, 1)
+
+    def check(self) -> None:
+        """
+        @raise ProcessFailed: when the binaries are not there, saying how to build them.
+        """
+        if self.missing is not None:
+            raise ProcessFailed(self.missing)
+
+    def __str__(self) -> str:
+        return f"containerd {self.version}"
+
+
+@functools.lru_cache(maxsize=None)
+def system_containerd() -> ContainerdBuild:
+    """
+    The containerd on C{PATH} (Debian's 1.6), asking it for its version.
+    """
+    try:
+        output = subprocess.run(
+            [CONTAINERD, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except OSError as e:
+        return ContainerdBuild("0.0.0", missing=f"no containerd on PATH ({e}): run bash .ci/setup")
+    match = _VERSION.search(output)
+    if match is None:
+        return ContainerdBuild("0.0.0", missing=f"cannot tell the version of containerd: {output!r}")
+    return ContainerdBuild(".".join(match.groups()))
+
+
+def built_containerd(tool: tools.GoTool) -> ContainerdBuild:
+    """
+    A containerd 2.x from the tools cache, or one that says it is missing.
+    """
+    build = ContainerdBuild(
+        tool.version, containerd=tool.binary("containerd"), ctr=tool.binary("ctr")
+    )
+    if not tool.built():
+        return ContainerdBuild(
+            tool.version,
+            containerd=build.containerd,
+            ctr=build.ctr,
+            missing=f"containerd {tool.version} is not built in {tool.path()}: run bash .ci/setup",
+        )
+    return build
+
+
+def containerd_builds() -> tuple[ContainerdBuild, ...]:
+    """
+    Every containerd the end-to-end tests run against: Debian's, then the 2.x builds.
+    """
+    return (system_containerd(), *(built_containerd(t) for t in tools.CONTAINERD_2))
+
+
+def newest_containerd() -> ContainerdBuild:
+    """
+    The newest containerd that is built, for a demo or a benchmark that runs one.
+    """
+    ready = [b for b in containerd_builds() if b.missing is None]
+    if not ready:
+        return system_containerd()
+    return max(ready, key=lambda b: b.major_minor)
+
+
+_T = TypeVar("_T", bound=type)
+
+
+def per_containerd(template: _T) -> dict[str, _T]:
+    """
+    One subclass of the test case C{template} per containerd (L{containerd_builds}), named
+    C{<template>_containerd_<major>_<minor>} and with C{containerd_build} set, so a test's name
+    says which containerd ran it.  Put them in the module and remove the template, so trial
+    collects each once::
+
+        globals().update(per_containerd(PullTests))
+        del PullTests
+
+    A build that is missing makes its tests fail (L{ContainerdBuild.check}), never skip.
+    """
+    classes = {}
+    for build in containerd_builds():
+        name = f"{template.__name__}_{build.label}"
+        classes[name] = type(
+            name,
+            (template,),
+            {"containerd_build": build, "__module__": template.__module__, "__qualname__": name},
+        )
+    return classes
+
+
+def crictl() -> str:
+    """
+    The path of crictl, built by C{.ci/setup}.
+
+    @raise ProcessFailed: when it is not built.
+    """
+    if not tools.CRICTL.built():
+        raise ProcessFailed(f"crictl is not built in {tools.CRICTL.path()}: run bash .ci/setup")
+    return tools.CRICTL.binary("crictl")
 
 
 def short_tempdir(prefix: str = "sp") -> str:
@@ -78,12 +291,18 @@ class ContainerdDaemon(RunsOneProcess):
     @ivar namespace: containerd namespace used by L{ctr}.
     @ivar name: label for logs and errors.
     @ivar log_level: containerd's own log level.
+    @ivar build: which containerd runs (L{containerd_builds}).
+    @ivar cri: run the CRI plugin, as on a Kubernetes node.
+    @ivar discard_unpacked_layers: the CRI setting that makes a node useless to spegel.
     """
 
     base_dir: str = field(factory=short_tempdir)
     namespace: str = "k8s.io"
     name: str = "containerd"
     log_level: str = "info"
+    build: ContainerdBuild = field(factory=system_containerd)
+    cri: bool = False
+    discard_unpacked_layers: bool = False
     _process: ManagedProcess | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -120,20 +339,39 @@ class ContainerdDaemon(RunsOneProcess):
     def log_path(self) -> str:
         return os.path.join(self.base_dir, "containerd.log")
 
+    def config_text(self) -> str:
+        """
+        containerd's configuration, in its version's own format.
+        """
+        version = self.build.config_version
+        disabled = list(_DISABLED_PLUGINS)
+        if not self.cri:
+            disabled = list(_CRI_PLUGINS[version]) + disabled
+        text = _COMMON.format(
+            config_version=version,
+            root=self.root,
+            state=self.state,
+            disabled=", ".join(f'"{p}"' for p in disabled),
+            socket=self.socket,
+            ttrpc=self.socket + ".ttrpc",
+            log_level=self.log_level,
+        )
+        text += (_IMAGES_V3 if version == 3 else _IMAGES_V2).format(
+            discard="true" if self.discard_unpacked_layers else "false", hosts_dir=self.hosts_dir
+        )
+        if self.cri:
+            text += (_RUNTIME_V3 if version == 3 else _RUNTIME_V2).format(
+                cni=os.path.join(self.base_dir, "cni")
+            )
+        return text
+
     def start(self, timeout: float = 20.0) -> None:
         """
         Start the daemon and wait until it answers on its socket.
         """
+        self.build.check()
         with open(self.config_path, "w") as f:
-            f.write(
-                _CONFIG.format(
-                    root=self.root,
-                    state=self.state,
-                    socket=self.socket,
-                    ttrpc=self.socket + ".ttrpc",
-                    log_level=self.log_level,
-                )
-            )
+            f.write(self.config_text())
         # A socket file left by a killed daemon would make the readiness probe below
         # connect to nothing; containerd removes and recreates it anyway.
         for stale in (self.socket, self.socket + ".ttrpc"):
@@ -141,7 +379,7 @@ class ContainerdDaemon(RunsOneProcess):
                 os.unlink(stale)
         self._process = ManagedProcess(
             name=self.name,
-            args=[CONTAINERD, "--config", self.config_path],
+            args=[self.build.containerd, "--config", self.config_path],
             log_path=self.log_path,
         )
         self._process.start()
@@ -210,7 +448,7 @@ class ContainerdDaemon(RunsOneProcess):
 
         @raise spegel.testing.process.CommandFailed: on a non-zero exit, with ctr's stderr.
         """
-        return run([CTR, "-a", self.socket, "-n", self.namespace, *args], timeout=timeout)
+        return run([self.build.ctr, "-a", self.socket, "-n", self.namespace, *args], timeout=timeout)
 
     def pull(
         self,
@@ -257,11 +495,44 @@ class ContainerdDaemon(RunsOneProcess):
         """
         process = ManagedProcess(
             name=f"{self.name} pull",
-            args=[CTR, "-a", self.socket, "-n", self.namespace, *self._pull_args(ref, platform, all_platforms)],
+            args=[self.build.ctr, "-a", self.socket, "-n", self.namespace, *self._pull_args(ref, platform, all_platforms)],
             log_path=log_path or os.path.join(self.base_dir, "pull.log"),
         )
         process.start()
         return process
+
+    def crictl(self, *args: str, timeout: float = 120.0) -> str:
+        """
+        Run C{crictl} against this daemon's CRI plugin (started with C{cri=True}), as the
+        kubelet talks to it, and return its stdout.
+
+        @raise spegel.testing.process.CommandFailed: on a non-zero exit, with crictl's stderr.
+        """
+        endpoint = f"unix://{self.socket}"
+        return run(
+            [
+                crictl(),
+                "--runtime-endpoint",
+                endpoint,
+                "--image-endpoint",
+                endpoint,
+                "--timeout",
+                f"{int(timeout)}s",
+                *args,
+            ],
+            timeout=timeout + 10,
+        )
+
+    def cri_pull(self, ref: str, timeout: float = 120.0) -> str:
+        """
+        Pull C{ref} through the CRI C{ImageService.PullImage}, the kubelet's path: containerd
+        takes the registry configuration from its own C{config_path} (this daemon's certs.d),
+        and on 2.1+ pulls through its transfer service.
+
+        @return: the image id crictl prints.
+        """
+        output = self.crictl("pull", ref, timeout=timeout)
+        return output.strip().rsplit(" ", 1)[-1]
 
     def images(self) -> dict[str, str]:
         """
@@ -319,6 +590,14 @@ class ContainerdDaemon(RunsOneProcess):
                 damaged[f"sha256:{name}"] = f"sha256:{hasher.hexdigest()}"
         return damaged
 
+    def collect_garbage(self) -> None:
+        """
+        Run containerd's garbage collection now, to completion: create a lease and delete it
+        with C{--sync}, which waits for a collection (there is no other way to ask for one).
+        """
+        lease = self.ctr("leases", "create").split()[-1]
+        self.ctr("leases", "rm", "--sync", lease)
+
     def remove_image(self, ref: str) -> None:
         """
         Delete image C{ref} and wait for garbage collection of the content it alone used.
@@ -337,4 +616,14 @@ class ContainerdDaemon(RunsOneProcess):
         return path
 
 
-__all__ = ["ContainerdDaemon", "ProcessFailed", "short_tempdir"]
+__all__ = [
+    "ContainerdBuild",
+    "ContainerdDaemon",
+    "ProcessFailed",
+    "containerd_builds",
+    "crictl",
+    "newest_containerd",
+    "per_containerd",
+    "short_tempdir",
+    "system_containerd",
+]

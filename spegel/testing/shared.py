@@ -22,29 +22,38 @@ T = TypeVar("T")
 class Shared(Generic[T]):
     """
     A lazily created value with a clean-up at interpreter exit.
+
+    The factory may take arguments (which containerd a cluster runs, say): L{get} with other
+    arguments than the live value was made with cleans that one up and makes a new one, so
+    tests generated per containerd (run one class after another) keep one alive at a time.
     """
 
-    def __init__(self, factory: Callable[[], T], cleanup: Callable[[T], None]) -> None:
+    def __init__(self, factory: Callable[..., T], cleanup: Callable[[T], None]) -> None:
         self._factory = factory
         self._cleanup = cleanup
         self._value: T | None = None
-        self._error: BaseException | None = None
+        self._args: tuple[object, ...] = ()
+        self._errors: dict[tuple[object, ...], BaseException] = {}
         self._created = False
 
-    def get(self) -> T:
+    def get(self, *args: object) -> T:
         """
-        The value, created on the first call.
+        The value made by C{factory(*args)}, created on the first call with these arguments.
 
-        @raise BaseException: whatever creating it raised (then and on every later call).
+        @raise BaseException: whatever creating it raised (then and on every later call with
+            the same arguments).
         """
-        if self._error is not None:
-            raise self._error
+        if args in self._errors:
+            raise self._errors[args]
+        if self._created and args != self._args:
+            self.close()
         if not self._created:
             try:
-                self._value = self._factory()
+                self._value = self._factory(*args)
             except BaseException as e:
-                self._error = e
+                self._errors[args] = e
                 raise
+            self._args = args
             self._created = True
             atexit.register(self.close)
         return self._value  # type: ignore[return-value]
