@@ -35,7 +35,7 @@ from prometheus_client import Gauge
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -92,6 +92,18 @@ advertised_content_digests = Gauge(
 #: at once; a few images in parallel hide round trips without queueing thousands of calls on
 #: the containerd client's pool, where they would delay event handling and registry requests.
 RESYNC_CONCURRENCY = 4
+
+#: A blob announced by C{/content/create} (containerd 2.1+) gets its distribution source label
+#: (which registry and repository it came from, needed to apply the registry filter) only once
+#: the pull's handler has run after the commit: wait for it this long between looks, in seconds.
+LOOSE_LABEL_WAITS = (0.0, 0.05, 0.25, 1.0, 3.0)
+
+#: The label prefix containerd's pulls set on content: C{<prefix><registry>=<repo>[,<repo>...]}.
+DISTRIBUTION_SOURCE_LABEL = "containerd.io/distribution.source."
+
+# Records of blobs advertised before any image refers to them are named with this prefix, which
+# no image name can have.
+_LOOSE = "\x00loose:"
 
 #: Indexes nested deeper than this are not followed.  Content addressing rules out cycles, but a
 #: crafted chain of indexes should not make a walk arbitrarily long.
@@ -226,19 +238,28 @@ class _Walk:
     """
     The digests found under an image's root: C{present} in the content store, or referenced
     but C{missing} from it (a platform never pulled, a layer not yet fetched).
+
+    @ivar complete: image manifests present with their config and every layer.
+    @ivar incomplete: image manifests present with some blob missing (a pull in progress, or
+        layers discarded after unpacking).
     """
 
     present: frozenset[str] = frozenset()
     missing: frozenset[str] = frozenset()
+    complete: int = 0
+    incomplete: int = 0
 
     @classmethod
     def union(cls, walks: Iterable[_Walk]) -> _Walk:
         present: set[str] = set()
         missing: set[str] = set()
+        complete = incomplete = 0
         for walk in walks:
             present |= walk.present
             missing |= walk.missing
-        return cls(frozenset(present), frozenset(missing))
+            complete += walk.complete
+            incomplete += walk.incomplete
+        return cls(frozenset(present), frozenset(missing), complete, incomplete)
 
 
 @frozen
@@ -248,6 +269,10 @@ class _ImageRecord:
 
     @ivar tag_key: the image's tag key when its name is exactly that key, so that a peer asking
         this node for the tag will find the image under it.
+    @ivar servable: a client resolving the tag through this node can pull all of it from here:
+        at least one platform's manifest is present with every blob, and no present manifest
+        lacks one.  Otherwise the tag is not advertised, though each present digest is: a peer
+        that took the tag from here would be sent upstream blob by blob.
     """
 
     reference: Reference
@@ -255,6 +280,8 @@ class _ImageRecord:
     tag_key: str | None
     present: frozenset[str]
     missing: frozenset[str]
+    servable: bool = True
+    loose: bool = False
 
     @property
     def registry(self) -> str:
@@ -263,11 +290,11 @@ class _ImageRecord:
 
     @property
     def root_advertised(self) -> bool:
-        return self.target.digest in self.present
+        return not self.loose and self.target.digest in self.present
 
     @property
     def tag_advertised(self) -> bool:
-        return self.tag_key is not None and self.root_advertised
+        return self.tag_key is not None and self.root_advertised and self.servable
 
     @property
     def keys(self) -> frozenset[str]:
@@ -280,7 +307,8 @@ class _ImageRecord:
         gone = self.present & digests
         if not gone:
             return self
-        return evolve(self, present=self.present - gone, missing=self.missing | gone)
+        # Which manifest lost a blob is not recorded; losing any makes the tag doubtful.
+        return evolve(self, present=self.present - gone, missing=self.missing | gone, servable=False)
 
 
 @define
@@ -502,6 +530,11 @@ class Advertiser(Service):
             # A walk cut short would withdraw what is still there; keep the last full picture.
             self._containerd_failed(e)
             return
+        try:
+            results.update(await self._loose_still_present(memo))
+        except ContainerdError as e:
+            self._containerd_failed(e)
+            return
         deleted = self._deleted_after(seq)
         changes: dict[str, bool] = {}
         for name in set(self._records) | set(results):
@@ -556,6 +589,14 @@ class Advertiser(Service):
         if self._accept(name) is not None:
             self._apply(self._next_seq(), name, None)
 
+    async def _loose_still_present(self, memo: _WalkMemo) -> dict[str, _ImageRecord]:
+        """
+        The loose records to keep: those whose blob is still in the store.
+        """
+        loose = [(name, record) for name, record in self._records.items() if record.loose]
+        infos = await _gather(self._info(record.target.digest, memo) for _, record in loose)
+        return {name: record for (name, record), info in zip(loose, infos) if info is not None}
+
     def _content_deleted(self, digest: str) -> None:
         self._deletions[digest] = self._next_seq()
         changes: dict[str, bool] = {}
@@ -568,13 +609,71 @@ class Advertiser(Service):
         # Walking again rather than providing the digest alone: a manifest that arrives may
         # bring children to check too.
         for name, record in list(self._records.items()):
-            if digest in record.missing:
+            if digest in record.missing and not record.loose:
                 image = Image(name=name, target=record.target)
                 self._run(
                     self._walk_and_apply(self._next_seq(), image, record.reference),
                     "Walking {name} again after content arrived failed",
                     name=name,
                 )
+        if digest not in self._refs and is_digest(digest):
+            # containerd 2.1+ says so as each blob of a pull is committed, before the image
+            # exists: advertised now, a layer can be fetched by peers pulling the same image
+            # at the same time (a rollout), not only once the first node has all of it.
+            self._run(self._advertise_loose(digest), "Advertising {digest} failed", digest=digest)
+
+    async def _advertise_loose(self, digest: str) -> None:
+        seq = self._next_seq()
+        for delay in LOOSE_LABEL_WAITS:
+            if delay:
+                await deferLater(self._clock, delay, lambda: None)
+            if digest in self._refs or self._deleted_after(seq) & {digest}:
+                return
+            try:
+                info = await self._client.content_info(digest)
+            except ContentNotFound:
+                return
+            except ContainerdError as e:
+                self._containerd_failed(e)
+                return
+            reference = self._source(info)
+            if reference is not None:
+                break
+        else:
+            # Not from a registry pull (an import, another client's write): its image, if
+            # one comes, is advertised as a whole.
+            _log.debug("Not advertising {digest} before its image: no distribution source", digest=digest)
+            return
+        record = _ImageRecord(
+            reference=reference,
+            target=Descriptor("", digest, info.size),
+            tag_key=None,
+            present=frozenset({digest}),
+            missing=frozenset(),
+            servable=False,
+            loose=True,
+        )
+        self._apply(seq, _LOOSE + digest, record)
+
+    def _source(self, info: ContentInfo) -> Reference | None:
+        """
+        The first registry and repository of C{info}'s distribution source labels that the
+        registry filter accepts, or L{None}.
+        """
+        for label, value in sorted(info.labels.items()):
+            if not label.startswith(DISTRIBUTION_SOURCE_LABEL):
+                continue
+            registry = label[len(DISTRIBUTION_SOURCE_LABEL) :]
+            for repository in value.split(","):
+                try:
+                    parse_registry_host(registry)
+                    parse_repository(repository)
+                    reference = Reference(registry, repository)
+                    self._filter.check(reference)
+                except (OCIError, NameUnknown):
+                    continue
+                return reference
+        return None
 
     def _apply(self, seq: int, name: str, record: _ImageRecord | None) -> None:
         """
@@ -608,7 +707,8 @@ class Advertiser(Service):
     async def _record(self, image: Image, reference: Reference, memo: _WalkMemo) -> _ImageRecord:
         walk = await self._subtree(image.target.digest, image.target.media_type or None, memo, 0)
         tag_key = reference.tag_key if reference.tag is not None and reference.tag_key == image.name else None
-        return _ImageRecord(reference, image.target, tag_key, walk.present, walk.missing)
+        servable = walk.complete > 0 and walk.incomplete == 0
+        return _ImageRecord(reference, image.target, tag_key, walk.present, walk.missing, servable)
 
     async def _subtree(self, digest: str, media_type: str | None, memo: _WalkMemo, depth: int) -> _Walk:
         walk = memo.subtrees.get(digest)
@@ -640,10 +740,13 @@ class Advertiser(Service):
                 )
         if references.blobs:
             infos = await _gather(self._info(blob, memo) for blob in references.blobs)
+            missing = frozenset(b for b, i in zip(references.blobs, infos) if i is None)
             parts.append(
                 _Walk(
                     present=frozenset(b for b, i in zip(references.blobs, infos) if i is not None),
-                    missing=frozenset(b for b, i in zip(references.blobs, infos) if i is None),
+                    missing=missing,
+                    complete=0 if missing else 1,
+                    incomplete=1 if missing else 0,
                 )
             )
         return _Walk.union(parts)

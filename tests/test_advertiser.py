@@ -82,6 +82,7 @@ class FakeContainerd:
     def __init__(self) -> None:
         self.images: dict[str, Image] = {}
         self.blobs: dict[str, bytes] = {}
+        self.labels: dict[str, dict[str, str]] = {}
         self.unavailable = False
         self.calls: Counter[str] = Counter()
         self.held: set[str] = set()
@@ -145,7 +146,7 @@ class FakeContainerd:
         def info() -> ContentInfo:
             if digest not in self.blobs:
                 raise ContentNotFound(f"NOT_FOUND: content {digest}")
-            return ContentInfo(digest, len(self.blobs[digest]))
+            return ContentInfo(digest, len(self.blobs[digest]), dict(self.labels.get(digest, {})))
 
         return self._answer("content_info", info)
 
@@ -343,12 +344,40 @@ class WalkTests(AdvertiserTestCase):
         )
 
     def test_missing_layer_skipped(self) -> None:
+        """
+        A missing layer is not provided, and neither is the tag: a peer resolving it here could
+        not pull the image from here.  The digests present are.
+        """
         image = SingleImage(self.containerd, "a", layers=3, stored_layers=2)
         self.containerd.tag("docker.io/library/app:1", image.manifest)
         a = self.make()
         self.resync(a)
-        self.assertNotIn(image.layers[2], a.advertised_keys)
-        self.assertEqual(a.advertised_keys, image.digests - {image.layers[2]} | {"docker.io/library/app:1"})
+        self.assertEqual(a.advertised_keys, image.digests - {image.layers[2]})
+        # The layer arrives (2.1+ says so with /content/create): now the tag goes out too.
+        self.containerd.put(b"layer a 2")
+        a.on_event(ContentEvent("create", image.layers[2]))
+        self.assertEqual(a.advertised_keys, image.digests | {"docker.io/library/app:1"})
+
+    def test_index_tag_needs_a_complete_platform(self) -> None:
+        """
+        An index whose only present platform lacks a layer (a pull in progress) advertises
+        its digests but not its tag; one complete platform beside a missing one is enough.
+        """
+        partial = SingleImage(self.containerd, "partial", layers=2, stored_layers=1)
+        index = self.containerd.put(index_json([partial.manifest]))
+        self.containerd.tag("docker.io/library/multi:1", index, OCI_INDEX)
+        a = self.make()
+        self.resync(a)
+        self.assertNotIn("docker.io/library/multi:1", a.advertised_keys)
+        self.assertIn(index, a.advertised_keys)
+        whole = SingleImage(self.containerd, "whole")
+        absent = SingleImage(self.containerd, "absent")
+        for digest in absent.digests:
+            del self.containerd.blobs[digest]
+        other = self.containerd.put(index_json([whole.manifest, absent.manifest]))
+        self.containerd.tag("docker.io/library/multi:2", other, OCI_INDEX)
+        self.resync(a)
+        self.assertIn("docker.io/library/multi:2", a.advertised_keys)
 
     def test_missing_root(self) -> None:
         """
@@ -451,8 +480,9 @@ class WalkTests(AdvertiserTestCase):
         self.containerd.tag("docker.io/library/deep:1", digest, OCI_INDEX)
         a = self.make()
         self.resync(a)
-        # The root is at depth 0; the index at MAX_INDEX_DEPTH is advertised, not followed.
-        self.assertEqual(a.advertised_keys, set(chain) | {"docker.io/library/deep:1"})
+        # The root is at depth 0; the index at MAX_INDEX_DEPTH is advertised, not followed (so
+        # no manifest is reached, and the tag is not advertised).
+        self.assertEqual(a.advertised_keys, set(chain))
         self.assertEqual(len(self.logged("nested more than")), 1)
 
 
@@ -654,11 +684,18 @@ class EventTests(AdvertiserTestCase):
         self.assertEqual(self.router.keys, present.digests | late.digests | {index, "docker.io/library/app:1"})
 
     def test_content_create_unknown(self) -> None:
+        """
+        A blob no image refers to and that no registry pull labelled (see L{LooseContentTests})
+        is looked at, not walked as part of an image, and not advertised.
+        """
         digest = self.containerd.put(b"unrelated")
-        calls = sum(self.containerd.calls.values())
+        calls = self.containerd.calls["content_info"]
         self.a.on_event(ContentEvent("create", digest))
+        for wait in advertiser.LOOSE_LABEL_WAITS:
+            self.clock.advance(wait)
         self.assertEqual(self.router.calls, [])
-        self.assertEqual(sum(self.containerd.calls.values()), calls)
+        self.assertEqual(self.containerd.calls["content_info"], calls + len(advertiser.LOOSE_LABEL_WAITS))
+        self.assertEqual(self.containerd.calls["read_content"], 0)
 
 
 class ResyncTests(AdvertiserTestCase):
@@ -767,11 +804,12 @@ class ResyncTests(AdvertiserTestCase):
         while self.containerd.pending:
             self.containerd.release()
         self.successResultOf(d)
-        self.assertEqual(a.advertised_keys, image.digests - {image.layers[1]} | {"docker.io/library/app:1"})
-        # Created again: the image is walked again and the layer provided.
+        # The tag too is held back while a layer is missing.
+        self.assertEqual(a.advertised_keys, image.digests - {image.layers[1]})
+        # Created again: the image is walked again and the layer, and the tag, provided.
         self.containerd.put(b"layer a 1")
         a.on_event(ContentEvent("create", image.layers[1]))
-        self.assertIn(image.layers[1], self.router.keys)
+        self.assertEqual(a.advertised_keys, image.digests | {"docker.io/library/app:1"})
 
     def test_older_event_walk_loses(self) -> None:
         """
@@ -934,4 +972,116 @@ class GaugeTests(AdvertiserTestCase):
         self.assertEqual(self.gauges("gauge-a.example"), (2.0, 2.0, 9.0))
         del self.containerd.blobs[two.layers[0]]
         a.on_event(ContentEvent("delete", two.layers[0]))
-        self.assertEqual(self.gauges("gauge-a.example"), (2.0, 2.0, 8.0))
+        # y/app:1 lost a layer: its tag is withdrawn, its other digests stay.
+        self.assertEqual(self.gauges("gauge-a.example"), (1.0, 2.0, 8.0))
+
+
+class LooseContentTests(AdvertiserTestCase):
+    """
+    containerd 2.1+ announces each blob as it is committed (C{/content/create}), before the
+    image exists: the blob is advertised at once, under the registry its distribution source
+    label names, so peers pulling the same image at the same time can fetch it here.
+    """
+
+    SOURCE = "containerd.io/distribution.source.docker.io"
+
+    def blob(self, data: bytes, source: str | None = "library/app") -> str:
+        digest = self.containerd.put(data)
+        if source is not None:
+            self.containerd.labels[digest] = {self.SOURCE: source}
+        return digest
+
+    def started(self) -> Advertiser:
+        a = self.make()
+        self.resync(a)
+        return a
+
+    def test_advertised_on_create(self) -> None:
+        a = self.started()
+        layer = self.blob(b"layer being pulled")
+        a.on_event(ContentEvent("create", layer))
+        self.assertEqual(a.advertised_keys, {layer})
+        self.assertEqual(self.router.provided(), [layer])
+        # A content digest of docker.io, but no image's root.
+        self.assertEqual(REGISTRY.get_sample_value("spegel_advertised_content_digests", {"registry": "docker.io"}), 1.0)
+        self.assertEqual(REGISTRY.get_sample_value("spegel_advertised_image_digests", {"registry": "docker.io"}), 0.0)
+
+    def test_label_arrives_later(self) -> None:
+        """
+        The label is set by the pull just after the commit: looked for again, a little later.
+        """
+        a = self.started()
+        layer = self.blob(b"label later", source=None)
+        a.on_event(ContentEvent("create", layer))
+        self.assertEqual(a.advertised_keys, frozenset())
+        self.clock.advance(0.05)
+        self.assertEqual(a.advertised_keys, frozenset())
+        self.containerd.labels[layer] = {self.SOURCE: "library/other,library/app"}
+        self.clock.advance(0.25)
+        self.assertEqual(a.advertised_keys, {layer})
+
+    def test_no_source_not_advertised(self) -> None:
+        a = self.started()
+        blob = self.blob(b"imported", source=None)
+        calls = self.containerd.calls["content_info"]
+        a.on_event(ContentEvent("create", blob))
+        for wait in advertiser.LOOSE_LABEL_WAITS:
+            self.clock.advance(wait)
+        self.assertEqual(a.advertised_keys, frozenset())
+        self.assertEqual(self.containerd.calls["content_info"] - calls, len(advertiser.LOOSE_LABEL_WAITS))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_filtered_source_not_advertised(self) -> None:
+        a = self.make(RegistryFilter(mirrored_registries=frozenset({"ghcr.io"})))
+        self.resync(a)
+        layer = self.blob(b"from docker hub")
+        a.on_event(ContentEvent("create", layer))
+        for wait in advertiser.LOOSE_LABEL_WAITS:
+            self.clock.advance(wait)
+        self.assertEqual(a.advertised_keys, frozenset())
+
+    def test_gone_before_looked_at(self) -> None:
+        a = self.started()
+        layer = self.blob(b"gone")
+        del self.containerd.blobs[layer]
+        a.on_event(ContentEvent("create", layer))
+        self.assertEqual(a.advertised_keys, frozenset())
+
+    def test_deleted_withdrawn(self) -> None:
+        a = self.started()
+        layer = self.blob(b"deleted later")
+        a.on_event(ContentEvent("create", layer))
+        del self.containerd.blobs[layer]
+        a.on_event(ContentEvent("delete", layer))
+        self.assertEqual(a.advertised_keys, frozenset())
+        self.assertEqual(self.router.withdrawn(), [layer])
+
+    def test_resync_keeps_present_drops_gone(self) -> None:
+        """
+        A resync keeps loose blobs still in the store (their image may still be on its way)
+        and withdraws those garbage collection took without an event.
+        """
+        a = self.started()
+        kept, collected = self.blob(b"kept"), self.blob(b"collected")
+        for digest in (kept, collected):
+            a.on_event(ContentEvent("create", digest))
+        del self.containerd.blobs[collected]
+        self.resync(a)
+        self.assertEqual(a.advertised_keys, {kept})
+
+    def test_image_then_covers_it(self) -> None:
+        """
+        When the image arrives, its tag and every digest are advertised; the loose blob is one
+        of them, provided once.
+        """
+        a = self.started()
+        image = SingleImage(self.containerd, "pulled")
+        for digest in image.digests:
+            self.containerd.labels[digest] = {self.SOURCE: "library/app"}
+            a.on_event(ContentEvent("create", digest))
+        self.assertEqual(a.advertised_keys, image.digests)
+        self.containerd.tag("docker.io/library/app:1", image.manifest)
+        a.on_event(ImageEvent("create", "docker.io/library/app:1"))
+        self.assertEqual(a.advertised_keys, image.digests | {"docker.io/library/app:1"})
+        self.assertEqual(sorted(self.router.provided()), sorted(image.digests | {"docker.io/library/app:1"}))
+
