@@ -18,12 +18,15 @@ switched off in containerd's configuration, silently:
 - the namespace spegel serves holds no images: a wrong C{--containerd-namespace}, or a new node
   (a warning).
 
-What it reads: containerd's configuration file, when it is mounted (and the files it
-C{imports}), in either format (C{version = 2} with C{plugins."io.containerd.grpc.v1.cri"} for
-1.x, C{version = 3} with C{plugins."io.containerd.cri.v1.images"} for 2.x; a C{version = 2}
-file on 2.x is migrated by containerd, and read the same way here); and containerd itself over
-its socket (version, images).  What it cannot read it says it could not check, rather than
-guess.
+What it reads: containerd itself over its socket (its version, its images, and the settings
+it runs with, where it says them: the introspection exports of the C{io.containerd.cri.v1.images}
+plugin on 2.2+, the CRI's verbose C{Status} on 1.6/1.7); and containerd's configuration file,
+when it is mounted (with the files it C{imports}), in either format (C{version = 2} with
+C{plugins."io.containerd.grpc.v1.cri"} for 1.x, C{version = 3} with
+C{plugins."io.containerd.cri.v1.images"} for 2.x; a C{version = 2} file on 2.x is migrated by
+containerd, and read the same way here).  What containerd runs with wins over the file (a file
+changed without a restart is reported as such); the file alone tells C{use_local_image_pull}.
+What it cannot read it says it could not check, rather than guess.
 
 `check_configuration` and `check_containerd` are pure; `read_containerd_config` and
 `probe_containerd` do the I/O (blocking: the C{spegel configuration} command calls them
@@ -33,6 +36,7 @@ directly, the node from a thread).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import tomllib
@@ -40,7 +44,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
-from attrs import frozen
+from attrs import evolve, frozen
 from google.protobuf import empty_pb2
 from prometheus_client import Gauge
 from twisted.application.service import Service
@@ -48,7 +52,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from spegel.containerd.api import images_pb2, images_pb2_grpc, version_pb2_grpc
+from spegel.containerd.api import (
+    cri_pb2,
+    cri_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    introspection_pb2,
+    introspection_pb2_grpc,
+    version_pb2_grpc,
+)
 from spegel.containerd.client import NAMESPACE_METADATA_KEY
 
 _log = Logger()
@@ -62,6 +74,7 @@ CHECKS = (
     "config_path_elsewhere",
     "config_path_list_ignored",
     "discard_unpacked_layers",
+    "config_not_applied",
     "containerd_unreachable",
     "containerd_version_unknown",
     "no_images",
@@ -117,12 +130,15 @@ class ImagePullSettings:
     @ivar local_pull_forced_by: the setting that makes containerd 2.1+ pull on its local path
         instead of the transfer service (C{use_local_image_pull}, or one the transfer service
         lacks), or L{None}.
+    @ivar local_pull_known: whether C{local_pull_forced_by} was read (containerd does not say
+        it; only its configuration file does).
     """
 
     config_path: str | None
     discard_unpacked_layers: bool
     local_pull_forced_by: str | None
     source: str
+    local_pull_known: bool = True
 
 
 @frozen
@@ -132,10 +148,12 @@ class ContainerdFacts:
 
     @ivar version: its version string (C{1.6.20~ds1}, C{2.4.2}).
     @ivar images: how many images the namespace holds.
+    @ivar running: the CRI image settings it runs with, where it says them.
     """
 
     version: str
     images: int
+    running: ImagePullSettings | None = None
 
 
 def parse_version(text: str) -> tuple[int, int] | None:
@@ -283,13 +301,15 @@ def check_configuration(
                 )
             )
         elif len(folders) > 1 and (version is None or version >= (2, 1)) and settings.local_pull_forced_by is None:
+            known = settings.local_pull_known
             problems.append(
                 Problem(
                     "config_path_list_ignored",
-                    True,
+                    known,
                     f"config_path {config_path!r} is a list; containerd 2.1+ pulls through its "
-                    "transfer service, which takes one folder only, so the mirrors are ignored: "
-                    f"set config_path = '{certs_dir}', or use_local_image_pull = true under "
+                    "transfer service, which takes one folder only, so the mirrors are ignored"
+                    + ("" if known else " (unless use_local_image_pull is set: the configuration file was not readable)")
+                    + f": set config_path = '{certs_dir}', or use_local_image_pull = true under "
                     "[plugins.'io.containerd.cri.v1.images']",
                 )
             )
@@ -343,6 +363,68 @@ def check_containerd(facts: ContainerdFacts, namespace: str) -> list[Problem]:
     return problems
 
 
+def check_applied(running: ImagePullSettings, configured: ImagePullSettings) -> list[Problem]:
+    """
+    Whether containerd runs with what its configuration file says (it reads it only at start).
+    """
+    differences = []
+    if (running.config_path or None) != (configured.config_path or None):
+        differences.append(f"config_path {running.config_path!r}, the file {configured.config_path!r}")
+    if running.discard_unpacked_layers != configured.discard_unpacked_layers:
+        differences.append(
+            f"discard_unpacked_layers = {str(running.discard_unpacked_layers).lower()}, "
+            f"the file {str(configured.discard_unpacked_layers).lower()}"
+        )
+    if not differences:
+        return []
+    return [
+        Problem(
+            "config_not_applied",
+            False,
+            f"containerd runs with {'; '.join(differences)} ({configured.source}): restart "
+            "containerd to apply its configuration",
+        )
+    ]
+
+
+def running_settings_from_exports(exports: Mapping[str, str]) -> ImagePullSettings | None:
+    """
+    The settings containerd 2.2+ exports for its C{io.containerd.cri.v1.images} plugin, or
+    L{None} when it exports none (2.0, 2.1).
+    """
+    if "RegistryConfigPath" not in exports and "DiscardUnpackedLayers" not in exports:
+        return None
+    return ImagePullSettings(
+        config_path=exports.get("RegistryConfigPath") or None,
+        discard_unpacked_layers=exports.get("DiscardUnpackedLayers", "false").lower() == "true",
+        local_pull_forced_by=None,
+        source="containerd's running configuration",
+        local_pull_known=False,
+    )
+
+
+def running_settings_from_cri_status(info: Mapping[str, str]) -> ImagePullSettings | None:
+    """
+    The settings in the C{config} of the CRI's verbose C{Status} (containerd 1.6/1.7; 2.x leaves
+    the image settings out of it), or L{None}.
+    """
+    try:
+        config = json.loads(info.get("config", ""))
+    except ValueError:
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("registry"), dict):
+        return None
+    containerd = config.get("containerd") if isinstance(config.get("containerd"), dict) else {}
+    path = config["registry"].get("configPath")
+    return ImagePullSettings(
+        config_path=path if isinstance(path, str) and path else None,
+        discard_unpacked_layers=containerd.get("discardUnpackedLayers") is True,
+        local_pull_forced_by=None,
+        source="containerd's running configuration",
+        local_pull_known=False,
+    )
+
+
 def unreachable(socket_path: str, why: str) -> Problem:
     return Problem(
         "containerd_unreachable",
@@ -373,13 +455,39 @@ def probe_containerd(socket_path: str, namespace: str, timeout: float = 5.0) -> 
         images = images_pb2_grpc.ImagesStub(channel).List(
             images_pb2.ListImagesRequest(), metadata=metadata, timeout=timeout
         )
+        running = _running_settings(channel, metadata, timeout)
     except grpc.RpcError as e:
         # Unary calls raise errors that are also the Call, with a status and details.
         why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.Call) else str(e)
         raise PreflightError(why) from None
     finally:
         channel.close()
-    return ContainerdFacts(version=version.version, images=len(images.images))
+    return ContainerdFacts(version=version.version, images=len(images.images), running=running)
+
+
+def _running_settings(channel: grpc.Channel, metadata: Any, timeout: float) -> ImagePullSettings | None:
+    """
+    What containerd says it runs with: introspection first (2.2+), else the CRI's status (1.x);
+    L{None} when neither says (2.0/2.1, or the CRI plugin disabled).
+    """
+    request = introspection_pb2.PluginsRequest(filters=["type==io.containerd.cri.v1,id==images"])
+    try:
+        plugins = introspection_pb2_grpc.IntrospectionStub(channel).Plugins(
+            request, metadata=metadata, timeout=timeout
+        ).plugins
+    except grpc.RpcError:
+        plugins = []
+    for plugin in plugins:
+        settings = running_settings_from_exports(dict(plugin.exports))
+        if settings is not None:
+            return settings
+    try:
+        status = cri_pb2_grpc.RuntimeServiceStub(channel).Status(
+            cri_pb2.StatusRequest(verbose=True), timeout=timeout
+        )
+    except grpc.RpcError:
+        return None
+    return running_settings_from_cri_status(dict(status.info))
 
 
 def run_preflight(
@@ -402,13 +510,20 @@ def run_preflight(
         except PreflightError as e:
             problems.append(unreachable(socket_path, str(e)))
     version = parse_version(facts.version) if facts is not None else None
+    configured = None
     if config_file and os.path.exists(config_file):
         try:
-            document = read_containerd_config(config_file)
+            configured = image_pull_settings(read_containerd_config(config_file), config_file)
         except PreflightError as e:
             problems.append(unreadable(e))
-        else:
-            problems.extend(check_configuration(image_pull_settings(document, config_file), certs_dir, version))
+    running = facts.running if facts is not None else None
+    if running is not None:
+        if configured is not None:
+            problems.extend(check_applied(running, configured))
+            running = evolve(running, local_pull_forced_by=configured.local_pull_forced_by, local_pull_known=True)
+        problems.extend(check_configuration(running, certs_dir, version))
+    elif configured is not None:
+        problems.extend(check_configuration(configured, certs_dir, version))
     if facts is not None:
         problems.extend(check_containerd(facts, namespace))
     return problems

@@ -7,6 +7,7 @@ the C{spegel configuration} command stopping before it writes when containerd wo
 from __future__ import annotations
 
 import io
+import json
 import socket
 from pathlib import Path
 
@@ -305,3 +306,60 @@ class CommandTests(SynchronousTestCase):
     def test_off(self) -> None:
         status, out, err, root = self.spegel("not toml [[[", "--preflight=off")
         self.assertEqual((status, err), (EXIT_OK, ""))
+
+
+class RunningSettingsTests(SynchronousTestCase):
+    """
+    What containerd says it runs with: introspection exports (2.2+) or the CRI's status (1.x).
+    """
+
+    def test_exports(self) -> None:
+        running = preflight.running_settings_from_exports(
+            {"RegistryConfigPath": CERTS, "DiscardUnpackedLayers": "true"}
+        )
+        assert running is not None
+        self.assertEqual((running.config_path, running.discard_unpacked_layers), (CERTS, True))
+        self.assertFalse(running.local_pull_known)
+        self.assertIsNone(preflight.running_settings_from_exports({}))
+        unset = preflight.running_settings_from_exports({"RegistryConfigPath": "", "DiscardUnpackedLayers": "false"})
+        assert unset is not None
+        self.assertIsNone(unset.config_path)
+
+    def test_cri_status(self) -> None:
+        config = {"registry": {"configPath": CERTS}, "containerd": {"discardUnpackedLayers": False}}
+        running = preflight.running_settings_from_cri_status({"config": json.dumps(config)})
+        assert running is not None
+        self.assertEqual((running.config_path, running.discard_unpacked_layers), (CERTS, False))
+        # 2.x leaves the image settings out; junk is not trusted.
+        for info in ({"config": json.dumps({"cni": {}})}, {"config": "{"}, {}):
+            self.assertIsNone(preflight.running_settings_from_cri_status(info), info)
+
+    def test_running_wins_and_restart_is_asked_for(self) -> None:
+        """
+        The file says one thing, containerd runs with another (changed without a restart):
+        the checks use what containerd runs with, and say to restart it.
+        """
+        path = Path(self.mktemp())
+        path.write_text(V3.format(discard="false", path=CERTS, extra=""))
+        running = ImagePullSettings(None, True, None, "containerd's running configuration", local_pull_known=False)
+        self.patch(preflight, "probe_containerd", lambda *a, **k: ContainerdFacts("2.4.2", 1, running))
+        problems = run_preflight(config_file=str(path), certs_dir=CERTS, socket_path="/s", namespace="k8s.io")
+        self.assertEqual(
+            checks(problems),
+            [("config_not_applied", False), ("config_path_unset", True), ("discard_unpacked_layers", False)],
+        )
+        self.assertIn("restart containerd", problems[0].message)
+
+    def test_list_without_file_is_a_warning(self) -> None:
+        """
+        Only the file tells use_local_image_pull: without it, a list on 2.1+ is doubtful, not
+        fatal.
+        """
+        running = ImagePullSettings(f"{CERTS}:/etc/docker/certs.d", False, None, "containerd", local_pull_known=False)
+        self.patch(preflight, "probe_containerd", lambda *a, **k: ContainerdFacts("2.4.2", 1, running))
+        problems = run_preflight(config_file=None, certs_dir=CERTS, socket_path="/s", namespace="k8s.io")
+        self.assertEqual(checks(problems), [("config_path_list_ignored", False)])
+        self.assertIn("not readable", problems[0].message)
+
+    def test_applied(self) -> None:
+        self.assertEqual(preflight.check_applied(settings(), settings()), [])
