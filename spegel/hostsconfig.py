@@ -698,21 +698,23 @@ def _install_directory(root: Path, name: str, planned: Mapping[str, FileContent]
     """
     staging = root / STAGING_DIR
     staging.mkdir(mode=_DIR_MODE, exist_ok=True)
-    fresh = staging / name
-    for path, content in planned.items():
-        if path.startswith(name + "/"):
-            _write_synced(staging / path, content)
-    _fsync_directory(fresh)
-    target = root / name
-    if target.exists() or target.is_symlink():
-        # Ours from an earlier run (the operator's was backed up before this was called).
-        old = staging / (name + ".old")
-        os.rename(target, old)
-        os.rename(fresh, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(fresh, target)
-    staging.rmdir()
+    try:
+        fresh = staging / name
+        for path, content in planned.items():
+            if path.startswith(name + "/"):
+                _write_synced(staging / path, content)
+        _fsync_directory(fresh)
+        target = root / name
+        if target.exists() or target.is_symlink():
+            # Ours from an earlier run (the operator's was backed up before this was called).
+            old = staging / (name + ".old")
+            os.rename(target, old)
+            os.rename(fresh, target)
+        else:
+            os.rename(fresh, target)
+    finally:
+        # Only ever ours in here; a failure above leaves the folder ours or absent, never half.
+        shutil.rmtree(staging, ignore_errors=True)
     _fsync_directory(root)
     log.info("wrote {path}", path=str(target))
 

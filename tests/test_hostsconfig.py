@@ -6,6 +6,7 @@ configuration directories compared with the golden trees in tests/golden/.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -683,20 +684,27 @@ class FailureTests(GoldenTestMixin, SynchronousTestCase):
 
     def test_read_only_config_path(self) -> None:
         """
-        A config path that cannot be written fails with one message naming it, and changes
-        nothing.
+        A config path on a read-only file system fails with one message naming the path, and
+        loses nothing: the operator's folder moved aside is still there, and cleanup (once the
+        file system is writable again) puts it back.  Read-only is simulated (root ignores
+        permission bits): every file creation fails with EROFS.
         """
-        if os.getuid() == 0:
-            # root ignores permission bits: use a read-only bind of the kernel instead.
-            root = Path("/proc/self")
-            self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"]))
-            return
         root = self.config_path("replace-existing")
         before = snapshot(root)
-        root.chmod(0o555)
-        self.addCleanup(root.chmod, 0o755)
+
+        def read_only(path: Path, content: FileContent) -> None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        self.patch(hostsconfig, "_write_synced", read_only)
         e = self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"]))
         self.assertIn(str(root), str(e))
+        self.assertIn("Read-only file system", str(e))
+        self.assertEqual(len(str(e).splitlines()), 1)
+        self.assertEqual(
+            snapshot(root),
+            {path.replace("docker.io/", "_backup/docker.io/"): data for path, data in before.items()},
+        )
+        cleanup(root)
         self.assertEqual(snapshot(root), before)
 
     def test_bad_old_file_keeps_originals(self) -> None:
