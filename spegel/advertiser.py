@@ -269,10 +269,13 @@ class _ImageRecord:
 
     @ivar tag_key: the image's tag key when its name is exactly that key, so that a peer asking
         this node for the tag will find the image under it.
-    @ivar servable: a client resolving the tag through this node can pull all of it from here:
-        at least one platform's manifest is present with every blob, and no present manifest
-        lacks one.  Otherwise the tag is not advertised, though each present digest is: a peer
-        that took the tag from here would be sent upstream blob by blob.
+    @ivar servable: a client resolving the tag through this node can pull it from here: at
+        least one platform's manifest is present with its config and every layer.  Otherwise
+        (a pull in progress, layers discarded) the tag is not advertised, though each present
+        digest is: a peer that took the tag from here would be sent upstream blob by blob.
+        Other platforms' manifests may be present without their layers (containerd 2.x fetches
+        them when pulling one platform), as on a node of one platform they always are.
+    @ivar loose: a blob advertised on its own, before any image refers to it.
     """
 
     reference: Reference
@@ -531,7 +534,7 @@ class Advertiser(Service):
             self._containerd_failed(e)
             return
         try:
-            results.update(await self._loose_still_present(memo))
+            results.update(await self._loose_still_present(memo, results))
         except ContainerdError as e:
             self._containerd_failed(e)
             return
@@ -589,11 +592,19 @@ class Advertiser(Service):
         if self._accept(name) is not None:
             self._apply(self._next_seq(), name, None)
 
-    async def _loose_still_present(self, memo: _WalkMemo) -> dict[str, _ImageRecord]:
+    async def _loose_still_present(
+        self, memo: _WalkMemo, images: Mapping[str, _ImageRecord]
+    ) -> dict[str, _ImageRecord]:
         """
-        The loose records to keep: those whose blob is still in the store.
+        The loose records to keep: those whose blob is still in the store and that no image
+        of C{images} holds now.
         """
-        loose = [(name, record) for name, record in self._records.items() if record.loose]
+        held = frozenset().union(*(record.present for record in images.values()))
+        loose = [
+            (name, record)
+            for name, record in self._records.items()
+            if record.loose and record.target.digest not in held
+        ]
         infos = await _gather(self._info(record.target.digest, memo) for _, record in loose)
         return {name: record for (name, record), info in zip(loose, infos) if info is not None}
 
@@ -707,7 +718,7 @@ class Advertiser(Service):
     async def _record(self, image: Image, reference: Reference, memo: _WalkMemo) -> _ImageRecord:
         walk = await self._subtree(image.target.digest, image.target.media_type or None, memo, 0)
         tag_key = reference.tag_key if reference.tag is not None and reference.tag_key == image.name else None
-        servable = walk.complete > 0 and walk.incomplete == 0
+        servable = walk.complete > 0
         return _ImageRecord(reference, image.target, tag_key, walk.present, walk.missing, servable)
 
     async def _subtree(self, digest: str, media_type: str | None, memo: _WalkMemo, depth: int) -> _Walk:
@@ -846,6 +857,12 @@ class Advertiser(Service):
             del self._records[name]
         else:
             self._records[name] = record
+            if not record.loose:
+                # An image holds these now: it withdraws them when it goes, which a loose
+                # record left behind would not (garbage collection sends no /content/delete).
+                for digest in record.present:
+                    if _LOOSE + digest in self._records:
+                        self._replace(_LOOSE + digest, None, changes)
 
     def _set_gauges(self, registry: str, counts: _Counts) -> None:
         if counts.empty():

@@ -361,7 +361,9 @@ class WalkTests(AdvertiserTestCase):
     def test_index_tag_needs_a_complete_platform(self) -> None:
         """
         An index whose only present platform lacks a layer (a pull in progress) advertises
-        its digests but not its tag; one complete platform beside a missing one is enough.
+        its digests but not its tag; one complete platform is enough, beside a platform that
+        is absent or present without its layers (containerd 2.x fetches other platforms'
+        manifests and configs).
         """
         partial = SingleImage(self.containerd, "partial", layers=2, stored_layers=1)
         index = self.containerd.put(index_json([partial.manifest]))
@@ -374,7 +376,8 @@ class WalkTests(AdvertiserTestCase):
         absent = SingleImage(self.containerd, "absent")
         for digest in absent.digests:
             del self.containerd.blobs[digest]
-        other = self.containerd.put(index_json([whole.manifest, absent.manifest]))
+        layerless = SingleImage(self.containerd, "layerless", layers=2, stored_layers=0)
+        other = self.containerd.put(index_json([whole.manifest, absent.manifest, layerless.manifest]))
         self.containerd.tag("docker.io/library/multi:2", other, OCI_INDEX)
         self.resync(a)
         self.assertIn("docker.io/library/multi:2", a.advertised_keys)
@@ -1084,4 +1087,9 @@ class LooseContentTests(AdvertiserTestCase):
         a.on_event(ImageEvent("create", "docker.io/library/app:1"))
         self.assertEqual(a.advertised_keys, image.digests | {"docker.io/library/app:1"})
         self.assertEqual(sorted(self.router.provided()), sorted(image.digests | {"docker.io/library/app:1"}))
+        # The image holds them now: removing it withdraws them (its blobs then go with garbage
+        # collection, which sends no event).
+        del self.containerd.images["docker.io/library/app:1"]
+        a.on_event(ImageEvent("delete", "docker.io/library/app:1"))
+        self.assertEqual(a.advertised_keys, frozenset())
 
