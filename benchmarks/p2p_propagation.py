@@ -2,13 +2,18 @@
 """
 Benchmark: how soon after a pull completes on node B node A can serve the image from B.
 
-Run with C{.venv/bin/python benchmarks/p2p_propagation.py [--runs 7] [--interval-ms 5]}.  It
+Run with C{.venv/bin/python benchmarks/p2p_propagation.py [--runs 7] [--interval-ms 5]
+[--containerd all|1.6|2.1|2.4]}, once per containerd (by default each one the tests run).  It
 starts a two-node cluster (A and B bootstrap from each other; B's containerd mirrors through its
 own node, as in a real cluster) and pushes one small image per run (different seeds, so every run
 announces new keys).  For each image a poller asks A's registry C{HEAD
 /v2/<repo>/manifests/<digest>?ns=<registry>} every few milliseconds, as a containerd on A would,
 from before B's pull starts; A answers 200 only once it finds B in the DHT and B answers it.  B's
 containerd then pulls the image (C{ctr images pull}).
+
+A second poller asks A the same way for the image's largest layer: on containerd 2.1+, which
+announces each blob as it is committed (C{/content/create}), the layer is findable before the
+pull completes; on 1.6 only once the image exists.
 
 For each run it prints how long the pull took and when A first answered 200, relative to the pull
 completing (C{ctr} exiting): the propagation delay is that time, or 0 when A already answered
@@ -36,6 +41,7 @@ from p2p_blob import A, B, Stopwatch  # type: ignore[import-not-found]
 from serve_blob import guarded  # type: ignore[import-not-found]
 from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
 from spegel.testing.cluster import Cluster, static_bootstrap
+from spegel.testing.containerd import ContainerdBuild, containerd_builds
 from spegel.testing.images import TestImage, build_image
 from spegel.testing.node import SpegelNode
 from spegel.testing.process import ProcessFailed
@@ -115,6 +121,7 @@ class Run:
     manifest_after: float
     everything_after: float
     polls: int
+    layer_after: float = 0.0
 
     @property
     def manifest_delay(self) -> float:
@@ -125,7 +132,7 @@ class Run:
         return max(0.0, self.everything_after)
 
 
-def run_benchmark(runs: int, interval: float, timeout: float) -> bool:
+def run_benchmark(runs: int, interval: float, timeout: float, build: ContainerdBuild) -> Summary:
     """
     Set everything up, measure, print the report.
 
@@ -135,8 +142,8 @@ def run_benchmark(runs: int, interval: float, timeout: float) -> bool:
     clock = Stopwatch()
     clock.say(f"building {runs} images of {len(LAYER_SIZES)} small gzip'd layers (different seeds)")
     images = [build_image(seed=f"p2p-propagation-{run}", layer_sizes=LAYER_SIZES) for run in range(runs)]
-    clock.say("starting docker-registry, two containerds and two spegel nodes (A, B) on 127.0.0.1")
-    with Cluster(2, node_args=static_bootstrap, wait_ready=True, log_level="info") as cluster:
+    clock.say(f"starting docker-registry, two containerd {build.version} and two spegel nodes (A, B) on 127.0.0.1")
+    with Cluster(2, node_args=static_bootstrap, wait_ready=True, log_level="info", containerd_build=build) as cluster:
         cluster.configure_mirrors(B, [B])
         refs = [cluster.registry.push_image(f"{REPO}-{run}", TAG, image) for run, image in enumerate(images)]
         clock.say(f"pushed {runs} images to {cluster.registry.url}; B's containerd mirrors through B's node")
@@ -146,35 +153,45 @@ def run_benchmark(runs: int, interval: float, timeout: float) -> bool:
             result = _one_run(cluster, f"{REPO}-{run - 1}", image, ref, interval, timeout)
             results.append(result)
             print(
-                f"  run {run}  pull on B {result.pull_seconds:5.2f} s; A serves the manifest "
+                f"  run {run}  pull on B {result.pull_seconds:5.2f} s; A serves the largest layer "
+                f"{_relative(result.layer_after)}, the manifest "
                 f"{_relative(result.manifest_after)} ({result.polls} polls), the tag and every digest "
                 f"{_relative(result.everything_after)}",
                 flush=True,
             )
-        return _report(results, 1 + len(images[0].digests()))
+        return _report(build, results, 1 + len(images[0].digests()))
 
 
 def _one_run(cluster: Cluster, repo: str, image: TestImage, ref: str, interval: float, timeout: float) -> Run:
     ns = urllib.parse.quote(cluster.registry.host, safe="")
     poller = Poller(cluster.nodes[A], f"/v2/{repo}/manifests/{image.digest}?ns={ns}", interval)
+    largest = max(image.layers, key=lambda layer: layer.size)
+    layer_poller = Poller(cluster.nodes[A], f"/v2/{repo}/blobs/{largest.digest}?ns={ns}", interval)
     poller.start()
+    layer_poller.start()
     try:
         started = time.monotonic()
         cluster.containerds[B].pull(ref)
         done = time.monotonic()
         poller.wait(timeout)
+        layer_poller.wait(timeout)
     finally:
         poller.stop()
-    if poller.error is not None:
-        raise BenchmarkFailed(poller.error)
-    if poller.found_at is None:
-        raise BenchmarkFailed(f"A did not serve the manifest of {ref} within {timeout:.0f}s of B's pull")
+        layer_poller.stop()
+    for what, p in (("manifest", poller), ("largest layer", layer_poller)):
+        if p.error is not None:
+            raise BenchmarkFailed(p.error)
+        if p.found_at is None:
+            raise BenchmarkFailed(f"A did not serve the {what} of {ref} within {timeout:.0f}s of B's pull")
+    assert layer_poller.found_at is not None
     try:
         cluster.wait_findable([A], repo, image, tag=TAG, timeout=timeout, interval=interval)
     except ProcessFailed as e:
         raise BenchmarkFailed(str(e)) from None
     everything = time.monotonic()
-    return Run(done - started, poller.found_at - done, everything - done, poller.polls)
+    return Run(
+        done - started, poller.found_at - done, everything - done, poller.polls, layer_poller.found_at - done
+    )
 
 
 def _relative(seconds: float) -> str:
@@ -183,7 +200,23 @@ def _relative(seconds: float) -> str:
     return f"{seconds:.3f} s after it completed"
 
 
-def _report(results: Sequence[Run], requests: int) -> bool:
+@frozen
+class Summary:
+    """
+    One containerd's figures: medians and maxima, in seconds after the pull completed (the
+    layer's may be negative: findable before).
+    """
+
+    version: str
+    layer_median: float
+    manifest_median: float
+    manifest_max: float
+    everything_median: float
+    everything_max: float
+    met: bool
+
+
+def _report(build: ContainerdBuild, results: Sequence[Run], requests: int) -> Summary:
     manifest = sorted(r.manifest_delay for r in results)
     everything = sorted(r.everything_delay for r in results)
     early = sum(1 for r in results if r.manifest_after < 0)
@@ -196,10 +229,22 @@ def _report(results: Sequence[Run], requests: int) -> bool:
     print(f"whole image    median {statistics.median(everything):.3f} s, max {everything[-1]:.3f} s "
           f"(tag and every digest findable from A; taken at the end of the first check that found all "
           f"{requests}, one HEAD each in turn, so an upper bound)")
+    layer = sorted(r.layer_after for r in results)
+    before = sum(1 for r in results if r.layer_after < 0)
+    print(f"largest layer  median {_relative(statistics.median(layer))} (findable before the pull completed "
+          f"in {before} of {len(results)} runs)")
     met = manifest[-1] <= TARGET_SECONDS
     verdict = "target met" if met else "ABOVE target"
     print(f"propagation    max {manifest[-1]:.3f} s (target <= {TARGET_SECONDS:.1f} s): {verdict}")
-    return met
+    return Summary(
+        build.version,
+        statistics.median(layer),
+        statistics.median(manifest),
+        manifest[-1],
+        statistics.median(everything),
+        everything[-1],
+        met,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,10 +255,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval-ms", type=float, default=5.0, help="pause between A's polls (default 5)")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds A may take to serve an image after B's pull (default 10)")
+    builds = {f"{b.major_minor[0]}.{b.major_minor[1]}": b for b in containerd_builds()}
+    parser.add_argument("--containerd", choices=["all", *builds], default="all",
+                        help="which containerd the nodes run (default: each the tests run, in turn)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.interval_ms <= 0 or args.timeout <= 0:
         parser.error("--runs must be at least 1, --interval-ms and --timeout positive")
-    return guarded(lambda: run_benchmark(args.runs, args.interval_ms / 1000, args.timeout))
+    chosen = list(builds.values()) if args.containerd == "all" else [builds[args.containerd]]
+
+    def run_all() -> bool:
+        summaries = []
+        for build in chosen:
+            build.check()
+            summaries.append(run_benchmark(args.runs, args.interval_ms / 1000, args.timeout, build))
+            print()
+        print("containerd   largest layer (median)   manifest (median / max)   tag and every digest (median / max)")
+        for s in summaries:
+            print(f"{s.version:<12} {s.layer_median:+8.3f} s               {s.manifest_median:.3f} / {s.manifest_max:.3f} s"
+                  f"         {s.everything_median:.3f} / {s.everything_max:.3f} s")
+        print("(seconds after the pull completed; negative: findable before it completed)")
+        return all(s.met for s in summaries)
+
+    return guarded(run_all)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ runs against every containerd (Debian's 1.6 and the 2.x builds); the class names
   digest through their peers.
 - L{DiscardUnpackedLayersTests}: the failing control: a node whose containerd discards layers
   after unpacking has nothing to share, and its spegel node says so at start.
+- L{ImportedImageTests}: an image loaded with C{ctr images import}, never pulled, is served to
+  peers.
 - L{PrivateRegistryTests}: a registry spegel does not mirror, reachable only through its own
   C{hosts.toml} (plain HTTP), keeps pulling through C{spegel configuration} and C{cleanup}, and
   cleanup gives back its files byte for byte.
@@ -19,15 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 
 from twisted.trial.unittest import TestCase
 
-from spegel.testing.cluster import Cluster, static_bootstrap
+from spegel import preflight
+from spegel.testing.cluster import Cluster, spegel_cli, static_bootstrap
 from spegel.testing.containerd import per_containerd
 from spegel.testing.images import TestImage, build_image
 from spegel.testing.process import CommandFailed, ProcessFailed
 from spegel.testing.registry import UpstreamRegistry
+from tests.test_containerd_real import write_oci_archive
 
 MiB = 1 << 20
 
@@ -121,6 +126,85 @@ class DiscardUnpackedLayersTests(_CRITestCase):
             self.assertEqual(layers & cluster.containerds[0].content_digests(), set())
             cluster.registry.stop()
             self.assertRaises(CommandFailed, cluster.containerds[1].cri_pull, ref, timeout=60)
+            # The node said why at start, read from its containerd's configuration.
+            self.assertIn("Preflight: discard_unpacked_layers = true", cluster.nodes[0].log_text())
+            self.assertEqual(
+                cluster.nodes[0].metrics().total("spegel_preflight_problems", check="discard_unpacked_layers"), 1.0
+            )
+
+
+class ImportedImageTests(_CRITestCase):
+    nodes = 2
+
+    def test_importedImageServedToPeers(self) -> None:
+        """
+        An image loaded with C{ctr images import} (an air-gapped node, a pre-loaded base image),
+        never pulled from a registry, is advertised and served: node 1 pulls it through the CRI
+        with the registry it is named after stopped.
+        """
+        cluster = self.startCluster()
+        cluster.mirror_through_own_nodes()
+        image = self.image("imported")
+        name = cluster.registry.ref("cri/imported", "v1")
+        archive = os.path.join(cluster.base_dir, "imported.tar")
+        write_oci_archive(image, name, archive)
+        cluster.registry.stop()
+        with self.logsOnFailure():
+            cluster.containerds[0].ctr("images", "import", archive)
+            cluster.wait_findable([1], "cri/imported", image, tag="v1", timeout=FINDABLE_WITHIN)
+            before = cluster.served()
+            cluster.containerds[1].cri_pull(name)
+            self.assertHoldsByCRI(1, name, image)
+            peer = cluster.served()[1].peer - before[1].peer  # type: ignore[union-attr]
+            self.assertGreaterEqual(peer, sum(layer.size for layer in image.layers))
+
+
+class PreflightTests(_CRITestCase):
+    nodes = 1
+
+    def test_whatContainerdSays(self) -> None:
+        """
+        The preflight asks the real containerd what it runs with: the CRI's status on 1.6, the
+        images plugin's exports on 2.2+, nothing on 2.1 (the file then decides).  A file
+        changed without a restart is caught where containerd says; a config_path elsewhere is
+        fatal for C{spegel configuration}, which then writes nothing.
+        """
+        cluster = self.startCluster(discard_unpacked_layers=True)
+        daemon = cluster.containerds[0]
+        facts = preflight.probe_containerd(daemon.socket, "k8s.io")
+        self.assertEqual(preflight.parse_version(facts.version), daemon.build.major_minor)
+        says = daemon.build.major_minor != (2, 1)
+        if says:
+            assert facts.running is not None
+            self.assertEqual((facts.running.config_path, facts.running.discard_unpacked_layers), (daemon.hosts_dir, True))
+        else:
+            self.assertIsNone(facts.running)
+        problems = preflight.run_preflight(
+            config_file=daemon.config_path, certs_dir=daemon.hosts_dir, socket_path=daemon.socket, namespace="k8s.io"
+        )
+        self.assertEqual([p.check for p in problems], ["discard_unpacked_layers", "no_images"])
+        # The file now says otherwise, containerd not restarted.
+        with open(daemon.config_path) as f:
+            text = f.read()
+        with open(daemon.config_path, "w") as f:
+            f.write(text.replace("discard_unpacked_layers = true", "discard_unpacked_layers = false"))
+        problems = preflight.run_preflight(
+            config_file=daemon.config_path, certs_dir=daemon.hosts_dir, socket_path=daemon.socket, namespace="k8s.io"
+        )
+        expected = ["config_not_applied", "discard_unpacked_layers", "no_images"] if says else ["no_images"]
+        self.assertEqual([p.check for p in problems], expected)
+        # Warnings only: configuration goes ahead.
+        cluster.configure_mirrors(0, [0])
+        elsewhere = os.path.join(cluster.base_dir, "elsewhere")
+        status = subprocess.run(
+            [*spegel_cli(), "configuration", "--containerd-registry-config-path", elsewhere,
+             "--mirror-targets", "http://127.0.0.1:1", "--containerd-config-file", daemon.config_path,
+             "--containerd-sock", daemon.socket],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(status.returncode, 1, status.stderr)
+        self.assertIn("spegel: error: containerd reads registry configuration from", status.stderr)
+        self.assertFalse(os.path.exists(elsewhere))
 
 
 class PrivateRegistryTests(_CRITestCase):
@@ -179,6 +263,6 @@ def _snapshot(root: str) -> dict[str, bytes]:
     return files
 
 
-for _template in (CRIPullTests, DiscardUnpackedLayersTests, PrivateRegistryTests):
+for _template in (CRIPullTests, DiscardUnpackedLayersTests, ImportedImageTests, PreflightTests, PrivateRegistryTests):
     globals().update(per_containerd(_template))
-del _template, CRIPullTests, DiscardUnpackedLayersTests, PrivateRegistryTests
+del _template, CRIPullTests, DiscardUnpackedLayersTests, ImportedImageTests, PreflightTests, PrivateRegistryTests

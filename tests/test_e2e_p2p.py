@@ -291,20 +291,25 @@ class KilledPeerTests(_OwnClusterTestCase):
                 start = cluster.served()
                 pull = cluster.containerds[2].start_pull(ref)
                 self.addCleanup(pull.kill)
-                # ctr runs in short bursts, paused while the holders' counters are read: a
-                # poll on this busy machine can take longer than the whole copy, but a paused
-                # client lets only socket buffers' worth of bytes through.
+                # The puller runs in short bursts, paused while the holders' counters are
+                # read: a poll on this busy machine can take longer than the whole copy, but a
+                # paused client lets only socket buffers' worth of bytes through.  Both ctr
+                # and node 2's containerd are paused: on 2.x the transfer runs in the daemon.
+                puller = cluster.containerds[2]
                 victim = None
                 deadline = time.monotonic() + 30
                 while victim is None and pull.running and time.monotonic() < deadline:
+                    puller.resume()
                     pull.resume()
                     time.sleep(0.05)
                     pull.pause()
+                    puller.pause()
                     moved = {i: _localBytes(cluster, i) - start[i].local for i in (0, 1)}
                     index = max(moved, key=moved.__getitem__)
                     if moved[index] > MiB:
                         victim, sentBeforeKill = index, moved[index]
                         cluster.nodes[index].kill()
+                puller.resume()
                 pull.resume()
                 self.assertIsNotNone(victim, "no holder's counter moved before the pull ended:\n" + pull.log_text())
                 self.assertLess(sentBeforeKill, layer.size)

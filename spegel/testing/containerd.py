@@ -423,6 +423,21 @@ class ContainerdDaemon(RunsOneProcess):
         if self._process is not None:
             self._process.kill()
 
+    def pause(self) -> None:
+        """
+        SIGSTOP the daemon: on 2.x, whose C{ctr} pulls through the daemon's transfer service,
+        this (not pausing C{ctr}) is what stalls a pull's transfer.
+        """
+        if self._process is not None:
+            self._process.pause()
+
+    def resume(self) -> None:
+        """
+        SIGCONT the daemon after L{pause}.
+        """
+        if self._process is not None:
+            self._process.resume()
+
     def restart(self) -> None:
         """
         Stop and start again with the same directories and socket.

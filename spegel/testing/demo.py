@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from attrs import frozen
 
 from spegel.testing.cluster import Cluster, Served, static_bootstrap
+from spegel.testing.containerd import newest_containerd
 from spegel.testing.images import TestImage, build_image
 from spegel.testing.process import CommandFailed, ProcessFailed, failure_line, last_line
 
@@ -98,8 +99,12 @@ def run_demo(
         def args(index: int, cluster: Cluster) -> list[str]:
             return [*static_bootstrap(index, cluster), *node_args]
 
-        clock.say(f"starting an upstream registry, {nodes} containerd daemons and {nodes} spegel nodes on 127.0.0.1")
-        cluster = Cluster(nodes, keep_dir=keep, node_args=args, wait_ready=True)
+        build = newest_containerd()
+        clock.say(
+            f"starting an upstream registry, {nodes} containerd {build.version} daemons and "
+            f"{nodes} spegel nodes on 127.0.0.1"
+        )
+        cluster = Cluster(nodes, keep_dir=keep, node_args=args, wait_ready=True, containerd_build=build)
         try:
             with cluster:
                 return _run_in(cluster, image, clock)
