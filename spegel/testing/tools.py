@@ -111,8 +111,11 @@ def build(tool: GoTool, tools_dir: str | None = None, *, go: str = "go") -> str:
     destination = tool.path(tools_dir)
     if tool.built(tools_dir):
         return destination
-    if shutil.which(go) is None:
+    go_path = shutil.which(go)
+    if go_path is None:
         raise BuildFailed(f"cannot build {tool.directory_name}: no Go toolchain ('{go}') on PATH")
+    # Absolute: the commands run in the scratch module's folder.
+    go = os.path.abspath(go_path)
     parent = os.path.dirname(destination)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{tool.directory_name}.", dir=parent) as work:
@@ -140,7 +143,7 @@ def build(tool: GoTool, tools_dir: str | None = None, *, go: str = "go") -> str:
             if result.returncode != 0:
                 output = (result.stdout + result.stderr).strip().splitlines()[-15:]
                 raise BuildFailed(
-                    f"building {tool.directory_name} failed at '{' '.join(args[:2])}':\n"
+                    f"building {tool.directory_name} failed at 'go {args[1]}':\n"
                     + "\n".join(output)
                 )
         os.rename(out_dir, destination)
