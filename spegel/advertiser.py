@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 from attrs import define, evolve, field, frozen
 from prometheus_client import Gauge
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -96,7 +96,7 @@ RESYNC_CONCURRENCY = 4
 #: A blob announced by C{/content/create} (containerd 2.1+) gets its distribution source label
 #: (which registry and repository it came from, needed to apply the registry filter) only once
 #: the pull's handler has run after the commit: wait for it this long between looks, in seconds.
-LOOSE_LABEL_WAITS = (0.0, 0.05, 0.25, 1.0, 3.0)
+LOOSE_LABEL_WAITS = (0.0, 0.01, 0.05, 0.25, 1.0, 3.0)
 
 #: The label prefix containerd's pulls set on content: C{<prefix><registry>=<repo>[,<repo>...]}.
 DISTRIBUTION_SOURCE_LABEL = "containerd.io/distribution.source."
@@ -137,6 +137,12 @@ class ContentChanged(ValueError):
     """
     Bytes read for a digest did not hash to it: the content is being rewritten or removed.
     """
+
+
+def _without_port(registry: str) -> str:
+    if registry.startswith("["):
+        return registry[: registry.find("]") + 1]
+    return registry.partition(":")[0]
 
 
 def parse_image_name(name: str) -> Reference:
@@ -415,6 +421,8 @@ class Advertiser(Service):
         self._resyncing = False
         self._resync_waiters: list[Deferred[None]] = []
         self._outage = False
+        # Loose blobs waiting for their distribution source label; cancelled when stopping.
+        self._loose_waits: set[Deferred[None]] = set()
 
     @property
     def advertised_keys(self) -> frozenset[str]:
@@ -439,6 +447,8 @@ class Advertiser(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        for wait in list(self._loose_waits):
+            wait.cancel()
 
     def _reconcile(self) -> None:
         # Not returning the resync's Deferred: a slow resync must not hold the loop back, and
@@ -634,12 +644,19 @@ class Advertiser(Service):
             self._run(self._advertise_loose(digest), "Advertising {digest} failed", digest=digest)
 
     async def _advertise_loose(self, digest: str) -> None:
-        seq = self._next_seq()
         for delay in LOOSE_LABEL_WAITS:
             if delay:
-                await deferLater(self._clock, delay, lambda: None)
-            if digest in self._refs or self._deleted_after(seq) & {digest}:
+                wait = deferLater(self._clock, delay, lambda: None)
+                self._loose_waits.add(wait)
+                try:
+                    await wait
+                except CancelledError:
+                    return  # stopping
+                finally:
+                    self._loose_waits.discard(wait)
+            if digest in self._refs:
                 return
+            looked = self._next_seq()
             try:
                 info = await self._client.content_info(digest)
             except ContentNotFound:
@@ -655,6 +672,14 @@ class Advertiser(Service):
             # one comes, is advertised as a whole.
             _log.debug("Not advertising {digest} before its image: no distribution source", digest=digest)
             return
+        if digest in self._refs or self._deleted_after(looked) & {digest}:
+            return
+        _log.debug(
+            "Advertising {digest} before its image: committed, from {registry}/{repository}",
+            digest=digest,
+            registry=reference.registry,
+            repository=reference.repository,
+        )
         record = _ImageRecord(
             reference=reference,
             target=Descriptor("", digest, info.size),
@@ -664,7 +689,10 @@ class Advertiser(Service):
             servable=False,
             loose=True,
         )
-        self._apply(seq, _LOOSE + digest, record)
+        # A new sequence number: a resync that started while this waited for the label knows
+        # nothing of this blob and must not outrank it (it keeps loose records, and the next
+        # one drops this again if the blob is gone by then).
+        self._apply(self._next_seq(), _LOOSE + digest, record)
 
     def _source(self, info: ContentInfo) -> Reference | None:
         """
@@ -674,16 +702,20 @@ class Advertiser(Service):
         for label, value in sorted(info.labels.items()):
             if not label.startswith(DISTRIBUTION_SOURCE_LABEL):
                 continue
-            registry = label[len(DISTRIBUTION_SOURCE_LABEL) :]
-            for repository in value.split(","):
-                try:
-                    parse_registry_host(registry)
-                    parse_repository(repository)
-                    reference = Reference(registry, repository)
-                    self._filter.check(reference)
-                except (OCIError, NameUnknown):
-                    continue
-                return reference
+            host = label[len(DISTRIBUTION_SOURCE_LABEL) :]
+            # containerd leaves the port out of the label (127.0.0.1:5000 is labelled
+            # 127.0.0.1): it is the mirrored registry of that host, whatever its port.
+            registries = sorted(r for r in self._filter.mirrored_registries if _without_port(r) == host)
+            for registry in registries or [host]:
+                for repository in value.split(","):
+                    try:
+                        parse_registry_host(registry)
+                        parse_repository(repository)
+                        reference = Reference(registry, repository)
+                        self._filter.check(reference)
+                    except (OCIError, NameUnknown):
+                        continue
+                    return reference
         return None
 
     def _apply(self, seq: int, name: str, record: _ImageRecord | None) -> None:

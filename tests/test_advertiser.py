@@ -1023,6 +1023,27 @@ class LooseContentTests(AdvertiserTestCase):
         self.clock.advance(0.25)
         self.assertEqual(a.advertised_keys, {layer})
 
+    def test_label_without_port(self) -> None:
+        """
+        containerd labels content from 127.0.0.1:5000 as from 127.0.0.1: it is taken for the
+        mirrored registry of that host, and filtered as such.
+        """
+        a = self.make(RegistryFilter(mirrored_registries=frozenset({REGISTRY_HOST, "ghcr.io"})))
+        self.resync(a)
+        layer = self.containerd.put(b"from a registry with a port")
+        self.containerd.labels[layer] = {"containerd.io/distribution.source.127.0.0.1": "team/app"}
+        a.on_event(ContentEvent("create", layer))
+        self.assertEqual(a.advertised_keys, {layer})
+        self.assertEqual(
+            REGISTRY.get_sample_value("spegel_advertised_content_digests", {"registry": REGISTRY_HOST}), 1.0
+        )
+        other = self.containerd.put(b"from another host")
+        self.containerd.labels[other] = {"containerd.io/distribution.source.10.0.0.1": "team/app"}
+        a.on_event(ContentEvent("create", other))
+        for wait in advertiser.LOOSE_LABEL_WAITS:
+            self.clock.advance(wait)
+        self.assertEqual(a.advertised_keys, {layer})
+
     def test_no_source_not_advertised(self) -> None:
         a = self.started()
         blob = self.blob(b"imported", source=None)

@@ -7,7 +7,11 @@ Blocking rig calls run on the reactor's thread pool so the reactor keeps deliver
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 
 from twisted.internet import reactor
@@ -151,6 +155,116 @@ class RealAdvertiserTests(TestCase):
         await deferToThread(self.daemon.remove_image, ref)
         await self.wait_until(lambda: not (expected & self.router.keys), "the removed image's keys", timeout=5.0)
         self.assertEqual(self.advertiser.advertised_keys, frozenset())
+
+    def test_contentBeforeImage(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._test_contentBeforeImage())
+
+    async def _test_contentBeforeImage(self) -> None:
+        """
+        A pull whose last layer is held back (by a mirror in front of the registry that
+        answers for it only when told): on containerd 2.1+, which announces each blob it
+        commits, the manifest, config and first layer are advertised while the image does not
+        exist yet; on 1.6, nothing is until the image is.  Either way everything is once the
+        pull completes.
+        """
+        self.start_client()
+        self.advertiser.startService()
+        self.addCleanup(self.advertiser.stopService)
+        resubscribed: list[None] = []
+
+        def on_resubscribed() -> None:
+            resubscribed.append(None)
+            self.advertiser.on_resubscribed()
+
+        subscriber = EventSubscriber(
+            reactor, self.client, self.advertiser.on_event, on_resubscribed, initial_backoff=0.1, max_backoff=0.4
+        )
+        subscriber.startService()
+        self.addCleanup(subscriber.stopService)
+        await self.wait_until(lambda: bool(resubscribed), "the event subscription")
+
+        image = build_image(seed="adv-loose", layer_sizes=(64 * 1024, 4000))
+        ref = await deferToThread(self.registry.push_image, "adv/loose", "v1", image)
+        held = image.layers[1].digest
+        mirror = _HoldingMirror(self.registry.url, held)
+        self.addCleanup(mirror.close)
+        self.daemon.write_hosts_toml(
+            self.registry.host,
+            f"server = '{self.registry.url}'\n\n[host.'{mirror.url}']\ncapabilities = ['pull', 'resolve']\n",
+        )
+        pull = deferToThread(self.daemon.pull, ref)
+        early = image.digests() - {held}
+        try:
+            await self.wait_until(mirror.holding.is_set, "the mirror to be asked for the last layer")
+            if self.containerd_build.publishes_content_create:
+                await self.wait_until(lambda: early <= self.router.keys, "the blobs committed so far", timeout=10.0)
+            else:
+                # Nothing tells a 1.6 node of blobs without an image: wait as long as the
+                # 2.1+ branch may, then check nothing was advertised.
+                await deferLater(reactor, 1.0, lambda: None)
+                self.assertEqual(self.router.keys, set())
+            self.assertEqual(await deferToThread(self.daemon.images), {})
+            self.assertNotIn(held, self.router.keys)
+        finally:
+            mirror.release()
+        await pull
+        await self.wait_until(lambda: image.digests() | {ref} <= self.router.keys, "the whole image", timeout=10.0)
+
+
+class _HoldingMirror:
+    """
+    A registry mirror on 127.0.0.1 that passes every request on to C{upstream} and answers
+    for the blob C{held} only once L{release} is called.
+    """
+
+    def __init__(self, upstream: str, held: str) -> None:
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        mirror = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                self._forward("HEAD")
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def _forward(self, method: str) -> None:
+                if held in self.path and method == "GET":
+                    mirror.holding.set()
+                    mirror._released.wait(60)
+                request = urllib.request.Request(upstream + self.path.split("?")[0], method=method)
+                for name in ("Accept", "Range"):
+                    if self.headers.get(name):
+                        request.add_header(name, self.headers[name])
+                try:
+                    response = urllib.request.urlopen(request, timeout=30)
+                except urllib.error.HTTPError as e:
+                    response = e
+                body = response.read() if method == "GET" else b""
+                self.send_response(response.status)
+                for name, value in response.headers.items():
+                    if name.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
 
 
 globals().update(per_containerd(RealAdvertiserTests))
