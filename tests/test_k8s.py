@@ -1,303 +1,165 @@
 # -*- test-case-name: tests.test_k8s -*-
 """
-Tests for the manifests in k8s/: every flag they pass is one the code accepts, and the ports,
-probes, mounts and bootstrap domain agree with each other.
+Tests for the Helm chart in charts/spegel and the manifests in k8s/: the chart lints, renders
+with its defaults to exactly k8s/spegel.yaml, renders with other values files to manifests
+that the Kubernetes schemas accept (offline, kubernetes-validate), and what it renders agrees
+with the code: every flag is one the node or C{spegel configuration} accepts, ports, probes and
+mounts match the flags, and the dashboard's queries name metrics the node exports.  Bad values
+fail at C{helm template}, with the values schema's message.
 
-PyYAML is not a dependency, so the manifests are written in a small block-YAML subset and read
-with L{parse_yaml} below, which refuses anything outside that subset (anchors, flow
-collections, block scalars, inline comments, YAML 1.1 booleans such as C{yes}) rather than
-guessing at it.
+Rendering runs the real C{helm} (built by C{.ci/setup} from the Go module proxy, see
+L{spegel.testing.tools}); the YAML is read with PyYAML.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.cli import UsageError, build_parser
 from spegel.hostsconfig import parse_registry_url
+from spegel.testing import tools
 
-K8S = Path(__file__).parent.parent / "k8s"
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "charts" / "spegel"
+K8S = ROOT / "k8s"
 NODE_IP = "10.0.0.5"
+RELEASE = ("spegel", "--namespace", "spegel")
+# The oldest Kubernetes the chart's manifests are checked against, and the newest the
+# schemas ship.
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 
 
-class YAMLSubsetError(ValueError):
+class HelmFailed(Exception):
+    pass
+
+
+def helm(*args: str) -> str:
     """
-    The text uses YAML this parser does not support.
+    Run the helm built by .ci/setup; its stdout.
+
+    @raise HelmFailed: with helm's stderr, on a non-zero exit.
     """
+    if not tools.HELM.built():
+        raise HelmFailed(f"helm is not built in {tools.HELM.path()}: run bash .ci/setup")
+    result = subprocess.run(
+        [tools.HELM.binary("helm"), *args], capture_output=True, text=True, timeout=120
+    )
+    if result.returncode != 0:
+        raise HelmFailed(result.stderr.strip())
+    return result.stdout
 
 
-_KEY = re.compile(r"[A-Za-z0-9_./-]+")
-_INT = re.compile(r"-?(0|[1-9][0-9]*)")
-# Unquoted words YAML 1.1 parsers (and some Kubernetes tooling) would read as booleans.
-_YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n"})
-
-
-def parse_yaml(text: str) -> list[Any]:
+def render(*values: dict[str, Any], tmp: Path | None = None) -> str:
     """
-    The documents of a multi-document YAML text in the supported subset.
-
-    @raise YAMLSubsetError: naming the line that is outside the subset.
+    C{helm template} of the chart as the k8s/ manifests are made, with C{values} as values
+    files (written under C{tmp}).
     """
-    documents: list[list[tuple[int, int, str]]] = [[]]
-    for number, raw in enumerate(text.splitlines(), 1):
-        if "\t" in raw:
-            raise YAMLSubsetError(f"line {number}: tab")
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if raw == "---":
-            documents.append([])
-            continue
-        indent = len(raw) - len(raw.lstrip(" "))
-        documents[-1].append((number, indent, stripped))
-    parsed = []
-    for lines in documents:
-        if not lines:
-            continue
-        value, end = _parse_block(lines, 0, lines[0][1])
-        if end != len(lines):
-            raise YAMLSubsetError(f"line {lines[end][0]}: unexpected indentation")
-        parsed.append(value)
-    return parsed
+    args = ["template", *RELEASE, str(CHART)]
+    for index, value in enumerate(values):
+        assert tmp is not None
+        path = tmp / f"values-{index}.yaml"
+        path.write_text(yaml.safe_dump(value))
+        args += ["--values", str(path)]
+    return helm(*args)
 
 
-def _parse_block(lines: list[tuple[int, int, str]], i: int, indent: int) -> tuple[Any, int]:
-    number, _, text = lines[i]
-    if text == "-" or text.startswith("- "):
-        return _parse_sequence(lines, i, indent)
-    return _parse_mapping(lines, i, indent)
+def documents(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
-def _parse_sequence(lines: list[tuple[int, int, str]], i: int, indent: int) -> tuple[Any, int]:
-    items = []
-    while i < len(lines) and lines[i][1] == indent:
-        number, _, text = lines[i]
-        if not text.startswith("- "):
-            raise YAMLSubsetError(f"line {number}: expected '- ' in a sequence")
-        rest = text[2:]
-        if _split_key(rest) is not None:
-            # "- key: value": a mapping whose further keys are indented to line up with "key".
-            lines[i] = (number, indent + 2, rest)
-            value, i = _parse_mapping(lines, i, indent + 2)
-        else:
-            value, i = _scalar(rest, number), i + 1
-        items.append(value)
-    return items, i
-
-
-def _parse_mapping(lines: list[tuple[int, int, str]], i: int, indent: int) -> tuple[Any, int]:
-    mapping: dict[str, Any] = {}
-    while i < len(lines) and lines[i][1] == indent:
-        number, _, text = lines[i]
-        split = _split_key(text)
-        if split is None:
-            raise YAMLSubsetError(f"line {number}: expected 'key: value'")
-        key, rest = split
-        if key in mapping:
-            raise YAMLSubsetError(f"line {number}: duplicate key {key!r}")
-        if rest:
-            mapping[key], i = _scalar(rest, number), i + 1
-        elif i + 1 < len(lines) and lines[i + 1][1] > indent:
-            mapping[key], i = _parse_block(lines, i + 1, lines[i + 1][1])
-        else:
-            raise YAMLSubsetError(f"line {number}: {key!r} has no value (write null)")
-    if i < len(lines) and lines[i][1] > indent:
-        raise YAMLSubsetError(f"line {lines[i][0]}: unexpected indentation")
-    return mapping, i
-
-
-def _split_key(text: str) -> tuple[str, str] | None:
-    key, sep, rest = text.partition(":")
-    if not sep or (rest and not rest.startswith(" ")) or _KEY.fullmatch(key) is None:
-        return None
-    return key, rest.strip()
-
-
-def _scalar(text: str, number: int) -> Any:
-    if text.startswith('"'):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            raise YAMLSubsetError(f"line {number}: bad double-quoted string") from None
-        return value
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'") or "'" in text[1:-1].replace("''", ""):
-            raise YAMLSubsetError(f"line {number}: bad single-quoted string")
-        return text[1:-1].replace("''", "'")
-    if text == "[]":
-        return []
-    if text == "{}":
-        return {}
-    if text[0] in "[]{}&*!|>%@`,?:#" or ": " in text or " #" in text or text.endswith(":"):
-        raise YAMLSubsetError(f"line {number}: {text!r} is outside the supported subset")
-    if text in ("true", "false"):
-        return text == "true"
-    if text in ("null", "~"):
-        return None
-    if text.lower() in _YAML11_BOOLEANS:
-        raise YAMLSubsetError(f"line {number}: quote {text!r}, YAML 1.1 reads it as a boolean")
-    if _INT.fullmatch(text):
-        return int(text)
-    if re.fullmatch(r"-?[0-9][0-9_.eE+-]*", text):
-        raise YAMLSubsetError(f"line {number}: quote {text!r}, its type is ambiguous")
-    return text
-
-
-def load(name: str) -> list[dict[str, Any]]:
-    return parse_yaml((K8S / name).read_text())
-
-
-def find(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    matches = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
-    if len(matches) != 1:
-        raise AssertionError(f"expected one {kind} {name}, found {len(matches)}")
-    return matches[0]
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for d in docs:
+        if d["kind"] == kind and d["metadata"]["name"] == name:
+            return d
+    raise AssertionError(f"no {kind} {name}")
 
 
 def container(pod: dict[str, Any], name: str, init: bool = False) -> dict[str, Any]:
-    containers = pod["initContainers" if init else "containers"]
-    (found,) = [c for c in containers if c["name"] == name]
-    return found
+    for c in pod["initContainers" if init else "containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name}")
 
 
-def expand(c: dict[str, Any], documents: list[dict[str, Any]]) -> list[str]:
+def expand(c: dict[str, Any]) -> list[str]:
     """
-    C{c}'s args with C{$(VAR)} replaced as the kubelet would, from its env: literal values,
-    ConfigMap keys from C{documents}, and a node IP for C{status.hostIP}. An undefined
-    variable fails the test: the kubelet would leave C{$(VAR)} in place, silently.
+    C{c}'s args with C{$(VAR)} replaced as the kubelet does (NODE_IP by a sample address).
     """
-    env = {}
+    values = {"NODE_IP": NODE_IP}
     for variable in c.get("env", []):
         if "value" in variable:
-            env[variable["name"]] = variable["value"]
-            continue
-        source = variable["valueFrom"]
-        if "configMapKeyRef" in source:
-            ref = source["configMapKeyRef"]
-            configmap = find(documents, "ConfigMap", ref["name"])
-            env[variable["name"]] = configmap["data"][ref["key"]]
-        elif source.get("fieldRef", {}).get("fieldPath") == "status.hostIP":
-            env[variable["name"]] = NODE_IP
-        else:
-            raise AssertionError(f"unsupported env source {source}")
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(1) not in env:
-            raise AssertionError(f"{c['name']}: $({match.group(1)}) is not defined in its env")
-        return env[match.group(1)]
-
-    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", substitute, arg) for arg in c["args"]]
+            values[variable["name"]] = variable["value"]
+    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: values[m.group(1)], a) for a in c["args"]]
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
+    """
+    C{--flag=value} arguments by flag (C{--flag} included).
+    """
     values = {}
     for arg in args:
-        name, sep, value = arg.partition("=")
-        if name.startswith("--") and sep:
+        if arg.startswith("--"):
+            name, _, value = arg.partition("=")
             values[name] = value
     return values
 
 
-class ParserTests(SynchronousTestCase):
+class ChartTestCase(SynchronousTestCase):
+    def temp(self) -> Path:
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return path
+
+
+class DefaultRenderTests(ChartTestCase):
     """
-    The subset parser reads what the manifests use and refuses what it does not understand.
+    The default render, which is k8s/spegel.yaml.
     """
 
-    def test_reads_subset(self) -> None:
-        text = (
-            "# comment\n---\na: 1\nb:\n  c: 'it''s'\n  d:\n    - x\n    - k: \"v\"\n      m: true\n"
-            "  e: []\n  f: http://$(X):1\n---\n- --flag=\n"
-        )
-        self.assertEqual(
-            parse_yaml(text),
-            [
-                {
-                    "a": 1,
-                    "b": {
-                        "c": "it's",
-                        "d": ["x", {"k": "v", "m": True}],
-                        "e": [],
-                        "f": "http://$(X):1",
-                    },
-                },
-                ["--flag="],
-            ],
-        )
-
-    def test_refuses_outside_subset(self) -> None:
-        for text in (
-            "a: &anchor 1\n",
-            "a: [1, 2]\n",
-            "a: |\n  x\n",
-            "a: 1 # comment\n",
-            "a: yes\n",
-            "a: 0755\n",
-            "a: 1.5\n",
-            "a:\n",
-            "a: 1\na: 2\n",
-            "a:\n  b: 1\n   c: 2\n",
-            "a:\n\tb: 1\n",
-            "a: x: y\n",
-        ):
-            self.assertRaises(YAMLSubsetError, parse_yaml, text)
-
-
-class ManifestTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.documents = load("spegel.yaml")
+        self.text = render()
+        self.documents = documents(self.text)
         self.daemonset = find(self.documents, "DaemonSet", "spegel")
         self.pod = self.daemonset["spec"]["template"]["spec"]
         self.node = container(self.pod, "spegel")
         self.init = container(self.pod, "configuration", init=True)
 
+    def test_k8s_manifest_is_the_default_render(self) -> None:
+        """
+        k8s/spegel.yaml is exactly `helm template spegel charts/spegel --namespace spegel`
+        (regenerate it with that command when the chart changes).
+        """
+        self.assertEqual((K8S / "spegel.yaml").read_text(), self.text)
+
+    def test_lint(self) -> None:
+        self.assertIn("0 chart(s) failed", helm("lint", "--strict", str(CHART)))
+
     def node_args(self) -> list[str]:
-        """
-        The node container's arguments after C{twistd -n --pidfile= spegel}.
-        """
         self.assertEqual(self.node["command"], ["twistd"])
         self.assertEqual(self.node["args"][:3], ["-n", "--pidfile=", "spegel"])
-        return expand(self.node, self.documents)[3:]
+        return expand(self.node)[3:]
 
     def test_kinds_and_namespace(self) -> None:
         kinds = sorted((d["kind"], d["metadata"]["name"]) for d in self.documents)
         self.assertEqual(
             kinds,
             [
-                ("ConfigMap", "spegel"),
                 ("DaemonSet", "spegel"),
-                ("Namespace", "spegel"),
                 ("Service", "spegel-bootstrap"),
                 ("Service", "spegel-metrics"),
                 ("ServiceAccount", "spegel"),
             ],
         )
         for d in self.documents:
-            if d["kind"] != "Namespace":
-                self.assertEqual(d["metadata"]["namespace"], "spegel", d["kind"])
+            self.assertEqual(d["metadata"]["namespace"], "spegel", d["kind"])
         self.assertEqual(self.pod["serviceAccountName"], "spegel")
-
-    def test_node_flags_are_known(self) -> None:
-        """
-        Every --flag the DaemonSet passes to the node is one spegel.tap.Options declares.
-        """
-        from spegel.tap import Options
-
-        known = set()
-        for parameter in Options.optParameters:
-            known.add(parameter[0])
-        for flag in getattr(Options, "optFlags", []):
-            known.add(flag[0])
-        args = self.node_args()
-        self.assertTrue(args)
-        for arg in args:
-            self.assertTrue(arg.startswith("--"), arg)
-            name = arg[2:].partition("=")[0]
-            self.assertIn(name, known, f"the node does not accept --{name}")
 
     def test_node_accepts_arguments(self) -> None:
         """
@@ -310,29 +172,23 @@ class ManifestTests(SynchronousTestCase):
             options.parseOptions(self.node_args())
         except SystemExit as e:
             self.fail(f"spegel.tap.Options refused the DaemonSet's arguments (exit {e.code})")
-        self.assertEqual(options["bootstrap-kind"], "dns")
+        self.assertEqual(options.node.bootstrap_kind, "dns")
+        self.assertEqual(options.node.data_dir, "/var/lib/spegel")
 
     def test_configuration_flags_accepted(self) -> None:
-        """
-        The init container's command line is one `spegel configuration` accepts, and its URLs
-        are valid.
-        """
         self.assertEqual(self.init["command"], ["spegel"])
-        args = expand(self.init, self.documents)
         try:
-            parsed = build_parser().parse_args(args)
+            parsed = build_parser().parse_args(expand(self.init))
         except UsageError as e:
             self.fail(f"spegel refused the init container's arguments: {e}")
         self.assertEqual(parsed.command, "configuration")
         for url in parsed.mirrored_registries:
             parse_registry_url(url)
         self.assertEqual(parsed.mirror_targets, [f"http://{NODE_IP}:30020"])
+        self.assertEqual(parsed.preflight, "strict")
 
     def test_same_registries(self) -> None:
-        """
-        containerd is only pointed at spegel for registries the node agrees to serve.
-        """
-        configured = flag_values(expand(self.init, self.documents))["--mirrored-registries"]
+        configured = flag_values(expand(self.init))["--mirrored-registries"]
         served = flag_values(self.node_args())["--mirrored-registries"]
         self.assertEqual(configured, served)
         self.assertIn("https://docker.io", configured.split(","))
@@ -346,14 +202,6 @@ class ManifestTests(SynchronousTestCase):
         self.assertEqual(flags["--registry-addr"], f":{ports['registry']['containerPort']}")
         self.assertEqual(flags["--router-addr"], f":{ports['router']['containerPort']}")
         self.assertEqual(flags["--metrics-addr"], f":{ports['metrics']['containerPort']}")
-        self.assertEqual(
-            (
-                ports["registry"]["containerPort"],
-                ports["router"]["containerPort"],
-                ports["metrics"]["containerPort"],
-            ),
-            (5000, 5001, 9090),
-        )
         self.assertEqual(ports["router"]["protocol"], "UDP")
 
     def test_mirror_target_is_host_port(self) -> None:
@@ -361,24 +209,16 @@ class ManifestTests(SynchronousTestCase):
         containerd on the node reaches this node's pod: node IP and the registry's hostPort.
         """
         self.assertNotIn("hostNetwork", self.pod)
-        target = flag_values(expand(self.init, self.documents))["--mirror-targets"]
+        target = flag_values(expand(self.init))["--mirror-targets"]
         self.assertEqual(target, f"http://{NODE_IP}:{self.ports()['registry']['hostPort']}")
-        for variable in self.init["env"]:
-            if variable["name"] == "NODE_IP":
-                self.assertEqual(variable["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP")
+        (variable,) = [v for v in self.init["env"] if v["name"] == "NODE_IP"]
+        self.assertEqual(variable["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP")
 
     def test_probes(self) -> None:
-        self.assertEqual(
-            self.node["readinessProbe"]["httpGet"], {"path": "/readyz", "port": "registry"}
-        )
-        self.assertEqual(
-            self.node["livenessProbe"]["httpGet"], {"path": "/livez", "port": "registry"}
-        )
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+            self.assertEqual(self.node[probe]["httpGet"], {"path": path, "port": "registry"}, probe)
 
     def mounts(self, c: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """
-        C{c}'s mounts by path, each with the volume it mounts.
-        """
         volumes = {v["name"]: v for v in self.pod["volumes"]}
         return {m["mountPath"]: {**m, "volume": volumes[m["name"]]} for m in c["volumeMounts"]}
 
@@ -386,22 +226,16 @@ class ManifestTests(SynchronousTestCase):
         flags = flag_values(self.node_args())
         mounts = self.mounts(self.node)
         socket = mounts[flags["--containerd-sock"]]
-        self.assertEqual(
-            socket["volume"]["hostPath"], {"path": flags["--containerd-sock"], "type": "Socket"}
-        )
+        self.assertEqual(socket["volume"]["hostPath"], {"path": flags["--containerd-sock"], "type": "Socket"})
         content = mounts[flags["--containerd-content-path"]]
         self.assertIs(content["readOnly"], True)
-        self.assertEqual(
-            content["volume"]["hostPath"]["path"],
-            "/var/lib/containerd/io.containerd.content.v1.content",
-        )
+        self.assertEqual(content["volume"]["hostPath"]["path"], flags["--containerd-content-path"])
         self.assertIn("hostPath", mounts[flags["--data-dir"]]["volume"])
         self.assertIs(self.node["securityContext"]["readOnlyRootFilesystem"], True)
         self.assertIn("emptyDir", mounts["/tmp"]["volume"])
 
     def test_init_mounts_config_path(self) -> None:
-        flags = flag_values(expand(self.init, self.documents))
-        path = flags["--containerd-registry-config-path"]
+        path = flag_values(expand(self.init))["--containerd-registry-config-path"]
         self.assertEqual(path, "/etc/containerd/certs.d")
         mounts = self.mounts(self.init)
         self.assertEqual(mounts[path]["volume"]["hostPath"]["path"], path)
@@ -412,18 +246,18 @@ class ManifestTests(SynchronousTestCase):
         The init container and the node read containerd's configuration from a read-only
         mount of the node's /etc/containerd, and the init container asks containerd itself.
         """
-        init_flags = flag_values(expand(self.init, self.documents))
+        init_flags = flag_values(expand(self.init))
         node_flags = flag_values(self.node_args())
-        for container, flags in ((self.init, init_flags), (self.node, node_flags)):
-            config_file = flags["--containerd-config-file"]
-            self.assertEqual(config_file, "/etc/containerd/config.toml")
-            etc = self.mounts(container)["/etc/containerd"]
+        for c, flags in ((self.init, init_flags), (self.node, node_flags)):
+            self.assertEqual(flags["--containerd-config-file"], "/etc/containerd/config.toml")
+            etc = self.mounts(c)["/etc/containerd"]
             self.assertIs(etc["readOnly"], True)
             self.assertEqual(etc["volume"]["hostPath"]["path"], "/etc/containerd")
-        self.assertEqual(init_flags["--preflight"], "strict")
         socket = self.mounts(self.init)[init_flags["--containerd-sock"]]
         self.assertEqual(socket["volume"]["hostPath"]["type"], "Socket")
-        self.assertEqual(node_flags["--containerd-registry-config-path"], init_flags["--containerd-registry-config-path"])
+        self.assertEqual(
+            node_flags["--containerd-registry-config-path"], init_flags["--containerd-registry-config-path"]
+        )
 
     def test_selectors(self) -> None:
         labels = self.daemonset["spec"]["template"]["metadata"]["labels"]
@@ -434,18 +268,12 @@ class ManifestTests(SynchronousTestCase):
             self.assertLessEqual(service_selector.items(), labels.items(), name)
 
     def test_bootstrap_service(self) -> None:
-        """
-        The DNS bootstrap domain is the headless Service, which lists pods before they are ready.
-        """
         service = find(self.documents, "Service", "spegel-bootstrap")
         self.assertEqual(service["spec"]["clusterIP"], "None")
         self.assertIs(service["spec"]["publishNotReadyAddresses"], True)
         flags = flag_values(self.node_args())
         self.assertEqual(flags["--bootstrap-kind"], "dns")
-        namespace = service["metadata"]["namespace"]
-        self.assertEqual(
-            flags["--dns-bootstrap-domain"], f"spegel-bootstrap.{namespace}.svc.cluster.local"
-        )
+        self.assertEqual(flags["--dns-bootstrap-domain"], "spegel-bootstrap.spegel.svc.cluster.local")
 
     def test_metrics_service(self) -> None:
         (port,) = find(self.documents, "Service", "spegel-metrics")["spec"]["ports"]
@@ -453,24 +281,205 @@ class ManifestTests(SynchronousTestCase):
         self.assertIn("metrics", self.ports())
 
     def test_service_account_has_no_token(self) -> None:
-        self.assertIs(
-            find(self.documents, "ServiceAccount", "spegel")["automountServiceAccountToken"], False
-        )
+        self.assertIs(find(self.documents, "ServiceAccount", "spegel")["automountServiceAccountToken"], False)
         self.assertIs(self.pod["automountServiceAccountToken"], False)
+
+    def test_defaults_at_parity(self) -> None:
+        """
+        The defaults operators of the reference chart expect.
+        """
+        self.assertEqual(self.pod["nodeSelector"], {"kubernetes.io/os": "linux"})
+        self.assertEqual(self.pod["priorityClassName"], "system-node-critical")
+
+
+# Values files a test renders and validates, each exercising templates the defaults leave out.
+VALUES_FILES: dict[str, dict[str, Any]] = {
+    "nodePort": {
+        "service": {"registry": {"mode": "nodePort", "nodePort": 30021}},
+        "spegel": {"additionalMirrorTargets": ["https://mirror.example.com"], "registryFilters": [":latest$"]},
+    },
+    "monitoring": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "grafanaDashboard": {"enabled": True},
+        "networkPolicy": {"enabled": True, "metricsNamespaceSelector": {"matchLabels": {"name": "monitoring"}}},
+    },
+    "everything-else": {
+        "image": {"repository": "registry.example.com/spegel", "digest": "sha256:" + "a" * 64},
+        "imagePullSecrets": [{"name": "pull"}],
+        "serviceAccount": {"create": False, "name": "existing"},
+        "podSecurityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "spegel", "operator": "In", "values": ["on"]}]}]}}},
+        "commonLabels": {"team": "platform"},
+        "spegel": {
+            "mirroredRegistries": [],
+            "persistence": {"enabled": False},
+            "routerSecret": {"existingSecret": "spegel-router", "key": "key"},
+            "debugWebEnabled": True,
+            "containerdMirrorAdd": False,
+            "logLevel": "debug",
+        },
+        "livenessProbe": {"enabled": False},
+        "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+        "extraInitContainers": [{"name": "first", "image": "busybox", "command": ["true"]}],
+    },
+}
+
+
+class ValuesFilesTests(ChartTestCase):
+    def render(self, name: str) -> list[dict[str, Any]]:
+        return documents(render(VALUES_FILES[name], tmp=self.temp()))
+
+    def test_validate_against_kubernetes_schemas(self) -> None:
+        """
+        Every render, defaults included, is valid for the Kubernetes versions the chart
+        supports (strict: no unknown fields); the ServiceMonitor, a custom resource, is checked
+        for the fields the Prometheus Operator needs.
+        """
+        import kubernetes_validate
+
+        for name in ("defaults", *VALUES_FILES):
+            docs = documents(render()) if name == "defaults" else self.render(name)
+            for d in docs:
+                if d["kind"] == "ServiceMonitor":
+                    self.assertEqual(d["apiVersion"], "monitoring.coreos.com/v1")
+                    self.assertEqual(d["spec"]["endpoints"][0]["port"], "metrics")
+                    continue
+                for version in KUBERNETES_VERSIONS:
+                    try:
+                        kubernetes_validate.validate(d, version, strict=True)
+                    except kubernetes_validate.ValidationError as e:
+                        self.fail(f"{name}: {d['kind']} {d['metadata']['name']} invalid for {version}: {e.message}")
+
+    def test_node_port_mode(self) -> None:
+        docs = self.render("nodePort")
+        service = find(docs, "Service", "spegel-registry")
+        self.assertEqual(service["spec"]["type"], "NodePort")
+        self.assertEqual(service["spec"]["trafficDistribution"], "PreferSameNode")
+        self.assertEqual(service["spec"]["ports"][0]["nodePort"], 30021)
+        pod = find(docs, "DaemonSet", "spegel")["spec"]["template"]["spec"]
+        registry = [p for p in container(pod, "spegel")["ports"] if p["name"] == "registry"][0]
+        self.assertNotIn("hostPort", registry)
+        parsed = build_parser().parse_args(expand(container(pod, "configuration", init=True)))
+        self.assertEqual(parsed.mirror_targets, [f"http://{NODE_IP}:30021", "https://mirror.example.com"])
+        node = flag_values(expand(container(pod, "spegel"))[3:])
+        self.assertEqual(node["--registry-filters"], ":latest$")
+
+    def test_everything_else(self) -> None:
+        from spegel.tap import Options
+
+        docs = self.render("everything-else")
+        self.assertNotIn("ServiceAccount", [d["kind"] for d in docs])
+        daemonset = find(docs, "DaemonSet", "spegel")
+        self.assertEqual(daemonset["metadata"]["labels"]["team"], "platform")
+        pod = daemonset["spec"]["template"]["spec"]
+        self.assertEqual(pod["serviceAccountName"], "existing")
+        self.assertEqual([c["name"] for c in pod["initContainers"]], ["first"])
+        node = container(pod, "spegel")
+        self.assertEqual(node["image"], "registry.example.com/spegel@sha256:" + "a" * 64)
+        self.assertNotIn("livenessProbe", node)
+        options = Options()
+        # The key file exists only in the pod: the rest of the arguments must parse.
+        options.parseOptions([a for a in expand(node)[3:] if not a.startswith("--router-secret-file")])
+        self.assertIsNone(options.node.data_dir)
+        self.assertTrue(options.node.debug_web_enabled)
+        self.assertEqual(options.node.registry_filter.mirrored_registries, frozenset())
+        secret = {m["mountPath"]: m for m in node["volumeMounts"]}["/etc/spegel/router"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == secret["name"]]
+        self.assertEqual(volume["secret"]["secretName"], "spegel-router")
+        self.assertEqual(flag_values(expand(node)[3:])["--router-secret-file"], "/etc/spegel/router/key")
+        self.assertIn("extra", [v["name"] for v in pod["volumes"]])
+
+    def test_dashboard_and_monitor(self) -> None:
+        docs = self.render("monitoring")
+        monitor = find(docs, "ServiceMonitor", "spegel")
+        metrics = find(docs, "Service", "spegel-metrics")
+        self.assertLessEqual(monitor["spec"]["selector"]["matchLabels"].items(), metrics["metadata"]["labels"].items())
+        dashboard = json.loads(find(docs, "ConfigMap", "spegel-dashboard")["data"]["spegel.json"])
+        self.assertEqual(dashboard["uid"], "spegel")
+        policy = find(docs, "NetworkPolicy", "spegel")
+        ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        self.assertEqual(ports, {"registry", "router", "metrics"})
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_queries_name_exported_metrics(self) -> None:
+        """
+        Every metric the dashboard queries is one a node exports (histograms through their
+        _bucket series), and it shows the figures operators ask for.
+        """
+        exported = _exported_metric_names()
+        dashboard = json.loads((CHART / "dashboards" / "spegel.json").read_text())
+        queried = set()
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                queried |= set(re.findall(r"\b(spegel_[a-z_]+|http_[a-z_]+)\b", target["expr"]))
+        self.assertTrue(queried)
+        self.assertEqual(queried - exported, set())
+        for needed in (
+            "spegel_served_bytes_total",
+            "spegel_mirror_requests_total",
+            "spegel_resolve_duration_seconds_bucket",
+            "spegel_advertised_content_digests",
+            "spegel_dht_routing_table_contacts",
+            "spegel_digest_mismatches_total",
+        ):
+            self.assertIn(needed, queried)
+
+
+def _exported_metric_names() -> set[str]:
+    """
+    The series names of every metric the node's modules register.
+    """
+    from prometheus_client import REGISTRY
+
+    import spegel.advertiser  # noqa: F401
+    import spegel.dht.service  # noqa: F401
+    import spegel.metrics  # noqa: F401
+    import spegel.mirror  # noqa: F401
+    import spegel.preflight  # noqa: F401
+
+    names = set()
+    for metric in REGISTRY.collect():
+        for sample in metric.samples:
+            names.add(sample.name)
+        if metric.type == "histogram":
+            names |= {metric.name + "_bucket", metric.name + "_sum", metric.name + "_count"}
+        elif metric.type == "counter":
+            names.add(metric.name + "_total")
+        else:
+            names.add(metric.name)
+    return names
+
+
+class BadValuesTests(ChartTestCase):
+    def assertRefused(self, values: dict[str, Any], *fragments: str) -> None:
+        e = self.assertRaises(HelmFailed, render, values, tmp=self.temp())
+        for fragment in fragments:
+            self.assertIn(fragment, str(e))
+
+    def test_wrong_type(self) -> None:
+        self.assertRefused({"spegel": {"mirrorResolveRetries": "three"}}, "/spegel/mirrorResolveRetries")
+        self.assertRefused({"spegel": {"mirrorResolveTimeout": "fast"}}, "/spegel/mirrorResolveTimeout")
+        self.assertRefused({"service": {"registry": {"nodePort": 70000}}}, "/service/registry/nodePort")
+
+    def test_unknown_registry_url(self) -> None:
+        for url in ("docker.io", "https://docker.io/", "ftp://x", "https://host:0"):
+            self.assertRefused({"spegel": {"mirroredRegistries": [url]}}, "/spegel/mirroredRegistries/0")
+
+    def test_misspelt_key(self) -> None:
+        self.assertRefused({"spegel": {"mirroredRegistry": []}}, "mirroredRegistry")
 
 
 class CleanupManifestTests(SynchronousTestCase):
     def test_cleanup_command(self) -> None:
-        documents = load("cleanup.yaml")
-        daemonset = find(documents, "DaemonSet", "spegel-cleanup")
+        docs = documents((K8S / "cleanup.yaml").read_text())
+        daemonset = find(docs, "DaemonSet", "spegel-cleanup")
         pod = daemonset["spec"]["template"]["spec"]
         init = container(pod, "cleanup", init=True)
         self.assertEqual(init["command"], ["spegel"])
-        parsed = build_parser().parse_args(expand(init, documents))
+        parsed = build_parser().parse_args(init["args"])
         self.assertEqual(parsed.command, "cleanup")
         (mount,) = init["volumeMounts"]
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
         self.assertEqual(mount["mountPath"], parsed.containerd_registry_config_path)
         self.assertEqual(volume["hostPath"]["path"], parsed.containerd_registry_config_path)
-        labels = daemonset["spec"]["template"]["metadata"]["labels"]
-        self.assertLessEqual(daemonset["spec"]["selector"]["matchLabels"].items(), labels.items())

@@ -35,7 +35,7 @@ TOOL = tools.GoTool(
     module="github.com/containerd/containerd/v2",
     version="9.9.9",
     commands=("cmd/containerd", "cmd/ctr"),
-    version_variable="github.com/containerd/containerd/v2/version.Version",
+    link_variables=(("github.com/containerd/containerd/v2/version.Version", "{version}"), ("x.y/v.State", "clean")),
 )
 
 
@@ -63,7 +63,7 @@ class BuildTests(SynchronousTestCase):
         self.assertTrue(TOOL.built(str(self.cache)))
         calls = self.log.read_text().splitlines()
         self.assertEqual(calls[0], "mod tidy")
-        self.assertIn("-X github.com/containerd/containerd/v2/version.Version=9.9.9", calls[1])
+        self.assertIn("-X github.com/containerd/containerd/v2/version.Version=9.9.9 -X x.y/v.State=clean", calls[1])
         self.assertTrue(calls[1].endswith("github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr"))
         tools.build(TOOL, str(self.cache), go=go)
         self.assertEqual(len(self.log.read_text().splitlines()), 2)

@@ -42,15 +42,16 @@ class GoTool:
     @ivar module: the Go module that provides the commands.
     @ivar version: the pinned version, without the C{v}.
     @ivar commands: the packages to build, relative to C{module}; each gives one binary.
-    @ivar version_variable: a package variable set to C{version} at link time, so the binary
-        reports a clean version (a build from the module cache otherwise says C{+unknown}).
+    @ivar link_variables: package variables set at link time, as C{(variable, value)} with
+        C{{version}} in the value replaced, so the binary reports a clean version (a build from
+        the module cache otherwise says C{+unknown}, or nothing).
     """
 
     name: str
     module: str
     version: str
     commands: tuple[str, ...]
-    version_variable: str | None = None
+    link_variables: tuple[tuple[str, str], ...] = ()
 
     @property
     def directory_name(self) -> str:
@@ -77,7 +78,7 @@ def _containerd(version: str) -> GoTool:
         module=CONTAINERD_MODULE,
         version=version,
         commands=("cmd/containerd", "cmd/ctr"),
-        version_variable=f"{CONTAINERD_MODULE}/version.Version",
+        link_variables=((f"{CONTAINERD_MODULE}/version.Version", "{version}"),),
     )
 
 
@@ -88,7 +89,19 @@ CONTAINERD_2 = (_containerd("2.1.9"), _containerd("2.4.2"))
 
 CRICTL = GoTool(name="crictl", module=CRI_TOOLS_MODULE, version="1.37.0", commands=("cmd/crictl",))
 
-TOOLS = (*CONTAINERD_2, CRICTL)
+#: Renders and lints the chart (charts/spegel) in the tests.
+HELM = GoTool(
+    name="helm",
+    module="helm.sh/helm/v3",
+    version="3.22.0",
+    commands=("cmd/helm",),
+    link_variables=(
+        ("helm.sh/helm/v3/internal/version.version", "v{version}"),
+        ("helm.sh/helm/v3/internal/version.gitTreeState", "clean"),
+    ),
+)
+
+TOOLS = (*CONTAINERD_2, CRICTL, HELM)
 
 
 def tools_directory() -> str:
@@ -128,9 +141,9 @@ def build(tool: GoTool, tools_dir: str | None = None, *, go: str = "go") -> str:
         imports = "\n".join(f'\t_ "{tool.module}/{c}"' for c in tool.commands)
         with open(os.path.join(module_dir, "tools.go"), "w") as f:
             f.write(f"//go:build tools\n\npackage tools\n\nimport (\n{imports}\n)\n")
-        ldflags = "-s -w"
-        if tool.version_variable:
-            ldflags += f" -X {tool.version_variable}={tool.version}"
+        ldflags = "-s -w" + "".join(
+            f" -X {variable}={value.format(version=tool.version)}" for variable, value in tool.link_variables
+        )
         environment = {**os.environ, "CGO_ENABLED": os.environ.get("CGO_ENABLED", "1")}
         for args in (
             [go, "mod", "tidy"],
