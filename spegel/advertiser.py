@@ -246,26 +246,22 @@ class _Walk:
     but C{missing} from it (a platform never pulled, a layer not yet fetched).
 
     @ivar complete: image manifests present with their config and every layer.
-    @ivar incomplete: image manifests present with some blob missing (a pull in progress, or
-        layers discarded after unpacking).
     """
 
     present: frozenset[str] = frozenset()
     missing: frozenset[str] = frozenset()
     complete: int = 0
-    incomplete: int = 0
 
     @classmethod
     def union(cls, walks: Iterable[_Walk]) -> _Walk:
         present: set[str] = set()
         missing: set[str] = set()
-        complete = incomplete = 0
+        complete = 0
         for walk in walks:
             present |= walk.present
             missing |= walk.missing
             complete += walk.complete
-            incomplete += walk.incomplete
-        return cls(frozenset(present), frozenset(missing), complete, incomplete)
+        return cls(frozenset(present), frozenset(missing), complete)
 
 
 @frozen
@@ -789,7 +785,6 @@ class Advertiser(Service):
                     present=frozenset(b for b, i in zip(references.blobs, infos) if i is not None),
                     missing=missing,
                     complete=0 if missing else 1,
-                    incomplete=1 if missing else 0,
                 )
             )
         return _Walk.union(parts)
