@@ -74,6 +74,7 @@ class NodeConfig:
     http_bootstrap_addr: ListenAddress | None
     http_bootstrap_url: str | None
     router_secret: bytes | None
+    router_secrets_accepted: tuple[bytes, ...]
     debug_web_enabled: bool
 
 
@@ -132,7 +133,13 @@ class Options(usage.Options):
         ["dns-bootstrap-domain", None, "", "Domain whose A/AAAA records are peers."],
         ["http-bootstrap-addr", None, "", "Address to serve this node's id for http bootstrap."],
         ["http-bootstrap-url", None, "", "URL of a peer's http bootstrap address."],
-        ["router-secret-file", None, "", "File with a cluster key; datagrams are authenticated."],
+        [
+            "router-secret-file",
+            None,
+            "",
+            "File with the cluster key (at least 16 bytes) that authenticates every DHT "
+            "datagram; FILE1,FILE2 during a key rotation: sign with the first, accept both.",
+        ],
     ]
     optFlags = [
         [
@@ -239,15 +246,20 @@ class Options(usage.Options):
         for flag in ("containerd-sock", "containerd-namespace"):
             if not self[flag]:
                 raise ValueError(f"--{flag} must not be empty")
-        secret = None
-        if self["router-secret-file"]:
+        keys = []
+        files = flags.parse_list(self["router-secret-file"])
+        if len(files) > 2:
+            raise ValueError("--router-secret-file: at most two files (the key, and during a rotation the other one)")
+        for path in files:
             try:
-                with open(self["router-secret-file"], "rb") as f:
-                    secret = f.read().strip()
+                with open(path, "rb") as f:
+                    key = f.read().strip()
             except OSError as e:
                 raise ValueError(f"--router-secret-file: {e.strerror}: {e.filename}") from None
-            if len(secret) < 16:
-                raise ValueError("--router-secret-file: the key must be at least 16 bytes")
+            if len(key) < 16:
+                raise ValueError(f"--router-secret-file: the key in {path} must be at least 16 bytes")
+            keys.append(key)
+        secret = keys[0] if keys else None
         return NodeConfig(
             registry_addr=address("registry-addr"),
             router_addr=address("router-addr"),
@@ -269,6 +281,7 @@ class Options(usage.Options):
             http_bootstrap_addr=address("http-bootstrap-addr") if self["http-bootstrap-addr"] else None,
             http_bootstrap_url=self["http-bootstrap-url"] or None,
             router_secret=secret,
+            router_secrets_accepted=tuple(keys[1:]),
             debug_web_enabled=bool(self["debug-web-enabled"]),
         )
 
@@ -402,6 +415,7 @@ def router_config(config: NodeConfig) -> Any:
         registry_port=config.registry_addr.port,
         data_dir=config.data_dir,
         secret=config.router_secret,
+        also_accepted=config.router_secrets_accepted,
         bootstrap_kind=config.bootstrap_kind,
         static_peers=config.static_bootstrap_peers,
         dns_domain=config.dns_bootstrap_domain,

@@ -160,6 +160,29 @@ class IdentityTests(SynchronousTestCase):
         self.assertTrue(service.ready)
         service.stopService()
 
+    def test_cluster_keys_exported_and_missing_key_warned(self) -> None:
+        """
+        A node without a cluster key says so at start (anyone on the pod network can steer its
+        DHT) and exports 0; with one key 1, during a rotation 2.
+        """
+        from prometheus_client import REGISTRY
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for config, keys in (
+            (CONFIG, 0.0),
+            (evolve(CONFIG, secret=b"k" * 16), 1.0),
+            (evolve(CONFIG, secret=b"k" * 16, also_accepted=(b"o" * 16,)), 2.0),
+        ):
+            service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), config)
+            service.startService()
+            self.addCleanup(service.stopService)
+            self.assertEqual(REGISTRY.get_sample_value("spegel_dht_cluster_keys"), keys)
+        warnings = [e for e in events if "No cluster key" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
     def test_bad_config_rejected(self) -> None:
         self.assertRaises(ValueError, RouterConfig, bootstrap_kind="carrier-pigeon")
         self.assertRaises(ValueError, RouterConfig, listen_port=70000)

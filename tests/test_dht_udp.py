@@ -114,6 +114,50 @@ class LoopbackClusterTests(TestCase):
     def test_outsider_without_the_key_cannot_join(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._outsider())
 
+    async def _rotation(self) -> None:
+        """
+        A key rotation is three rollouts: every node on C{old,new} (signs with the old key,
+        accepts both), then C{new,old}, then C{new}.  Mid-way through the second, nodes of the
+        first two steps side by side form one cluster: each finds what the others provide, and
+        no datagram is dropped for its key.
+        """
+        old, new = b"the old cluster key", b"the new cluster key"
+
+        def node(secret: bytes, also: bytes, peers: tuple = ()) -> DHTService:
+            service = DHTService(
+                reactor,
+                RouterConfig(
+                    listen_host="127.0.0.1",
+                    listen_port=0,
+                    registry_port=30020,
+                    secret=secret,
+                    also_accepted=(also,),
+                    bootstrap_kind="static" if peers else None,
+                    static_peers=peers,
+                ),
+            )
+            service.startService()
+            self.addCleanup(_stop, service)
+            return service
+
+        first = node(old, new)
+        services = [first, node(new, old, (first.address,)), node(old, new, (first.address,)), node(new, old, (first.address,))]
+        for service in services[1:]:
+            await service.join([first.address])
+        keys = {f"sha256:{i:064x}": service for i, service in enumerate(services)}
+        for key, holder in keys.items():
+            holder.provide([key])
+        await deferLater(reactor, 1.0, lambda: None)
+        for key, holder in keys.items():
+            for asker in services:
+                if asker is not holder:
+                    providers = await asker.find_providers(key)
+                    self.assertIn(holder.node_id, [p.node_id for p in providers], (key, services.index(asker)))
+        self.assertEqual(sum(s.node.protocol.dropped["bad_mac"] for s in services), 0)
+
+    def test_key_rotation_keeps_one_cluster(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._rotation())
+
     async def _alone(self) -> None:
         service = DHTService(
             reactor,

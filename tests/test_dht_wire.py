@@ -43,6 +43,20 @@ class RoundTripTests(SynchronousTestCase):
                 self.assertLessEqual(len(data), wire.MAX_DATAGRAM_SIZE)
                 self.assertEqual(wire.decode(data, secret), message)
 
+    def test_rotation_accepts_either_key(self) -> None:
+        """
+        During a key rotation a node signs with its first key and accepts both: nodes still on
+        the old key and nodes already on the new one understand each other; a third key does
+        not get in.
+        """
+        message = wire.Message(TXID, SENDER, wire.Ping())
+        old, new, other = b"old cluster key!", b"new cluster key!", b"not the cluster"
+        for signed_with in (old, new):
+            self.assertEqual(wire.decode(wire.encode(message, signed_with), new, (old,)), message)
+        e = self.assertRaises(wire.MalformedDatagram, wire.decode, wire.encode(message, other), new, (old,))
+        self.assertEqual(e.reason, "bad_mac")
+        self.assertRaises(wire.MalformedDatagram, wire.decode, wire.encode(message, old), new)
+
     def test_request_kinds(self) -> None:
         self.assertTrue(wire.Message(TXID, SENDER, wire.Ping()).is_request)
         self.assertFalse(wire.Message(TXID, SENDER, wire.Pong()).is_request)

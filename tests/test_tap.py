@@ -104,6 +104,23 @@ class OptionsTests(SynchronousTestCase):
             NameUnknown, node.registry_filter.check, Reference("quay.io", "x", tag="1")
         )
 
+    def test_router_keys(self) -> None:
+        """
+        One key file signs and is accepted; two (a rotation) sign with the first and accept
+        both.
+        """
+        first, second = self.mktemp(), self.mktemp()
+        with open(first, "wb") as f:
+            f.write(b"first cluster key, 32 bytes long\n")
+        with open(second, "wb") as f:
+            f.write(b"second cluster key, also long\n")
+        node = self.parse("--router-secret-file", first).node
+        self.assertEqual((node.router_secret, node.router_secrets_accepted), (b"first cluster key, 32 bytes long", ()))
+        node = self.parse(f"--router-secret-file={first},{second}").node
+        self.assertEqual(node.router_secret, b"first cluster key, 32 bytes long")
+        self.assertEqual(node.router_secrets_accepted, (b"second cluster key, also long",))
+        self.assertIsNone(self.parse().node.router_secret)
+
     def test_bad_values_fail_with_one_line(self) -> None:
         cases = [
             (["--registry-addr", "nonsense"], "--registry-addr"),
@@ -117,6 +134,7 @@ class OptionsTests(SynchronousTestCase):
             (["--bootstrap-kind", "static"], "--static-bootstrap-peers"),
             (["--static-bootstrap-peers", "127.0.0.1"], "--static-bootstrap-peers"),
             (["--router-secret-file", "/nonexistent/key"], "--router-secret-file"),
+            (["--router-secret-file", "/a,/b,/c"], "at most two"),
             (["--no-such-flag"], "no-such-flag"),
         ]
         for argv, mentioned in cases:

@@ -34,6 +34,8 @@ class RouterConfig:
         records so peers need not share one port.
     @ivar data_dir: where the node id is persisted, or L{None} for a fresh id every start.
     @ivar secret: cluster key; when set every datagram carries an HMAC made with it.
+    @ivar also_accepted: further keys whose HMAC is accepted (not used to sign): the old or the
+        new key during a rotation.
     @ivar advertise_host: IP served by the HTTP bootstrap server as this node's address;
         defaults to C{listen_host}.
     @ivar provider_ttl: how long a stored provider record stays valid (seconds).
@@ -53,6 +55,7 @@ class RouterConfig:
     registry_port: int = field(default=5000, validator=_port)
     data_dir: str | None = None
     secret: bytes | None = None
+    also_accepted: tuple[bytes, ...] = ()
     bootstrap_kind: str | None = field(
         default=None, validator=validators.optional(validators.in_(BOOTSTRAP_KINDS))
     )

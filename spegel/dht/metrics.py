@@ -32,6 +32,11 @@ PROVIDER_RECORDS = Gauge(
     "spegel_dht_provider_records", "Provider records stored for other nodes."
 )
 PROVIDED_KEYS = Gauge("spegel_dht_provided_keys", "Keys this node announces.")
+CLUSTER_KEYS = Gauge(
+    "spegel_dht_cluster_keys",
+    "Cluster keys this node accepts DHT datagrams under (0: none, any pod on the network can "
+    "take part in, and steer, the DHT; 2: a key rotation is under way).",
+)
 LOOKUPS = Counter(
     "spegel_dht_lookups_total", "Iterative DHT lookups, by kind and outcome.", ["kind", "outcome"]
 )

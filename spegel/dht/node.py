@@ -124,6 +124,7 @@ class KademliaNode:
             clock,
             self,
             secret=config.secret,
+            also_accepted=config.also_accepted,
             timeout=config.rpc_timeout,
             randbytes=randbytes,
         )

@@ -111,6 +111,7 @@ class DHTProtocol(DatagramProtocol):
         handler: MessageHandler,
         *,
         secret: bytes | None = None,
+        also_accepted: tuple[bytes, ...] = (),
         timeout: float = 0.5,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
@@ -118,6 +119,7 @@ class DHTProtocol(DatagramProtocol):
         self.clock = clock
         self.handler = handler
         self.secret = secret
+        self.also_accepted = also_accepted
         self.timeout = timeout
         self.randbytes = randbytes
         self.pending: dict[bytes, _Pending] = {}
@@ -215,7 +217,7 @@ class DHTProtocol(DatagramProtocol):
 
     def _datagram_received(self, data: bytes, addr: tuple) -> None:
         try:
-            message = wire.decode(data, self.secret)
+            message = wire.decode(data, self.secret, self.also_accepted)
         except MalformedDatagram as e:
             self._drop(e.reason, addr, e)
             return

@@ -111,6 +111,13 @@ class DHTService(MultiService):
 
     def startService(self) -> None:
         super().startService()  # listens first: joining needs the socket
+        keys = 0 if self.config.secret is None else 1 + len(self.config.also_accepted)
+        metrics.CLUSTER_KEYS.set(keys)
+        if not keys:
+            self.log.warn(
+                "No cluster key (--router-secret-file): any pod on the network can send this "
+                "node DHT datagrams, and forge or hide providers; give every node the same key"
+            )
         for interval, work in (
             (self.config.refresh_interval / 4, self._refresh),
             (self.config.expiry_sweep_interval, self._sweep),

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import ipaddress
 from enum import IntEnum
+from collections.abc import Sequence
 from typing import Callable, Union
 
 import msgpack
@@ -248,12 +249,14 @@ _UNPACK_LIMITS = dict(
 )
 
 
-def decode(data: bytes, secret: bytes | None = None) -> Message:
+def decode(data: bytes, secret: bytes | None = None, also_accepted: Sequence[bytes] = ()) -> Message:
     """
     Parse and validate one datagram.
 
+    @param also_accepted: keys whose HMAC is accepted beside C{secret}'s: during a key rotation
+        a node signs with the new key and still accepts the old (or the other way round).
     @raise MalformedDatagram: for anything but a well-formed message of this version (and,
-        with C{secret}, a valid HMAC).
+        with C{secret}, a valid HMAC under it or one of C{also_accepted}).
     """
     if len(data) > MAX_DATAGRAM_SIZE:
         raise MalformedDatagram("oversized", f"{len(data)} bytes")
@@ -261,7 +264,9 @@ def decode(data: bytes, secret: bytes | None = None) -> Message:
         if len(data) <= MAC_BYTES:
             raise MalformedDatagram("bad_mac", "too short")
         payload, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
-        if not hmac.compare_digest(mac(secret, payload), tag):
+        # Every key is tried, so the time taken does not tell which one matched.
+        matched = [hmac.compare_digest(mac(key, payload), tag) for key in (secret, *also_accepted)]
+        if not any(matched):
             raise MalformedDatagram("bad_mac")
     else:
         payload = data
