@@ -70,6 +70,21 @@ class BuildTests(SynchronousTestCase):
         # Only the finished directory is left in the cache.
         self.assertEqual(os.listdir(self.cache), ["containerd-9.9.9"])
 
+    def test_incomplete_build_replaced(self) -> None:
+        """
+        A cached build that lacks a command (one added to the tool since) is built again and
+        replaces the old one.
+        """
+        old = self.cache / "containerd-9.9.9"
+        old.mkdir(parents=True)
+        (old / "containerd").write_text("old")
+        (old / "containerd").chmod(0o755)
+        self.assertFalse(TOOL.built(str(self.cache)))
+        tools.build(TOOL, str(self.cache), go=self.fakeGo())
+        self.assertTrue(TOOL.built(str(self.cache)))
+        self.assertNotEqual((old / "containerd").read_text(), "old")
+        self.assertEqual(os.listdir(self.cache), ["containerd-9.9.9"])
+
     def test_failure_leaves_nothing(self) -> None:
         e = self.assertRaises(tools.BuildFailed, tools.build, TOOL, str(self.cache), go=self.fakeGo(fail="ctr"))
         self.assertIn("building containerd-9.9.9 failed at 'go build'", str(e))

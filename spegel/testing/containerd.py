@@ -377,10 +377,17 @@ class ContainerdDaemon(RunsOneProcess):
         for stale in (self.socket, self.socket + ".ttrpc"):
             if os.path.exists(stale):
                 os.unlink(stale)
+        environment = None
+        if os.path.dirname(self.build.containerd):
+            # Its own shim (containerd-shim-runc-v2) before any other on PATH: a 1.6 shim
+            # cannot serve containerd 2.x.
+            folder = os.path.dirname(self.build.containerd)
+            environment = {**os.environ, "PATH": f"{folder}:{os.environ.get('PATH', '')}"}
         self._process = ManagedProcess(
             name=self.name,
             args=[self.build.containerd, "--config", self.config_path],
             log_path=self.log_path,
+            env=environment,
         )
         self._process.start()
         wait_for(

@@ -77,7 +77,8 @@ def _containerd(version: str) -> GoTool:
         name="containerd",
         module=CONTAINERD_MODULE,
         version=version,
-        commands=("cmd/containerd", "cmd/ctr"),
+        # The shim runs containers (ctr run, CRI pods); containerd finds it on PATH.
+        commands=("cmd/containerd", "cmd/ctr", "cmd/containerd-shim-runc-v2"),
         link_variables=((f"{CONTAINERD_MODULE}/version.Version", "{version}"),),
     )
 
@@ -159,6 +160,9 @@ def build(tool: GoTool, tools_dir: str | None = None, *, go: str = "go") -> str:
                     f"building {tool.directory_name} failed at 'go {args[1]}':\n"
                     + "\n".join(output)
                 )
+        if os.path.lexists(destination):
+            # An older build of this version lacking a command added since: replaced whole.
+            os.rename(destination, os.path.join(work, "replaced"))
         os.rename(out_dir, destination)
     return destination
 
