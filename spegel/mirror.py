@@ -862,7 +862,13 @@ class _BlobCopy:
             # Bytes already forwarded may be wrong: only a new request can start clean.
             self._done.errback(PeerFailed(why))
             return
-        Deferred.fromCoroutine(self._resume())
+        Deferred.fromCoroutine(self._resume()).addErrback(self._resume_failed)
+
+    def _resume_failed(self, failure: Failure) -> None:
+        # Whatever went wrong, the client's request must end rather than wait forever.
+        self._mirror._log.failure("Resuming a copy failed", failure)
+        if not self._done.called:
+            self._done.errback(PeerFailed(f"resuming failed: {failure.getErrorMessage()}"))
 
     async def _resume(self) -> None:
         """
@@ -880,7 +886,15 @@ class _BlobCopy:
                 self._mirror._log.info("resume on {peer} failed: {e}", peer=_peer(provider), e=e)
                 self._mirror.put_aside.put_aside(provider)
                 continue
-            if response.code != 206 or _span(response)[:2] != (start, self._last):
+            try:
+                span = _span(response)[:2] if response.code == 206 else None
+            except PeerFailed:
+                span = None  # a Content-Range that does not parse: as wrong as other bytes
+            if span != (start, self._last):
+                self._mirror._log.info(
+                    "resume on {peer}: answered {code} for bytes {start}-{last}, not the bytes asked",
+                    peer=_peer(provider), code=response.code, start=start, last=self._last,
+                )
                 _discard(response)
                 self._mirror.put_aside.put_aside(provider)
                 continue

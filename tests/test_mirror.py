@@ -285,6 +285,36 @@ class BlobStreamingTests(MirrorTestCase):
         self.assertFalse(request.aborted)
         self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
 
+    def test_malformed_content_range_on_resume_moves_on(self) -> None:
+        """
+        A peer answering the resume with a Content-Range that does not parse, or names other
+        bytes, is put aside like any failing peer and the copy goes on elsewhere; the client
+        request never hangs (it used to: the parse error escaped the resume unhandled).
+        """
+        for bad in ("bytes banana/zzz", "bytes 0-10/5", "octets 40000-{last}/{size}", "bytes 39999-{last}/{size}"):
+            request = ClientRequest()
+            d = self.blob(request)
+            self.router.announce(provider(1), provider(2), provider(3))
+            first = self.http.answer(0, 200, len(self.data))
+            first.send(self.data[:40_000])
+            first.end(Failure(ConnectionLost()))
+            last, size = len(self.data) - 1, len(self.data)
+            liar = self.http.answer(
+                len(self.http.requests) - 1, 206, size - 40_000, content_range=bad.format(last=last, size=size)
+            )
+            # Discarded: its connection closed, the resume moved on.
+            self.assertTrue(liar.transport.stopped, bad)
+            honest = self.http.answer(
+                len(self.http.requests) - 1, 206, size - 40_000, content_range=f"bytes 40000-{last}/{size}"
+            )
+            honest.send(self.data[40_000:])
+            honest.end()
+            self.successResultOf(d)
+            self.assertEqual(request.body, self.data, bad)
+            self.assertEqual(len(self.http.requests), 3, bad)
+            self.http.requests.clear()
+            self.clock.advance(self.mirror.put_aside.duration + 1)
+
     def test_silent_peer_is_left_for_the_next(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
