@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Any, Callable, Protocol, Sequence
+from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
 from klein import Klein
@@ -23,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
@@ -34,6 +36,7 @@ from spegel.oci import (
     HeadersTooLarge,
     MalformedRequest,
     ManifestUnknown,
+    NameInvalid,
     NameUnknown,
     OCIError,
     RangeNotSatisfiable,
@@ -162,7 +165,7 @@ class RegistryResource:
         self._mirror = mirror
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return UTF8Only(self.app.resource())
 
     @app.route("/livez", methods=["GET", "HEAD"])
     @_observed("livez")
@@ -378,6 +381,31 @@ def abort_response(request: Request) -> None:
     transport = getattr(request.channel, "transport", None)
     if transport is not None:
         transport.abortConnection()
+
+
+class UTF8Only(Resource):
+    """
+    Answers a request whose path or query is not UTF-8 with the OCI error JSON before it
+    reaches Klein, which would log a traceback and answer in plain text.  No image name,
+    reference or registry is anything but ASCII, so nothing valid is refused.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: Request) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+            for name, values in request.args.items():
+                name.decode("utf-8")
+                for value in values:
+                    value.decode("utf-8")
+        except UnicodeDecodeError:
+            return write_oci_error(request, NameInvalid("the request's path or query is not UTF-8"))
+        return self._inner.render(request)
 
 
 class OCIHTTPChannel(http.HTTPChannel):

@@ -297,6 +297,22 @@ class BlobTests(RegistryTestsMixin, SynchronousTestCase):
 
 
 class BadInputTests(RegistryTestsMixin, SynchronousTestCase):
+    def test_non_utf8_path_or_query(self) -> None:
+        """
+        A path or query that is not UTF-8 gets the OCI error JSON (400 NAME_INVALID), not a
+        logged traceback and plain text; nothing is asked of content or the mirror.
+        """
+        for path in (
+            "/v2/%ff%fe/manifests/v1",
+            "/v2/team/app/blobs/sha256:%ff",
+            "/v2/%C3%28/manifests/v1",
+            "/v2/team/app/manifests/v1?ns=%ff",
+            "/v2/team/app/manifests/v1?%fe=x",
+        ):
+            response, body = self.request("GET", path)
+            self.assertOCIError(response, body, 400, "NAME_INVALID")
+            self.assertEqual(self.flushLoggedErrors(), [], path)
+
     def test_bad_names_and_digests(self) -> None:
         cases = [
             ("/v2/../../etc/passwd/blobs/" + "sha256:" + "a" * 64, (400, 404)),
