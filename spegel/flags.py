@@ -27,11 +27,14 @@ class ListenAddress:
     host: str
     port: int
 
-    def endpoint_description(self, kind: str = "tcp") -> str:
+    def endpoint_description(self, kind: str = "tcp", backlog: int | None = None) -> str:
         """
-        A Twisted endpoint string for this address (colons of IPv6 literals escaped).
+        A Twisted endpoint string for this address (colons of IPv6 literals escaped), with a
+        listen C{backlog} when given.
         """
         description = f"{kind}:{self.port}"
+        if backlog is not None:
+            description += f":backlog={backlog}"
         if self.host:
             description += ":interface=" + self.host.replace(":", r"\:")
         return description

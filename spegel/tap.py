@@ -57,6 +57,7 @@ class NodeConfig:
     registry_addr: ListenAddress
     router_addr: ListenAddress
     metrics_addr: ListenAddress
+    registry_listen_backlog: int
     containerd_sock: str
     containerd_namespace: str
     containerd_content_path: str
@@ -89,6 +90,14 @@ class Options(usage.Options):
         ["registry-addr", None, ":5000", "Address the registry listens on ([host]:port)."],
         ["router-addr", None, ":5001", "UDP address of the DHT router ([host]:port)."],
         ["metrics-addr", None, ":9090", "Address serving Prometheus metrics at /metrics."],
+        [
+            "registry-listen-backlog",
+            None,
+            "1024",
+            "Connections the kernel queues for the registry before it accepts them (Twisted's "
+            "default, 50, makes a burst of pulls wait for SYN retransmits; capped by "
+            "net.core.somaxconn).",
+        ],
         ["containerd-sock", None, "/run/containerd/containerd.sock", "containerd's gRPC socket."],
         ["containerd-namespace", None, "k8s.io", "containerd namespace whose images are served."],
         [
@@ -222,6 +231,9 @@ class Options(usage.Options):
             coalesce_timeout = flags.parse_duration(self["mirror-coalesce-timeout"])
         except ValueError as e:
             raise ValueError(f"--mirror-coalesce-timeout: {e}") from None
+        backlog_text = self["registry-listen-backlog"]
+        if not backlog_text.isdigit() or not 1 <= int(backlog_text) <= 65535:
+            raise ValueError("--registry-listen-backlog: must be a whole number from 1 to 65535")
         retries_text = self["mirror-resolve-retries"]
         if not retries_text.isdigit() or not 1 <= int(retries_text) <= 100:
             raise ValueError("--mirror-resolve-retries: must be a whole number from 1 to 100")
@@ -264,6 +276,7 @@ class Options(usage.Options):
             registry_addr=address("registry-addr"),
             router_addr=address("router-addr"),
             metrics_addr=address("metrics-addr"),
+            registry_listen_backlog=int(backlog_text),
             containerd_sock=self["containerd-sock"],
             containerd_namespace=self["containerd-namespace"],
             containerd_content_path=self["containerd-content-path"],
@@ -383,7 +396,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     registry = RegistryResource(
         reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
     )
-    _listen(reactor, config.registry_addr, make_site(registry.resource())).setServiceParent(node)
+    _listen(
+        reactor, config.registry_addr, make_site(registry.resource()), backlog=config.registry_listen_backlog
+    ).setServiceParent(node)
 
     metrics_root = Resource()
     metrics_root.putChild(b"metrics", MetricsResource())
@@ -426,8 +441,8 @@ def router_config(config: NodeConfig) -> Any:
     )
 
 
-def _listen(reactor: Any, address: ListenAddress, site: Site) -> IService:
-    endpoint = serverFromString(reactor, address.endpoint_description())
+def _listen(reactor: Any, address: ListenAddress, site: Site, backlog: int | None = None) -> IService:
+    endpoint = serverFromString(reactor, address.endpoint_description(backlog=backlog))
     service = StreamServerEndpointService(endpoint, site)
     # A port that cannot be bound stops the process instead of leaving a node that serves nothing.
     service._raiseSynchronously = True

@@ -25,6 +25,10 @@ class FlagParserTests(SynchronousTestCase):
             flags.parse_listen_address("[::1]:9090").endpoint_description(),
             r"tcp:9090:interface=\:\:1",
         )
+        self.assertEqual(
+            flags.parse_listen_address("127.0.0.1:5000").endpoint_description(backlog=1024),
+            "tcp:5000:backlog=1024:interface=127.0.0.1",
+        )
         for bad in ["5000", "host:", "host:http", ":70000", "::1:5000", ""]:
             with self.subTest(bad=bad):
                 self.assertRaises(ValueError, flags.parse_listen_address, bad)
@@ -67,6 +71,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertAlmostEqual(node.mirror_resolve_timeout, 0.02)
         self.assertEqual(node.mirror_coalesce_timeout, 0.0)
         self.assertEqual(node.mirror_resolve_retries, 3)
+        self.assertEqual(node.registry_listen_backlog, 1024)
         self.assertEqual(node.log_level, LogLevel.info)
         self.assertIsNone(node.bootstrap_kind)
 
@@ -135,6 +140,8 @@ class OptionsTests(SynchronousTestCase):
             (["--static-bootstrap-peers", "127.0.0.1"], "--static-bootstrap-peers"),
             (["--router-secret-file", "/nonexistent/key"], "--router-secret-file"),
             (["--router-secret-file", "/a,/b,/c"], "at most two"),
+            (["--registry-listen-backlog", "0"], "--registry-listen-backlog"),
+            (["--registry-listen-backlog", "many"], "--registry-listen-backlog"),
             (["--no-such-flag"], "no-such-flag"),
         ]
         for argv, mentioned in cases:
