@@ -15,8 +15,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
+from spegel.containerd import events as events_module
 from spegel.containerd.api import content_events_pb2, events_pb2, image_events_pb2
 from spegel.containerd.events import (
     MARKER_ATTEMPTS,
@@ -197,6 +199,8 @@ class SubscriberTests(SynchronousTestCase):
 
         kwargs.setdefault("initial_backoff", 0.5)
         kwargs.setdefault("max_backoff", 4.0)
+        # None: the subscriber's own default.
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return EventSubscriber(
             self.reactor,
             self.client,
@@ -365,6 +369,27 @@ class SubscriberTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.reactor.advance(60)
         self.assertEqual(len(self.service.subscribe_requests), 1)
+
+    def test_default_backoff_is_prompt_and_quiet(self) -> None:
+        """
+        By default attempts come 0.1, 0.2, 0.4 s apart, then every half second while containerd
+        is down (so content pulled right after it comes back is advertised within about a
+        second), and only the first failure is a warning.
+        """
+        subscriber = self.make_subscriber(initial_backoff=None, max_backoff=None)
+        events: list[dict[str, Any]] = []
+        self.patch(events_module, "_log", Logger(observer=events.append))
+        self.service.down = True
+        subscriber.startService()
+        delays = []
+        for attempt in range(7):
+            self.threads[-1].run()
+            [call] = self.reactor.getDelayedCalls()
+            delays.append(round(call.getTime() - self.reactor.seconds(), 3))
+            self.reactor.advance(delays[-1])
+        self.assertEqual(delays, [0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5])
+        levels = [e["log_level"] for e in events if "stream ended" in e.get("log_format", "")]
+        self.assertEqual(levels, [LogLevel.warn] + [LogLevel.debug] * 6)
 
     def test_stop_during_backoff(self) -> None:
         self.service.down = True

@@ -53,12 +53,12 @@ MAX_READ_SIZE = 4 * 1024 * 1024
 _MAX_RECEIVE_MESSAGE_LENGTH = 64 * 1024 * 1024
 
 # grpc backs off reconnection up to 2 minutes by default; a restarted local containerd should be
-# found again within seconds.
+# found again within a second (a reconnection is a connect on a local socket: cheap to retry).
 _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", _MAX_RECEIVE_MESSAGE_LENGTH),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 )
 
 _DIGEST = re.compile(r"(sha256):([0-9a-f]{64})|(sha512):([0-9a-f]{128})")

@@ -147,7 +147,10 @@ class EventSubscriber(Service):
     Both callbacks run in the reactor thread; an exception they raise is logged and dropped.
     containerd being down is never fatal: the subscriber keeps retrying, backing off from
     C{initial_backoff} to C{max_backoff} seconds, and goes back to C{initial_backoff} once a
-    subscription is live.
+    subscription is live.  The default cap is half a second: an attempt is one call on a local
+    socket, and content pulled right after containerd comes back must be advertised at once,
+    not after a long backoff (every event in between is lost and waits for the resync the new
+    subscription triggers).  While containerd stays down, only the first failure is a warning.
 
     Add it to the application after its L{ContainerdClient}, so it stops first.
     """
@@ -159,8 +162,8 @@ class EventSubscriber(Service):
         on_event: Callable[[Event], None],
         on_resubscribed: Callable[[], None],
         *,
-        initial_backoff: float = 0.5,
-        max_backoff: float = 30.0,
+        initial_backoff: float = 0.1,
+        max_backoff: float = 0.5,
         thread_factory: Callable[..., _Thread] = threading.Thread,
     ) -> None:
         """
@@ -176,6 +179,8 @@ class EventSubscriber(Service):
         self._max_backoff = max_backoff
         self._thread_factory = thread_factory
         self._backoff = initial_backoff
+        # Failures since the last live subscription; only the first is logged as a warning.
+        self._failures = 0
         self._attempt: _Attempt | None = None
         self._reconnect_call: Any = None
 
@@ -302,6 +307,7 @@ class EventSubscriber(Service):
         attempt.live = True
         self._cancel_marker(attempt)
         self._backoff = self._initial_backoff
+        self._failures = 0
         _log.info("Subscribed to containerd events in namespace {namespace}", namespace=self._client.namespace)
         try:
             self._on_resubscribed()
@@ -318,7 +324,8 @@ class EventSubscriber(Service):
         if attempt.thread is not None:
             attempt.thread.join()
         code = error.code() if isinstance(error, grpc.RpcError) and callable(getattr(error, "code", None)) else None
-        _log.warn(
+        self._failures += 1
+        (_log.warn if self._failures == 1 else _log.debug)(
             "containerd event stream ended ({reason}); subscribing again in {delay}s",
             reason=(code.name if isinstance(code, grpc.StatusCode) else error) or "closed by containerd",
             delay=self._backoff,
