@@ -276,7 +276,7 @@ class KilledPeerTests(_OwnClusterTestCase):
         cluster = self.cluster
         repo = "p2p/large"
         # Big enough that a transfer lasts well over a poll.
-        image = self.oneLayerImage("p2p-large", 48 * MiB)
+        image = self.oneLayerImage("p2p-large", 64 * MiB)
         layer = image.layers[0]
         with self.logsOnFailure():
             ref = cluster.registry.push_image(repo, "v1", image)
@@ -301,7 +301,8 @@ class KilledPeerTests(_OwnClusterTestCase):
                 while victim is None and pull.running and time.monotonic() < deadline:
                     puller.resume()
                     pull.resume()
-                    time.sleep(0.05)
+                    # Short: loopback moves tens of MiB in 50 ms, the whole layer at once.
+                    time.sleep(0.01)
                     pull.pause()
                     puller.pause()
                     moved = {i: _localBytes(cluster, i) - start[i].local for i in (0, 1)}
