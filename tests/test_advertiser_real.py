@@ -88,6 +88,27 @@ class RealAdvertiserTests(TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         return time.monotonic() - started
 
+    async def start_advertising(self) -> None:
+        """
+        The client, the advertiser and the event subscriber wired as in a node; returns once
+        the first subscription is live.
+        """
+        self.start_client()
+        self.advertiser.startService()
+        self.addCleanup(self.advertiser.stopService)
+        resubscribed: list[None] = []
+
+        def on_resubscribed() -> None:
+            resubscribed.append(None)
+            self.advertiser.on_resubscribed()
+
+        subscriber = EventSubscriber(
+            reactor, self.client, self.advertiser.on_event, on_resubscribed, initial_backoff=0.1, max_backoff=0.4
+        )
+        subscriber.startService()
+        self.addCleanup(subscriber.stopService)
+        await self.wait_until(lambda: bool(resubscribed), "the event subscription")
+
     def test_resync(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._test_resync())
 
@@ -127,21 +148,7 @@ class RealAdvertiserTests(TestCase):
         With the event subscriber wired as in a node, a pulled image is provided within a
         second of the pull finishing, and withdrawn when the image is removed.
         """
-        self.start_client()
-        self.advertiser.startService()
-        self.addCleanup(self.advertiser.stopService)
-        resubscribed: list[None] = []
-
-        def on_resubscribed() -> None:
-            resubscribed.append(None)
-            self.advertiser.on_resubscribed()
-
-        subscriber = EventSubscriber(
-            reactor, self.client, self.advertiser.on_event, on_resubscribed, initial_backoff=0.1, max_backoff=0.4
-        )
-        subscriber.startService()
-        self.addCleanup(subscriber.stopService)
-        await self.wait_until(lambda: bool(resubscribed), "the event subscription")
+        await self.start_advertising()
 
         image = build_image(seed="adv-events", layer_sizes=(64 * 1024, 4000))
         ref = await deferToThread(self.registry.push_image, "adv/events", "v1", image)
@@ -167,21 +174,7 @@ class RealAdvertiserTests(TestCase):
         exist yet; on 1.6, nothing is until the image is.  Either way everything is once the
         pull completes.
         """
-        self.start_client()
-        self.advertiser.startService()
-        self.addCleanup(self.advertiser.stopService)
-        resubscribed: list[None] = []
-
-        def on_resubscribed() -> None:
-            resubscribed.append(None)
-            self.advertiser.on_resubscribed()
-
-        subscriber = EventSubscriber(
-            reactor, self.client, self.advertiser.on_event, on_resubscribed, initial_backoff=0.1, max_backoff=0.4
-        )
-        subscriber.startService()
-        self.addCleanup(subscriber.stopService)
-        await self.wait_until(lambda: bool(resubscribed), "the event subscription")
+        await self.start_advertising()
 
         image = build_image(seed="adv-loose", layer_sizes=(64 * 1024, 4000))
         ref = await deferToThread(self.registry.push_image, "adv/loose", "v1", image)

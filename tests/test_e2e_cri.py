@@ -23,6 +23,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
@@ -33,6 +34,7 @@ from spegel.testing.images import TestImage, build_image
 from spegel.testing.process import CommandFailed, ProcessFailed
 from spegel.testing.registry import UpstreamRegistry
 from tests.test_containerd_real import write_oci_archive
+from tests.test_hostsconfig import snapshot
 
 MiB = 1 << 20
 
@@ -229,7 +231,7 @@ class PrivateRegistryTests(_CRITestCase):
         )
         with open(os.path.join(daemon.hosts_dir, private.host, "ca.crt"), "wb") as f:
             f.write(b"a CA this registry's clients would trust\n")
-        original = _snapshot(daemon.hosts_dir)
+        original = snapshot(Path(daemon.hosts_dir))
         image = self.image("private")
         tags = ["before", "configured", "prepended", "default", "cleaned"]
         for tag in tags:
@@ -243,24 +245,14 @@ class PrivateRegistryTests(_CRITestCase):
             cluster.configure_mirrors(0, [0], registries=[])
             daemon.cri_pull(private.ref("team/app", "default"))
             self.assertEqual(
-                {k: v for k, v in _snapshot(daemon.hosts_dir).items() if k.startswith(private.host)},
+                {k: v for k, v in snapshot(Path(daemon.hosts_dir)).items() if k.startswith(private.host)},
                 original,
             )
             cluster.cleanup_mirrors(0)
-            self.assertEqual(_snapshot(daemon.hosts_dir), original)
+            self.assertEqual(snapshot(Path(daemon.hosts_dir)), original)
             daemon.cri_pull(private.ref("team/app", "cleaned"))
         for tag in tags:
             self.assertIn(private.ref("team/app", tag), daemon.images())
-
-
-def _snapshot(root: str) -> dict[str, bytes]:
-    files = {}
-    for directory, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, root)] = f.read()
-    return files
 
 
 for _template in (CRIPullTests, DiscardUnpackedLayersTests, ImportedImageTests, PreflightTests, PrivateRegistryTests):
