@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import spegel
+from spegel.testing.process import CommandFailed, run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CACHE_ENV = "SPEGEL_CACHE_DIR"
@@ -83,10 +84,7 @@ _RUNTIME_TRIM = (
     "usr/lib/python3.11/ensurepip",
 )
 BUILDAH = ("buildah", "--storage-driver", "vfs")
-
-
-class ImageBuildFailed(Exception):
-    pass
+BUILD_TIMEOUT = 1800.0
 
 
 def cache_dir() -> Path:
@@ -95,12 +93,9 @@ def cache_dir() -> Path:
     return path
 
 
-def _run(args: list[str], **kwargs: object) -> str:
-    result = subprocess.run(args, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise ImageBuildFailed(f"{' '.join(args[:3])} ... failed:\n{tail}")
-    return result.stdout
+def _run(args: list[str]) -> str:
+    # debootstrap and a cold build take minutes; run()'s default of a minute is for ctr.
+    return run(args, timeout=BUILD_TIMEOUT)
 
 
 def base_image(packages: tuple[str, ...], name: str, trim: tuple[str, ...] = ()) -> str:
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.push:
             push(tag, args.push)
             print(f"pushed to {args.push}")
-    except (ImageBuildFailed, OSError) as e:
+    except (CommandFailed, OSError) as e:
         print(f"image build failed: {e}", file=sys.stderr)
         return 1
     return 0
