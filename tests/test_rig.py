@@ -9,14 +9,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
 
+from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from spegel.testing.cluster import Cluster, static_bootstrap
@@ -37,8 +41,12 @@ from spegel.testing.images import (
     build_index,
     iter_chunks,
 )
+from spegel.testing import pods
+from spegel.testing.dns import DNSServer
+from spegel.testing.netns import BENCHMARK_RANGE, Network
 from spegel.testing.node import SpegelNode
-from spegel.testing.process import CommandFailed, ProcessFailed, live_processes, wait_for
+from spegel.testing.ports import free_port
+from spegel.testing.process import CommandFailed, ManagedProcess, ProcessFailed, live_processes, wait_for
 from spegel.testing.registry import UpstreamRegistry
 from spegel.testing.shared import Shared
 
@@ -498,3 +506,121 @@ class OrphanTests(TestCase):
 for _template in (ContainerdDaemonTests, RegistryAndContainerdTests):
     globals().update(per_containerd(_template))
 del _template, ContainerdDaemonTests, RegistryAndContainerdTests
+
+
+class NetworkNamespaceTests(TestCase):
+    """
+    L{spegel.testing.netns}: hosts of their own, each with an address, reaching each other and
+    the host over the bridge, and gone without a trace after clean-up.
+    """
+
+    def test_hostsReachEachOtherOnTheSamePort(self) -> None:
+        network = Network.create()
+        self.addCleanup(network.cleanup)
+        first, second = network.add_host(), network.add_host()
+        self.assertNotEqual(first.address, second.address)
+        for address in (first.address, second.address, network.host_address):
+            self.assertIn(ipaddress.ip_address(address), BENCHMARK_RANGE)
+        # Both listen on port 5000 of their own address; each answers with its own name.
+        server = (
+            "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+            "s.bind(('0.0.0.0', 5000)); s.listen(); print('up', flush=True); c,_=s.accept(); c.sendall(sys.argv[1].encode())"
+        )
+        servers = []
+        for host in (first, second):
+            process = ManagedProcess(
+                name=f"server {host.name}",
+                args=host.command([sys.executable, "-c", server, host.name]),
+                log_path=os.path.join(self.mktemp() + ".log"),
+            )
+            process.start()
+            self.addCleanup(process.kill)
+            wait_for(lambda p=process: "up" in p.log_text(), timeout=10, what="server up")
+            servers.append(process)
+        client = "import socket,sys; print(socket.create_connection((sys.argv[1], 5000), timeout=5).recv(100).decode())"
+        self.assertEqual(first.run([sys.executable, "-c", client, second.address]).strip(), second.name)
+        with socket.create_connection((first.address, 5000), timeout=5) as connection:
+            self.assertEqual(connection.recv(100).decode(), first.name)
+
+    def test_cleanupRemovesEverything(self) -> None:
+        network = Network.create()
+        host = network.add_host()
+        sleeper = subprocess.Popen(host.command(["sleep", "600"]))
+        wait_for(lambda: sleeper.pid in host.pids(), timeout=10, what="sleep in the namespace")
+        network.cleanup()
+        self.assertEqual(sleeper.wait(10), -signal.SIGKILL)
+        self.assertNotIn(host.name, subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout)
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        self.assertNotIn(network.bridge, links)
+        self.assertNotIn(host.veth, links)
+        network.cleanup()
+
+
+class DNSServerTests(TestCase):
+    """
+    L{spegel.testing.dns}: answers from its records file, over UDP and TCP, as a cluster's DNS
+    answers a headless Service's name.
+    """
+
+    def query(self, server: DNSServer, name: str, tcp: bool = False, kind: int = dns.A) -> dns.Message:
+        request = dns.Message(id=7, recDes=True)
+        request.queries = [dns.Query(name, kind, dns.IN)]
+        data = request.toStr()
+        if tcp:
+            with socket.create_connection((server.address, server.port), timeout=5) as s:
+                s.sendall(struct.pack("!H", len(data)) + data)
+                length = struct.unpack("!H", s.recv(2))[0]
+                answer = b""
+                while len(answer) < length:
+                    answer += s.recv(length - len(answer))
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.sendto(data, (server.address, server.port))
+                answer, _ = s.recvfrom(65535)
+        message = dns.Message()
+        message.fromStr(answer)
+        return message
+
+    def test_answersFromRecords(self) -> None:
+        server = DNSServer(address="127.0.0.1", port=free_port(udp_too=True))
+        self.addCleanup(server.cleanup)
+        server.set_records({"svc.example": ["198.18.7.2", "198.18.7.3"]})
+        server.start()
+        for tcp in (False, True):
+            answer = self.query(server, "svc.example", tcp=tcp)
+            self.assertEqual(answer.rCode, dns.OK)
+            self.assertTrue(answer.auth)
+            self.assertEqual(sorted(a.payload.dottedQuad() for a in answer.answers), ["198.18.7.2", "198.18.7.3"])
+        self.assertEqual(self.query(server, "svc.example", kind=dns.AAAA).answers, [])
+        self.assertEqual(self.query(server, "other.example").rCode, dns.ENAME)
+        server.set_records({"svc.example": ["198.18.7.4"]})
+        self.assertEqual([a.payload.dottedQuad() for a in self.query(server, "svc.example").answers], ["198.18.7.4"])
+
+
+class PodSpecTranslationTests(SynchronousTestCase):
+    """
+    The parts of L{spegel.testing.pods} that follow Kubernetes' rules without a node.
+    """
+
+    def test_expandAsTheKubeletDoes(self) -> None:
+        environment = {"NODE_IP": "198.18.1.2", "PORT": "30020"}
+        self.assertEqual(pods.expand("http://$(NODE_IP):$(PORT)", environment), "http://198.18.1.2:30020")
+        self.assertEqual(pods.expand("$(UNSET) stays", environment), "$(UNSET) stays")
+        self.assertEqual(pods.expand("$$(NODE_IP) is escaped", environment), "$(NODE_IP) is escaped")
+        self.assertEqual(pods.expand("$NODE_IP is not a reference", environment), "$NODE_IP is not a reference")
+
+    def test_quantities(self) -> None:
+        self.assertEqual(pods._quantity("128Mi"), 128 * 2**20)
+        self.assertEqual(pods._quantity("1Gi"), 2**30)
+        self.assertEqual(pods._quantity("100m"), 0.1)
+        self.assertEqual(pods._quantity(2), 2)
+
+    def test_hostPortMustEqualContainerPort(self) -> None:
+        kubelet = pods.Kubelet(daemon=ContainerdDaemon(), node_ip="198.18.1.2", node_name="n", dns_server="198.18.1.1")
+        self.addCleanup(shutil.rmtree, kubelet.daemon.base_dir)
+        container = {"name": "c", "image": "i", "ports": [{"containerPort": 5000, "hostPort": 30020}]}
+        e = self.assertRaises(pods.PodFailed, kubelet._check, "p", container)
+        self.assertIn("hostPort 30020 != containerPort 5000", str(e))
+        e = self.assertRaises(pods.PodFailed, kubelet._check, "p", {**container, "ports": [], "lifecycle": {}})
+        self.assertIn("['lifecycle']", str(e))

@@ -36,6 +36,7 @@ from typing import TypeVar
 from attrs import define, field, frozen
 
 from spegel.testing import tools
+from spegel.testing.netns import Host
 from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, run, wait_for
 
 CONTAINERD = "containerd"
@@ -109,7 +110,7 @@ _RUNTIME_V2 = """
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   restrict_oom_score_adj = true
-
+{sandbox}
 [plugins."io.containerd.grpc.v1.cri".cni]
   bin_dir = "{cni}/bin"
   conf_dir = "{cni}/conf"
@@ -126,6 +127,12 @@ _RUNTIME_V3 = """
 [plugins.'io.containerd.grpc.v1.cri']
   stream_server_address = '127.0.0.1'
   stream_server_port = '0'
+"""
+
+# The image of every pod's sandbox ("pause") container, when a test runs pods.
+_SANDBOX_V3 = """
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = '{image}'
 """
 
 
@@ -294,6 +301,9 @@ class ContainerdDaemon(RunsOneProcess):
     @ivar build: which containerd runs (L{containerd_builds}).
     @ivar cri: run the CRI plugin, as on a Kubernetes node.
     @ivar discard_unpacked_layers: the CRI setting that makes a node useless to spegel.
+    @ivar host: the network namespace the daemon runs in (L{spegel.testing.netns}); its pods'
+        "host network" is then that namespace, with its own address.  L{None}: the machine's.
+    @ivar sandbox_image: the CRI's pause image, for tests that run pods.
     """
 
     base_dir: str = field(factory=short_tempdir)
@@ -303,6 +313,8 @@ class ContainerdDaemon(RunsOneProcess):
     build: ContainerdBuild = field(factory=system_containerd)
     cri: bool = False
     discard_unpacked_layers: bool = False
+    host: Host | None = None
+    sandbox_image: str | None = None
     _process: ManagedProcess | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -360,9 +372,12 @@ class ContainerdDaemon(RunsOneProcess):
             discard="true" if self.discard_unpacked_layers else "false", hosts_dir=self.hosts_dir
         )
         if self.cri:
+            sandbox = f'  sandbox_image = "{self.sandbox_image}"\n' if self.sandbox_image else ""
             text += (_RUNTIME_V3 if version == 3 else _RUNTIME_V2).format(
-                cni=os.path.join(self.base_dir, "cni")
+                cni=os.path.join(self.base_dir, "cni"), sandbox=sandbox
             )
+            if self.sandbox_image and version == 3:
+                text += _SANDBOX_V3.format(image=self.sandbox_image)
         return text
 
     def start(self, timeout: float = 20.0) -> None:
@@ -383,9 +398,10 @@ class ContainerdDaemon(RunsOneProcess):
             # cannot serve containerd 2.x.
             folder = os.path.dirname(self.build.containerd)
             environment = {**os.environ, "PATH": f"{folder}:{os.environ.get('PATH', '')}"}
+        args = [self.build.containerd, "--config", self.config_path]
         self._process = ManagedProcess(
             name=self.name,
-            args=[self.build.containerd, "--config", self.config_path],
+            args=self.host.command(args) if self.host is not None else args,
             log_path=self.log_path,
             env=environment,
         )

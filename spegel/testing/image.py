@@ -190,6 +190,26 @@ def build(tag: str | None = None) -> str:
     return tag
 
 
+def build_pause() -> str:
+    """
+    A pod sandbox ("pause") image for tests that run pods through the CRI, on the runtime base
+    (no registry here serves registry.k8s.io/pause): it only has to sit there, holding the
+    pod's namespaces; the CRI kills it with SIGKILL when the pod stops.  Its name in buildah's
+    store; built once per base.
+    """
+    runtime = base_image(RUNTIME_PACKAGES, "runtime", _RUNTIME_TRIM)
+    tag = f"localhost/spegel-test-pause:{runtime.rsplit(':', 1)[1]}"
+    if subprocess.run([*BUILDAH, "inspect", "--type", "image", tag], capture_output=True).returncode == 0:
+        return tag
+    container = _run([*BUILDAH, "from", "--quiet", runtime]).strip()
+    try:
+        _run([*BUILDAH, "config", "--entrypoint", '["/bin/sleep", "infinity"]', "--cmd", "", container])
+        _run([*BUILDAH, "commit", "--quiet", container, tag])
+    finally:
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
+    return tag
+
+
 def push(tag: str, destination: str) -> None:
     """
     Copy image C{tag} to C{destination} (C{host:port/repo:tag}, plain HTTP), gzip'd.

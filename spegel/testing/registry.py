@@ -35,7 +35,7 @@ storage:
   delete:
     enabled: true
 http:
-  addr: 127.0.0.1:{port}
+  addr: {address}:{port}
 """
 
 
@@ -48,15 +48,18 @@ class RegistryError(Exception):
 @define(eq=False)
 class UpstreamRegistry(RunsOneProcess):
     """
-    A C{docker-registry} serving plain HTTP on 127.0.0.1:C{port}.
+    A C{docker-registry} serving plain HTTP on C{address}:C{port}.
 
     @ivar base_dir: owns the storage, the config and the log.
     @ivar port: TCP port; a free one when not given, kept across restarts.
+    @ivar address: the IPv4 address it listens on: loopback, or the host's address on a rig
+        network (L{spegel.testing.netns}) so nodes in their own namespaces reach it.
     @ivar access_log: whether the registry logs every request (useful when debugging a pull).
     """
 
     base_dir: str = field(factory=lambda: tempfile.mkdtemp(prefix="spegel-registry-"))
     port: int = field(factory=free_port)
+    address: str = "127.0.0.1"
     name: str = "registry"
     access_log: bool = True
     _process: ManagedProcess | None = field(default=None, init=False)
@@ -64,9 +67,9 @@ class UpstreamRegistry(RunsOneProcess):
     @property
     def host(self) -> str:
         """
-        C{127.0.0.1:<port>}: the registry part of image references, and the C{ns} spegel sees.
+        C{<address>:<port>}: the registry part of image references, and the C{ns} spegel sees.
         """
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -82,7 +85,7 @@ class UpstreamRegistry(RunsOneProcess):
 
     def ref(self, repo: str, tag_or_digest: str) -> str:
         """
-        The image reference C{127.0.0.1:<port>/<repo>:<tag>} (or C{@<digest>}).
+        The image reference C{<address>:<port>/<repo>:<tag>} (or C{@<digest>}).
         """
         separator = "@" if ":" in tag_or_digest else ":"
         return f"{self.host}/{repo}{separator}{tag_or_digest}"
@@ -98,6 +101,7 @@ class UpstreamRegistry(RunsOneProcess):
             f.write(
                 _CONFIG.format(
                     storage=self.storage_dir,
+                    address=self.address,
                     port=self.port,
                     access_log_disabled="false" if self.access_log else "true",
                 )
@@ -152,7 +156,7 @@ class UpstreamRegistry(RunsOneProcess):
 
         @return: status, headers (lower-cased names), body.
         """
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout, blocksize=1 << 20)
+        connection = http.client.HTTPConnection(self.address, self.port, timeout=timeout, blocksize=1 << 20)
         try:
             headers = dict(headers or {})
             if isinstance(body, Blob):
