@@ -58,11 +58,73 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual([c.node_id for c in body.contacts], [peer_id(9)])
         self.assertEqual(self.ask(wire.GetProviders(b"c" * 32)).providers, ())
 
-    def test_moved_node_loses_old_records(self) -> None:
-        self.ask(wire.AddProvider(30020, (b"a" * 32,)))
-        self.ask(wire.Ping(), address=("10.0.0.77", 5001))
-        self.assertEqual(self.node.store.get(b"a" * 32, 10), [])
-        self.assertEqual(self.node.routing.get(peer_id(9)).host, "10.0.0.77")
+    def test_copied_id_from_another_address_changes_nothing(self) -> None:
+        """
+        A datagram with a known node's id from a new address: the old address is pinged, it
+        answers with that id, and the known contact and its records stay.  The new address's
+        own records (it announces under the copied id) are kept apart.
+        """
+        key = b"a" * 32
+        self.ask(wire.AddProvider(30020, (key,)))
+        real = Provider(peer_id(9), PEER[0], 30020)
+        self.transport.written.clear()
+        attacker = ("10.6.6.6", 5001)
+        self.node.protocol.datagramReceived(
+            wire.encode(Message(b"f" * 8, peer_id(9), wire.AddProvider(6666, (key,)))), attacker
+        )
+        pings = [(wire.decode(d), to) for d, to in self.transport.written if to == PEER]
+        self.assertEqual([m.body for m, _ in pings], [wire.Ping()])
+        self.node.protocol.datagramReceived(wire.encode(Message(pings[0][0].txid, peer_id(9), wire.Pong())), PEER)
+        self.clock.advance(CONFIG.rpc_timeout * 2)
+        self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *PEER))
+        self.assertIn(real, self.node.store.get(key, 10))
+        # Lookups still get the real record, next to the copy.
+        body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
+        self.assertIn(real, body.providers)
+
+    def test_local_records_do_not_end_the_lookup(self) -> None:
+        """
+        Forged records in our own store are handed out, but the network is asked anyway and
+        the real provider it knows is found too.
+        """
+        key = b"k" * 32
+        fake = Provider(peer_id(66), "10.6.6.6", 6666)
+        self.node.store.add(key, fake)
+        self.node.routing.observe(Contact(peer_id(9), *PEER))
+        seen: list[Provider] = []
+        d = self.node.find_providers(key, on_provider=seen.append)
+        self.assertEqual(seen, [fake])
+        request = next(wire.decode(data) for data, to in self.transport.written if to == PEER)
+        self.assertEqual(request.body, wire.GetProviders(key))
+        real = Provider(peer_id(9), PEER[0], 5000)
+        reply = Message(request.txid, peer_id(9), wire.Providers((real,), ()))
+        self.node.protocol.datagramReceived(wire.encode(reply), PEER)
+        self.assertEqual(set(self.successResultOf(d)), {fake, real})
+        self.assertEqual(seen, [fake, real])
+
+    def test_moved_node_replaces_silent_old_address(self) -> None:
+        """
+        The old address does not answer: the node moved (a restarted pod keeping its id). The
+        contact takes the new address and the old address's records go.
+        """
+        key = b"a" * 32
+        self.ask(wire.AddProvider(30020, (key,)))
+        moved = ("10.0.0.77", 5001)
+        self.ask(wire.Ping(), address=moved)
+        # Until the old address is found silent, nothing changes.
+        self.assertEqual(self.node.routing.get(peer_id(9)).host, PEER[0])
+        self.clock.advance(CONFIG.rpc_timeout)
+        self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *moved))
+        self.assertEqual(self.node.store.get(key, 10), [])
+
+    def test_old_address_answering_with_another_id_is_gone(self) -> None:
+        self.ask(wire.Ping())
+        moved = ("10.0.0.77", 5001)
+        self.transport.written.clear()
+        self.ask(wire.Ping(), address=moved)
+        ping = next(wire.decode(d) for d, to in self.transport.written if to == PEER)
+        self.node.protocol.datagramReceived(wire.encode(Message(ping.txid, peer_id(44), wire.Pong())), PEER)
+        self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *moved))
 
     def full_bucket(self) -> list[Contact]:
         # Ids starting with bit 1 all go to bucket 0 of a node whose id is all zeros.

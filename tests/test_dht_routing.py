@@ -16,7 +16,7 @@ def in_bucket(index: int, n: int) -> Contact:
     The C{n}th contact of bucket C{index} of a table owned by C{OWN}.
     """
     value = (1 << (255 - index)) | n
-    return Contact(value.to_bytes(32, "big"), "10.0.0.1", 1000 + n)
+    return Contact(value.to_bytes(32, "big"), f"10.{index}.{n // 256}.{n % 256}", 1000 + n)
 
 
 class RoutingTableTests(SynchronousTestCase):
@@ -134,3 +134,54 @@ class RoutingTableTests(SynchronousTestCase):
         self.table.touch(in_bucket(2, 9).node_id)
         self.assertEqual(self.table.stale_buckets(60), [0, 1, 3, 4, 5])
         self.assertEqual(common_prefix_bits(OWN, in_bucket(2, 9).node_id), 2)
+
+
+class AddressBoundTests(SynchronousTestCase):
+    """
+    One IP address holds at most C{max_per_address} contacts: a flood of fresh ids from one
+    sender cannot fill the table (Sybil resistance); loopback is exempt (tests, benchmarks).
+    """
+
+    def setUp(self) -> None:
+        self.table = RoutingTable(OWN, 3, Clock().seconds, max_per_address=2)
+
+    def sybil(self, index: int, n: int, host: str = "10.6.6.6") -> Contact:
+        return Contact(in_bucket(index, n).node_id, host, 5001)
+
+    def test_flood_from_one_address(self) -> None:
+        for index in range(1, 20):
+            for n in range(3):
+                self.assertIsNone(self.table.observe(self.sybil(index, n)))
+        self.assertEqual(len(self.table), 2)
+        # Nor do they queue as replacements: nothing of theirs is promoted later.
+        honest = [in_bucket(0, n) for n in range(10, 13)]
+        for c in honest:
+            self.table.observe(c)
+        self.assertEqual(sum(1 for c in self.table if c.host == "10.6.6.6"), 2)
+        self.assertTrue(all(c.node_id in self.table for c in honest))
+
+    def test_room_again_after_eviction(self) -> None:
+        first, second, third = (self.sybil(5, n) for n in range(3))
+        self.table.observe(first)
+        self.table.observe(second)
+        self.table.observe(third)
+        self.assertNotIn(third.node_id, self.table)
+        self.table.evict(first.node_id)
+        self.table.observe(third)
+        self.assertIn(third.node_id, self.table)
+
+    def test_refresh_and_move_keep_the_count(self) -> None:
+        a, b = self.sybil(1, 1), self.sybil(2, 2)
+        self.table.observe(a)
+        self.table.observe(b)
+        self.table.observe(a)
+        self.assertIn(a.node_id, self.table)
+        # b moves away: its old address has room for another.
+        self.table.observe(Contact(b.node_id, "10.7.7.7", 5001))
+        self.table.observe(self.sybil(3, 3))
+        self.assertIn(self.sybil(3, 3).node_id, self.table)
+
+    def test_loopback_is_exempt(self) -> None:
+        for n in range(3):
+            self.table.observe(self.sybil(n + 1, n, host="127.0.0.1"))
+        self.assertEqual(len(self.table), 3)

@@ -40,7 +40,6 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     gatherResults,
-    succeed,
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -113,6 +112,8 @@ class KademliaNode:
             max_failures=config.max_failures,
             on_size_change=metrics.ROUTING_TABLE_CONTACTS.inc,
         )
+        # Ids whose old address is being pinged because a datagram came from a new one.
+        self._moving: set[bytes] = set()
         self.store = ProviderStore(
             clock.seconds,
             config.provider_ttl,
@@ -132,13 +133,47 @@ class KademliaNode:
     # -- MessageHandler -------------------------------------------------------------------
 
     def message_received(self, message: Message, address: Address) -> None:
+        contact = Contact(message.sender_id, address[0], address[1])
         known = self.routing.get(message.sender_id)
         if known is not None and known.address != address:
-            # The node moved (a restarted pod keeps its id): its records point at the old IP.
-            self.store.remove_provider(message.sender_id)
-        oldest = self.routing.observe(Contact(message.sender_id, address[0], address[1]))
+            # A known id from a new address: a restarted pod that kept its id, or anyone who
+            # copied the id.  As Kademlia prescribes, the contact we have stays unless its
+            # address fails to answer (with that id); only then does the new one take its place.
+            self._check_moved(known, contact)
+            return
+        oldest = self.routing.observe(contact)
         if oldest is not None:
             self._check_oldest(oldest)
+
+    def _check_moved(self, known: Contact, moved: Contact) -> None:
+        if known.node_id in self._moving:
+            return
+        self._moving.add(known.node_id)
+        d = self.protocol.request(known.address, wire.Ping())
+
+        def answered(reply: Message) -> None:
+            if reply.sender_id != known.node_id:
+                gone(None)
+
+        def gone(failure: Failure | None) -> None:
+            if failure is not None:
+                failure.trap(DHTError)
+            if self.routing.get(known.node_id) != known:
+                return
+            self.log.info(
+                "Node {node} moved from {old} to {new}",
+                node=known.node_id.hex()[:16],
+                old=known.host,
+                new=moved.host,
+            )
+            self.routing.evict(known.node_id)
+            self.store.remove_provider(known.node_id, known.host)
+            oldest = self.routing.observe(moved)
+            if oldest is not None:
+                self._check_oldest(oldest)
+
+        d.addCallbacks(answered, gone)
+        d.addBoth(lambda _: self._moving.discard(known.node_id))
 
     def _check_oldest(self, oldest: Contact) -> None:
         # A reply refreshes it through message_received; silence evicts it.
@@ -230,16 +265,22 @@ class KademliaNode:
                     return True
             return False
 
-        # Records we store ourselves (we are among the key's k closest) need no round trip.
-        if take(self.store.get(key, limit)):
-            return succeed(list(found.values()))
+        # Records we store ourselves (we are among the key's k closest) are handed out at once,
+        # but the network is asked all the same and they do not end the lookup: our store may
+        # hold records that another node forged, and they must not hide the real providers.
+        take(self.store.get(key, limit))
+        answered_with_providers = False
 
         def on_reply(contact: Contact, message: Message) -> bool:
+            nonlocal answered_with_providers
             body = message.body
-            return isinstance(body, wire.Providers) and take(body.providers)
+            if not isinstance(body, wire.Providers):
+                return False
+            answered_with_providers = answered_with_providers or bool(body.providers)
+            return take(body.providers)
 
         started = self.clock.seconds()
-        d = self._lookup(key, wire.GetProviders(key), on_reply, satisfied=lambda: bool(found))
+        d = self._lookup(key, wire.GetProviders(key), on_reply, satisfied=lambda: answered_with_providers)
         d.addBoth(self._observe_lookup, "get_providers", started)
         return d.addCallback(lambda result: list(found.values()))
 

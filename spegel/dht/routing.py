@@ -11,11 +11,18 @@ argues is what makes the table resistant to churn and flooding.
 The table does no I/O: L{RoutingTable.observe} returns the contact the caller should ping,
 and the caller reports the outcome with L{RoutingTable.observe} (it answered) or
 L{RoutingTable.evict} (it did not).
+
+Ids cost nothing to make, so one sender could fill every bucket with ids of its choosing (a
+Sybil attack).  The table therefore holds at most C{max_per_address} contacts at one IP address:
+in a cluster each node has an address of its own, and one more leaves room for a pod that came
+back under a new id before its old one was evicted.  Loopback addresses are exempt: only tests
+and benchmarks, which run many nodes on one machine, have peers there.
 """
 
 from __future__ import annotations
 
 import heapq
+import ipaddress
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator
 
@@ -44,6 +51,7 @@ class RoutingTable:
     @ivar now: current time, for bucket refresh bookkeeping.
     @ivar max_failures: consecutive failed requests after which a contact is dropped.
     @ivar on_size_change: called with +1/-1 as contacts come and go (metrics).
+    @ivar max_per_address: contacts at one (non-loopback) IP address beyond this are ignored.
     """
 
     own_id: bytes
@@ -51,6 +59,7 @@ class RoutingTable:
     now: Callable[[], float]
     max_failures: int = 2
     on_size_change: Callable[[int], None] = lambda delta: None
+    max_per_address: int = 2
     _buckets: list[KBucket] = field(init=False)
     _failures: dict[bytes, int] = field(init=False, factory=dict)
     _size: int = field(init=False, default=0)
@@ -59,6 +68,8 @@ class RoutingTable:
     # The same ids as integers: closest() runs for every FIND_NODE and GET_PROVIDERS
     # answered, and converting each id on every call was most of its cost.
     _id_ints: dict[bytes, int] = field(init=False, factory=dict)
+    # Contacts in the table per host (loopback hosts are not counted).
+    _per_address: dict[str, int] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         start = self.now()
@@ -102,12 +113,18 @@ class RoutingTable:
         self._failures.pop(contact.node_id, None)
         bucket = self._bucket(contact.node_id)
         if contact.node_id in bucket.contacts:
-            # Refreshed (and possibly moved address, e.g. a restarted pod): to the tail.
-            del bucket.contacts[contact.node_id]
+            # Refreshed (and possibly moved address, once the caller checked the old one is
+            # gone): to the tail.
+            old = bucket.contacts.pop(contact.node_id)
+            if old.host != contact.host:
+                self._count_address(old.host, -1)
+                self._count_address(contact.host, +1)
             bucket.contacts[contact.node_id] = contact
             self._all[contact.node_id] = contact
             if bucket.pinging == contact.node_id:
                 bucket.pinging = None
+            return None
+        if self.address_full(contact.host):
             return None
         if len(bucket.contacts) < self.k:
             bucket.contacts[contact.node_id] = contact
@@ -133,17 +150,22 @@ class RoutingTable:
         if bucket.pinging == node_id:
             bucket.pinging = None
         self._failures.pop(node_id, None)
-        if bucket.contacts.pop(node_id, None) is None:
+        evicted = bucket.contacts.pop(node_id, None)
+        if evicted is None:
             bucket.replacements.pop(node_id, None)
             return
         del self._all[node_id]
         del self._id_ints[node_id]
+        self._count_address(evicted.host, -1)
         self._resize(-1)
-        if bucket.replacements:
+        while bucket.replacements:
             _, replacement = bucket.replacements.popitem(last=True)
+            if self.address_full(replacement.host):
+                continue
             bucket.contacts[replacement.node_id] = replacement
             self._remember(replacement)
             self._resize(+1)
+            break
 
     def failed(self, node_id: bytes) -> None:
         """
@@ -174,6 +196,20 @@ class RoutingTable:
     def _remember(self, contact: Contact) -> None:
         self._all[contact.node_id] = contact
         self._id_ints[contact.node_id] = int.from_bytes(contact.node_id, "big")
+        self._count_address(contact.host, +1)
+
+    def address_full(self, host: str) -> bool:
+        """Whether the table holds as many contacts at C{host} as it takes."""
+        return self._per_address.get(host, 0) >= self.max_per_address
+
+    def _count_address(self, host: str, delta: int) -> None:
+        if _is_loopback(host):
+            return
+        count = self._per_address.get(host, 0) + delta
+        if count > 0:
+            self._per_address[host] = count
+        else:
+            self._per_address.pop(host, None)
 
     def touch(self, target: bytes) -> None:
         """
@@ -196,6 +232,13 @@ class RoutingTable:
     def _resize(self, delta: int) -> None:
         self._size += delta
         self.on_size_change(delta)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def sort_by_distance(target: bytes, contacts: Iterable[Contact]) -> list[Contact]:
