@@ -8,7 +8,10 @@ The ``spegel`` console script: one-shot commands run next to the long-running no
         --mirror-targets http://10.0.0.5:30020 [--resolve-tags=false] [--prepend-existing] \\
         [--containerd-config-file /etc/containerd/config.toml] \\
         [--containerd-sock /run/containerd/containerd.sock] [--preflight strict|warn|off]
-    spegel cleanup --containerd-registry-config-path /etc/containerd/certs.d
+    spegel cleanup --containerd-registry-config-path /etc/containerd/certs.d \\
+        [--serve-addr :8080]
+    spegel cleanup-wait --probe-endpoints spegel-cleanup.spegel.svc.cluster.local:8080 \\
+        [--timeout 10m] [--interval 2s]
     spegel version
 
 Flag names are the reference's, so existing manifests keep working. Lists are comma-separated
@@ -16,6 +19,10 @@ and may also be given as several words or by repeating the flag. Exit status: 0 
 configuration directory could not be read or written, or the preflight (spegel.preflight) found
 that containerd would not use it, 2 bad command line; errors are one line each on stderr,
 ``spegel: error: ...`` (and ``spegel: warning: ...`` for what is doubtful but not fatal).
+
+``cleanup --serve-addr`` and ``cleanup-wait`` are the two halves of the chart's post-delete
+hook (spegel.cleanuphook): the first serves ``/healthz`` once its node is clean, until SIGTERM
+(then 0; 1 if it cannot listen); the second exits 0 once every node answers, 1 on timeout.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import argparse
 import os
 import sys
 from functools import partial
-from typing import Any, NoReturn, Sequence, TextIO
+from typing import Any, Callable, NoReturn, Sequence, TextIO
 
 import spegel
-from spegel import flags, preflight
+from spegel import cleanuphook, flags, preflight
+from spegel.dht.bootstrap import parse_host_port
 from spegel.hostsconfig import (
     DEFAULT_CONFIG_PATH,
     HostsConfigError,
@@ -98,6 +106,20 @@ def parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}") from None
 
 
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{parse} (one of spegel.flags' parsers) as an argparse type: its message, as a usage error.
+    """
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
 class _CommaSeparated(argparse.Action):
     """
     Collect ``--flag a,b --flag c d`` into ``[a, b, c, d]``; ``--flag=`` alone means empty.
@@ -136,7 +158,7 @@ def build_parser(
     commands = parser.add_subparsers(
         dest="command",
         # Shown in "the following arguments are required: ...", so list the choices.
-        metavar="{configuration,cleanup,version}",
+        metavar="{configuration,cleanup,cleanup-wait,version}",
         required=True,
         parser_class=partial(_Parser, out=stdout, err=stderr),
     )
@@ -220,18 +242,65 @@ def build_parser(
         "<config path>/_backup back.",
     )
     _add_config_path(cleanup_command)
+    cleanup_command.add_argument(
+        "--serve-addr",
+        metavar="[HOST]:PORT",
+        type=_argument(flags.parse_listen_address),
+        default=None,
+        help="once clean, answer GET /healthz with 200 on this address until SIGTERM "
+        "(the chart's post-delete hook waits for that on every node); default: exit at once",
+    )
+
+    wait_command = commands.add_parser(
+        "cleanup-wait",
+        help="wait until every node's 'cleanup --serve-addr' says it is clean",
+        description="Resolve every NAME (all its A/AAAA addresses) each round and ask each "
+        "address for GET /healthz; exit 0 once every address answered 200 in two rounds in a "
+        "row, 1 on timeout.",
+    )
+    wait_command.add_argument(
+        "--probe-endpoints",
+        metavar="NAME:PORT",
+        nargs="*",
+        action=_CommaSeparated,
+        required=True,
+        help="names (or IP addresses) and ports to probe, e.g. "
+        "spegel-cleanup.spegel.svc.cluster.local:8080",
+    )
+    wait_command.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=_argument(flags.parse_duration),
+        default="10m",
+        help="give up (exit 1) after this long (default: %(default)s)",
+    )
+    wait_command.add_argument(
+        "--interval",
+        metavar="DURATION",
+        type=_argument(flags.parse_duration),
+        default="2s",
+        help="time between rounds (default: %(default)s)",
+    )
 
     commands.add_parser("version", help="print the version", description="Print the version.")
     return parser
 
 
 def main(
-    argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
+    argv: Sequence[str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    *,
+    reactor: Any = None,
+    environment: cleanuphook.Environment | None = None,
 ) -> int:
     """
     Run one command.
 
     @param argv: the arguments after the program name; C{sys.argv[1:]} by default.
+    @param reactor: what C{cleanup --serve-addr} serves with; the global reactor by default.
+    @param environment: clock, sleep, resolver and probe of C{cleanup-wait}; the real ones by
+        default.
     @return: the exit status.
     """
     out = sys.stdout if stdout is None else stdout
@@ -241,11 +310,13 @@ def main(
         if arguments.command == "version":
             print(spegel.__version__, file=out)
             return EXIT_OK
+        if arguments.command == "cleanup-wait":
+            return _cleanup_wait(arguments, out, err, environment or cleanuphook.Environment())
         if not arguments.containerd_registry_config_path:
             raise UsageError("--containerd-registry-config-path must not be empty")
         if arguments.command == "configuration":
             return _configuration(arguments, out, err)
-        return _cleanup(arguments, out)
+        return _cleanup(arguments, out, err, reactor)
     except _Exit as e:
         return e.status
     except (UsageError, InvalidRegistryURL, InvalidMirrorConfiguration) as e:
@@ -301,7 +372,7 @@ def _configuration(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> i
     return EXIT_OK
 
 
-def _cleanup(arguments: argparse.Namespace, out: TextIO) -> int:
+def _cleanup(arguments: argparse.Namespace, out: TextIO, err: TextIO, reactor: Any) -> int:
     root = arguments.containerd_registry_config_path.rstrip("/") or "/"
     result = cleanup(root)
     if not result.removed and not result.restored:
@@ -310,6 +381,45 @@ def _cleanup(arguments: argparse.Namespace, out: TextIO) -> int:
         print(f"removed {root}/{path}", file=out)
     for name in result.restored:
         print(f"restored {root}/{name}", file=out)
+    if arguments.serve_addr is None:
+        return EXIT_OK
+    if reactor is None:
+        from twisted.internet import reactor
+    resource = cleanuphook.healthz_resource(root)
+    return cleanuphook.serve_until_stopped(reactor, arguments.serve_addr, resource, out, err)
+
+
+def _cleanup_wait(
+    arguments: argparse.Namespace, out: TextIO, err: TextIO, environment: cleanuphook.Environment
+) -> int:
+    try:
+        endpoints = [parse_host_port(text) for text in arguments.probe_endpoints]
+    except ValueError as e:
+        raise UsageError(f"--probe-endpoints: {e}") from None
+    if not endpoints:
+        raise UsageError("--probe-endpoints: at least one NAME:PORT is needed")
+    if arguments.interval <= 0:
+        raise UsageError("--interval must be more than 0s")
+
+    def report(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    try:
+        clean = cleanuphook.wait_until_clean(
+            endpoints,
+            timeout=arguments.timeout,
+            interval=arguments.interval,
+            environment=environment,
+            report=report,
+        )
+    except cleanuphook.NotClean as e:
+        print(f"spegel: error: {e}", file=err)
+        return EXIT_FAILED
+    print(
+        f"every node is clean: {cleanuphook.count(len(clean))} answered /healthz "
+        f"in {cleanuphook.CLEAN_ROUNDS} rounds in a row",
+        file=out,
+    )
     return EXIT_OK
 
 

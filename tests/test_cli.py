@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_cli -*-
 """
 Tests for L{spegel.cli}: the ``spegel`` console script, called as C{main([...])} on temporary
-directories and compared with the golden trees in tests/golden/.
+directories and compared with the golden trees in tests/golden/; and for L{spegel.cleanuphook},
+the two halves of the post-delete hook (C{cleanup --serve-addr}, C{cleanup-wait}), served on a
+L{MemoryReactor} and read with L{StubTreq}, or waited for with a fake clock, resolver and probe.
 """
 
 from __future__ import annotations
@@ -9,16 +11,22 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
+from typing import Any
 
+from treq.testing import StubTreq
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 import spegel
+from spegel import cleanuphook
 from spegel.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, main, parse_bool
 from tests.test_hostsconfig import GOLDEN, GoldenTestMixin, snapshot
 
 
 class CommandLineTestMixin(GoldenTestMixin):
-    def spegel(self, *argv: str) -> tuple[int, str, str]:
+    def spegel(self, *argv: str, **injected: Any) -> tuple[int, str, str]:
         if argv[:1] == ("configuration",) and not any(
             a.startswith("--containerd-config-file") for a in argv
         ):
@@ -26,8 +34,24 @@ class CommandLineTestMixin(GoldenTestMixin):
             # which the preflight skips.
             argv += (f"--containerd-config-file={self.mktemp()}",)  # type: ignore[attr-defined]
         out, err = io.StringIO(), io.StringIO()
-        status = main(list(argv), stdout=out, stderr=err)
+        status = main(list(argv), stdout=out, stderr=err, **injected)
         return status, out.getvalue(), err.getvalue()
+
+    def configured(self) -> Path:
+        """
+        A config path that "configuration" has written to, over the original in the golden
+        case backup-then-cleanup.
+        """
+        root = self.config_path("backup-then-cleanup")
+        status, _, err = self.spegel(
+            "configuration",
+            f"--containerd-registry-config-path={root}",
+            "--mirrored-registries=https://docker.io",
+            "--mirror-targets=http://10.0.0.5:30020",
+            "--prepend-existing",
+        )
+        self.assertEqual((status, err), (EXIT_OK, ""))  # type: ignore[attr-defined]
+        return root
 
     def configure(self, case: str, *argv: str) -> Path:
         root = self.config_path(case)
@@ -166,15 +190,7 @@ class ConfigurationTests(CommandLineTestMixin, SynchronousTestCase):
 
 class CleanupTests(CommandLineTestMixin, SynchronousTestCase):
     def test_restores(self) -> None:
-        root = self.config_path("backup-then-cleanup")
-        status, _, _ = self.spegel(
-            "configuration",
-            f"--containerd-registry-config-path={root}",
-            "--mirrored-registries=https://docker.io",
-            "--mirror-targets=http://10.0.0.5:30020",
-            "--prepend-existing",
-        )
-        self.assertEqual(status, EXIT_OK)
+        root = self.configured()
         status, out, err = self.spegel("cleanup", "--containerd-registry-config-path", str(root))
         self.assertEqual((status, err), (EXIT_OK, ""))
         self.assertEqual(
@@ -187,6 +203,312 @@ class CleanupTests(CommandLineTestMixin, SynchronousTestCase):
         status, out, err = self.spegel("cleanup", f"--containerd-registry-config-path={root}")
         self.assertEqual((status, out, err), (EXIT_OK, f"nothing to clean up in {root}\n", ""))
         self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
+
+
+class TakenPortReactor(MemoryReactor):
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+
+
+class CleanupServeTests(CommandLineTestMixin, SynchronousTestCase):
+    """
+    C{cleanup --serve-addr}: clean up as without it, then serve /healthz until the reactor
+    stops. A L{MemoryReactor}'s C{run} returns at once, as the real one does on SIGTERM.
+    """
+
+    def serve(self, root: Path, address: str, reactor: Any) -> tuple[int, list[str], str]:
+        status, out, err = self.spegel(
+            "cleanup", f"--containerd-registry-config-path={root}", f"--serve-addr={address}",
+            reactor=reactor,
+        )
+        return status, out.splitlines(), err
+
+    def test_cleans_then_serves(self) -> None:
+        root = self.configured()
+        reactor = MemoryReactor()
+        status, lines, err = self.serve(root, "127.0.0.1:8080", reactor)
+        self.assertEqual((status, err), (EXIT_OK, ""))
+        self.assertEqual(
+            lines,
+            [
+                f"removed {root}/docker.io",
+                f"restored {root}/docker.io",
+                "serving /healthz on 127.0.0.1:8080 until stopped",
+            ],
+        )
+        self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
+        self.assertTrue(reactor.hasRun)
+        ((port, site, _, interface),) = reactor.tcpServers
+        self.assertEqual((port, interface), (8080, "127.0.0.1"))
+        self.assertIsInstance(site, Site)
+        treq = StubTreq(site.resource)
+        response = self.successResultOf(treq.get("http://node/healthz"))
+        self.assertEqual(response.code, 200)
+        self.assertIn(str(root), self.successResultOf(treq.text_content(response)))
+
+    def test_every_interface_and_ipv6(self) -> None:
+        root = self.config_path()
+        for address, interface, shown in (
+            (":8080", "", ":8080"),
+            ("[::]:8081", "::", "[::]:8081"),
+            ("0.0.0.0:8082", "0.0.0.0", "0.0.0.0:8082"),
+        ):
+            reactor = MemoryReactor()
+            status, lines, _ = self.serve(root, address, reactor)
+            self.assertEqual(status, EXIT_OK)
+            self.assertEqual(lines[-1], f"serving /healthz on {shown} until stopped")
+            ((port, _, _, bound),) = reactor.tcpServers
+            self.assertEqual((port, bound), (int(address.rpartition(":")[2]), interface))
+
+    def test_cannot_listen(self) -> None:
+        """
+        Cleaned, but the port is taken: status 1 and one line, so the pod is not ready.
+        """
+        root = self.configured()
+        reactor = TakenPortReactor()
+        status, lines, err = self.serve(root, ":8080", reactor)
+        self.assertEqual(status, EXIT_FAILED)
+        self.assertEqual(lines, [f"removed {root}/docker.io", f"restored {root}/docker.io"])
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("spegel: error: cannot serve /healthz on :8080: "), err)
+        self.assertIn("Address already in use", err)
+        self.assertTrue(reactor.hasStopped)
+
+    def test_failed_cleanup_does_not_serve(self) -> None:
+        """
+        A node that could not be cleaned never answers /healthz, so the hook keeps waiting.
+        """
+        root = self.configured()
+        # Someone else's file where the original is to be restored.
+        (root / "docker.io" / "hosts.toml").write_text("server = 'https://example.com'\n")
+        reactor = MemoryReactor()
+        status, lines, err = self.serve(root, ":8080", reactor)
+        self.assertEqual((status, lines), (EXIT_FAILED, []))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith("spegel: error: kept "), err)
+        self.assertFalse(reactor.hasRun)
+        self.assertEqual(reactor.tcpServers, [])
+
+    def test_bad_address_cleans_nothing(self) -> None:
+        for address in ("8080", "::1:8080", "host:99999", "[::1]", ""):
+            root = self.configured()
+            before = snapshot(root)
+            reactor = MemoryReactor()
+            status, lines, err = self.serve(root, address, reactor)
+            self.assertEqual((status, lines), (EXIT_USAGE, []), address)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertTrue(err.startswith("spegel: error: argument --serve-addr: "), err)
+            self.assertEqual(snapshot(root), before)
+            self.assertFalse(reactor.hasRun)
+
+
+class HealthzResourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.treq = StubTreq(cleanuphook.healthz_resource("/etc/containerd/certs.d"))
+
+    def get(self, path: str, method: str = "GET") -> tuple[int, str]:
+        response = self.successResultOf(self.treq.request(method, "http://node" + path))
+        return response.code, self.successResultOf(self.treq.text_content(response))
+
+    def test_healthz(self) -> None:
+        code, body = self.get("/healthz")
+        self.assertEqual(code, 200)
+        self.assertEqual(body, "clean: /etc/containerd/certs.d holds no spegel configuration\n")
+
+    def test_head(self) -> None:
+        self.assertEqual(self.get("/healthz", "HEAD"), (200, ""))
+
+    def test_anything_else_is_not_found(self) -> None:
+        for path in ("/", "/healthz/", "/healthz/x", "/readyz", "/v2/"):
+            self.assertEqual(self.get(path)[0], 404, path)
+
+    def test_other_methods_not_allowed(self) -> None:
+        self.assertEqual(self.get("/healthz", "POST")[0], 405)
+
+
+NAME = "spegel-cleanup.spegel.svc.cluster.local"
+
+
+class FakeCluster:
+    """
+    The world L{cleanuphook.wait_until_clean} sees: a clock that only moves when it sleeps,
+    and per round, the addresses each name resolves to and those that answer /healthz with 200.
+
+    @ivar rounds: one C{(addresses by name, clean addresses)} per round; the last one repeats.
+        A round ends with a sleep, so the round is the number of sleeps so far.
+    """
+
+    def __init__(self, rounds: list[tuple[dict[str, list[str]], set[str]]]) -> None:
+        self.rounds = rounds
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+        self.probed: list[tuple[str, int]] = []
+
+    @property
+    def round(self) -> int:
+        return len(self.sleeps)
+
+    def environment(self) -> cleanuphook.Environment:
+        return cleanuphook.Environment(
+            clock=lambda: self.now, sleep=self.sleep, resolve=self.resolve, probe=self.probe
+        )
+
+    def current(self) -> tuple[dict[str, list[str]], set[str]]:
+        return self.rounds[min(self.round, len(self.rounds) - 1)]
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def resolve(self, name: str, port: int) -> list[str]:
+        return list(self.current()[0].get(name, []))
+
+    def probe(self, host: str, port: int) -> bool:
+        self.probed.append((host, port))
+        return host in self.current()[1]
+
+
+class CleanupWaitTests(CommandLineTestMixin, SynchronousTestCase):
+    def wait(self, cluster: FakeCluster, *argv: str) -> tuple[int, list[str], str]:
+        status, out, err = self.spegel(
+            "cleanup-wait",
+            *(argv or (f"--probe-endpoints={NAME}:8080",)),
+            "--timeout=1m",
+            "--interval=2s",
+            environment=cluster.environment(),
+        )
+        return status, out.splitlines(), err
+
+    def test_all_clean_twice(self) -> None:
+        cluster = FakeCluster([({NAME: ["10.0.0.5", "fd00::6"]}, {"10.0.0.5", "fd00::6"})])
+        status, lines, err = self.wait(cluster)
+        self.assertEqual((status, err), (EXIT_OK, ""))
+        self.assertEqual(cluster.round, 1)
+        self.assertEqual(cluster.sleeps, [2.0])
+        self.assertEqual(
+            cluster.probed, [("10.0.0.5", 8080), ("fd00::6", 8080)] * 2
+        )
+        self.assertEqual(
+            lines,
+            [
+                "2 addresses clean, waiting for a round that confirms it",
+                "every node is clean: 2 addresses answered /healthz in 2 rounds in a row",
+            ],
+        )
+
+    def test_one_address_never_clean(self) -> None:
+        cluster = FakeCluster([({NAME: ["10.0.0.5", "10.0.0.6", "fd00::7"]}, {"10.0.0.5"})])
+        status, lines, err = self.wait(cluster)
+        self.assertEqual((status, lines), (EXIT_FAILED, ["2 of 3 addresses not clean: 10.0.0.6:8080, [fd00::7]:8080"]))
+        self.assertEqual(
+            err,
+            "spegel: error: timed out after 60s: "
+            "2 of 3 addresses not clean: 10.0.0.6:8080, [fd00::7]:8080\n",
+        )
+        self.assertEqual(cluster.now, 1060.0)
+        self.assertEqual(sum(cluster.sleeps), 60.0)
+
+    def test_nothing_resolves(self) -> None:
+        """
+        A Service without endpoints (yet): keep waiting; on timeout, say that nothing resolved.
+        """
+        cluster = FakeCluster([({}, set())])
+        status, lines, err = self.wait(cluster)
+        self.assertEqual(status, EXIT_FAILED)
+        self.assertEqual(cluster.round, 30)
+        self.assertEqual(cluster.probed, [])
+        self.assertEqual(lines, [f"{NAME}:8080 resolved to no address"])
+        self.assertEqual(
+            err, f"spegel: error: timed out after 60s: {NAME}:8080 resolved to no address\n"
+        )
+
+    def test_new_address_starts_over(self) -> None:
+        """
+        A pod whose address appears after a clean round (a node's pod started late) must be
+        seen clean twice too.
+        """
+        a, b = "10.0.0.5", "10.0.0.6"
+        cluster = FakeCluster(
+            [
+                ({NAME: [a]}, {a, b}),
+                ({NAME: [a, b]}, {a, b}),
+                ({NAME: [a, b]}, {a, b}),
+            ]
+        )
+        status, lines, _ = self.wait(cluster)
+        self.assertEqual(status, EXIT_OK)
+        self.assertEqual(cluster.round, 2)
+        self.assertEqual(lines[-1], "every node is clean: 2 addresses answered /healthz in 2 rounds in a row")
+
+    def test_gone_address_does_not_start_over(self) -> None:
+        a, b = "10.0.0.5", "10.0.0.6"
+        cluster = FakeCluster([({NAME: [a, b]}, {a, b}), ({NAME: [a]}, {a})])
+        self.assertEqual(self.wait(cluster)[0], EXIT_OK)
+        self.assertEqual(cluster.round, 1)
+
+    def test_unclean_round_starts_over(self) -> None:
+        a, b = "10.0.0.5", "10.0.0.6"
+        cluster = FakeCluster(
+            [
+                ({NAME: [a, b]}, {a, b}),
+                ({NAME: [a, b]}, {a}),
+                ({NAME: [a, b]}, {a, b}),
+                ({NAME: [a, b]}, {a, b}),
+            ]
+        )
+        status, lines, _ = self.wait(cluster)
+        self.assertEqual(status, EXIT_OK)
+        self.assertEqual(cluster.round, 3)
+        self.assertEqual(
+            lines[:3],
+            [
+                "2 addresses clean, waiting for a round that confirms it",
+                "1 of 2 addresses not clean: 10.0.0.6:8080",
+                "2 addresses clean, waiting for a round that confirms it",
+            ],
+        )
+
+    def test_several_endpoints_and_ip_literals(self) -> None:
+        other = "spegel-cleanup.other.svc.cluster.local"
+        cluster = FakeCluster(
+            [({NAME: ["10.0.0.5"], other: ["10.0.0.6"], "10.0.0.7": ["10.0.0.7"]}, {"10.0.0.5", "10.0.0.6"})]
+        )
+        status, lines, err = self.wait(
+            cluster, f"--probe-endpoints={NAME}:8080,{other}:8081", "--probe-endpoints", "10.0.0.7:8080"
+        )
+        self.assertEqual(status, EXIT_FAILED)
+        self.assertEqual(lines, ["1 of 3 addresses not clean: 10.0.0.7:8080"])
+        self.assertIn(("10.0.0.6", 8081), cluster.probed)
+
+    def test_long_list_is_cut(self) -> None:
+        hosts = [f"10.0.1.{i}" for i in range(30)]
+        cluster = FakeCluster([({NAME: hosts}, set())])
+        _, _, err = self.wait(cluster)
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("30 of 30 addresses not clean: 10.0.1.0:8080, ", err)
+        self.assertIn("10.0.1.19:8080 and 10 more", err)
+        self.assertNotIn("10.0.1.20:8080", err)
+
+    def test_defaults(self) -> None:
+        arguments = build_parser().parse_args(["cleanup-wait", f"--probe-endpoints={NAME}:8080"])
+        self.assertEqual((arguments.timeout, arguments.interval), (600.0, 2.0))
+        self.assertEqual(arguments.probe_endpoints, [f"{NAME}:8080"])
+
+
+class RealResolverAndProbeTests(SynchronousTestCase):
+    """
+    The real resolver and probe, on what needs no network.
+    """
+
+    def test_ip_literals_resolve_to_themselves(self) -> None:
+        self.assertEqual(cleanuphook.resolve_addresses("10.0.0.5", 8080), ["10.0.0.5"])
+        self.assertEqual(cleanuphook.resolve_addresses("::1", 8080), ["::1"])
+
+    def test_probe_refuses_malformed_address(self) -> None:
+        """
+        An address no URL can hold is "not clean", not a traceback.
+        """
+        self.assertFalse(cleanuphook.probe_healthz("fe80::1%eth0", 8080))
 
 
 class BadInputTests(CommandLineTestMixin, SynchronousTestCase):
@@ -210,7 +532,7 @@ class BadInputTests(CommandLineTestMixin, SynchronousTestCase):
         config = "--containerd-registry-config-path=ROOT"
         target = "--mirror-targets=http://10.0.0.5:30020"
         cases: list[tuple[list[str], str]] = [
-            ([], "configuration,cleanup,version"),
+            ([], "configuration,cleanup,cleanup-wait,version"),
             (["frobnicate"], "invalid choice: 'frobnicate'"),
             (["configuration", config], "--mirror-targets"),
             (["configuration", config, "--mirror-targets="], "at least one mirror target"),
@@ -235,6 +557,16 @@ class BadInputTests(CommandLineTestMixin, SynchronousTestCase):
             (["configuration", config, target, "--unknown-flag"], "--unknown-flag"),
             (["configuration", "--containerd-registry-config-path=", target], "must not be empty"),
             (["cleanup", "--mirror-targets=http://a"], "--mirror-targets"),
+            (["cleanup", config, "--serve-addr=8080"], "[host]:port"),
+            (["cleanup-wait"], "--probe-endpoints"),
+            (["cleanup-wait", "--probe-endpoints="], "at least one NAME:PORT"),
+            (["cleanup-wait", "--probe-endpoints=spegel-cleanup"], "missing port"),
+            (["cleanup-wait", "--probe-endpoints=a:8080,b_c:x"], "'b_c:x'"),
+            # A valid IPv6 address without a port, not ::1 port 8080.
+            (["cleanup-wait", "--probe-endpoints=::1:8080"], "missing port"),
+            (["cleanup-wait", "--probe-endpoints=a:1", "--timeout=soon"], "'soon'"),
+            (["cleanup-wait", "--probe-endpoints=a:1", "--interval=0s"], "--interval"),
+            (["cleanup-wait", "--probe-endpoints=a:1", config], "--containerd-registry-config-path"),
             (["version", "extra"], "extra"),
         ]
         for argv, expected in cases:

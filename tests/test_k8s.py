@@ -1,11 +1,13 @@
 # -*- test-case-name: tests.test_k8s -*-
 """
 Tests for the Helm chart in charts/spegel and the manifests in k8s/: the chart lints, renders
-with its defaults to exactly k8s/spegel.yaml, renders with other values files to manifests
-that the Kubernetes schemas accept (offline, kubernetes-validate), and what it renders agrees
-with the code: every flag is one the node or C{spegel configuration} accepts, ports, probes and
-mounts match the flags, and the dashboard's queries name metrics the node exports.  Bad values
-fail at C{helm template}, with the values schema's message.
+with its defaults to exactly k8s/spegel.yaml (without the post-delete hook) and k8s/cleanup.yaml
+(the hook alone), renders with other values files to manifests that the Kubernetes schemas
+accept (offline, kubernetes-validate), and what it renders agrees with the code: every flag is
+one the node or the C{spegel} command accepts, ports, probes and mounts match the flags, the
+hook's pods run where the DaemonSet's do and its wait pod probes its cleanup pods, and the
+dashboard's queries name metrics the node exports.  Bad values fail at C{helm template}, with
+the values schema's message.
 
 Rendering runs the real C{helm} (built by C{.ci/setup} from the Go module proxy, see
 L{spegel.testing.tools}); the YAML is read with PyYAML.
@@ -23,6 +25,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.cli import UsageError, build_parser
+from spegel.dht.bootstrap import parse_host_port
 from spegel.hostsconfig import parse_registry_url
 from spegel.testing import tools
 
@@ -31,6 +34,15 @@ CHART = ROOT / "charts" / "spegel"
 K8S = ROOT / "k8s"
 NODE_IP = "10.0.0.5"
 RELEASE = ("spegel", "--namespace", "spegel")
+HOOK_TEMPLATE = "templates/post-delete-hook.yaml"
+# How k8s/ is made: the command each file's comment header must name, and its arguments.
+K8S_RENDERS = {
+    "spegel.yaml": ("helm template spegel charts/spegel --namespace spegel --no-hooks", ("--no-hooks",)),
+    "cleanup.yaml": (
+        f"helm template spegel charts/spegel --namespace spegel --show-only {HOOK_TEMPLATE}",
+        ("--show-only", HOOK_TEMPLATE),
+    ),
+}
 # The oldest Kubernetes the chart's manifests are checked against, and the newest the
 # schemas ship.
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
@@ -56,22 +68,37 @@ def helm(*args: str) -> str:
     return result.stdout
 
 
-def render(*values: dict[str, Any], tmp: Path | None = None) -> str:
+def render(*values: dict[str, Any], tmp: Path | None = None, args: tuple[str, ...] = ()) -> str:
     """
     C{helm template} of the chart as the k8s/ manifests are made, with C{values} as values
-    files (written under C{tmp}).
+    files (written under C{tmp}) and more C{args}; hooks included unless C{args} says not.
     """
-    args = ["template", *RELEASE, str(CHART)]
+    command = ["template", *RELEASE, str(CHART), *args]
     for index, value in enumerate(values):
         assert tmp is not None
         path = tmp / f"values-{index}.yaml"
         path.write_text(yaml.safe_dump(value))
-        args += ["--values", str(path)]
-    return helm(*args)
+        command += ["--values", str(path)]
+    return helm(*command)
 
 
 def documents(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
+
+
+def is_hook(d: dict[str, Any]) -> bool:
+    return "helm.sh/hook" in d["metadata"].get("annotations", {})
+
+
+def split_header(path: Path) -> tuple[str, str]:
+    """
+    A k8s/ manifest's leading comment lines (how to use it), and the rest.
+    """
+    lines = path.read_text().splitlines(keepends=True)
+    count = 0
+    while count < len(lines) and lines[count].startswith("#"):
+        count += 1
+    return "".join(lines[:count]), "".join(lines[count:])
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -124,19 +151,35 @@ class DefaultRenderTests(ChartTestCase):
     """
 
     def setUp(self) -> None:
-        self.text = render()
-        self.documents = documents(self.text)
+        everything = documents(render())
+        self.documents = [d for d in everything if not is_hook(d)]
+        self.hooks = [d for d in everything if is_hook(d)]
         self.daemonset = find(self.documents, "DaemonSet", "spegel")
         self.pod = self.daemonset["spec"]["template"]["spec"]
         self.node = container(self.pod, "spegel")
         self.init = container(self.pod, "configuration", init=True)
 
+    def assertRendered(self, name: str, expected: list[dict[str, Any]]) -> None:
+        """
+        k8s/<name> is a comment header naming the command that renders it, then exactly what
+        that command prints (regenerate it with that command when the chart changes); and what
+        it holds is C{expected}, the documents of the full render it stands for.
+        """
+        command, args = K8S_RENDERS[name]
+        header, body = split_header(K8S / name)
+        self.assertIn(f"#   {command}\n", header)
+        self.assertEqual(body, render(args=args))
+        self.assertEqual(documents(body), expected)
+
     def test_k8s_manifest_is_the_default_render(self) -> None:
         """
-        k8s/spegel.yaml is exactly `helm template spegel charts/spegel --namespace spegel`
-        (regenerate it with that command when the chart changes).
+        k8s/spegel.yaml: the default render without the post-delete hook, which kubectl would
+        otherwise create with everything else (it would clean every node at once).
         """
-        self.assertEqual((K8S / "spegel.yaml").read_text(), self.text)
+        self.assertRendered("spegel.yaml", self.documents)
+
+    def test_k8s_cleanup_is_the_hook(self) -> None:
+        self.assertRendered("cleanup.yaml", self.hooks)
 
     def test_lint(self) -> None:
         self.assertIn("0 chart(s) failed", helm("lint", "--strict", str(CHART)))
@@ -157,7 +200,7 @@ class DefaultRenderTests(ChartTestCase):
                 ("ServiceAccount", "spegel"),
             ],
         )
-        for d in self.documents:
+        for d in self.documents + self.hooks:
             self.assertEqual(d["metadata"]["namespace"], "spegel", d["kind"])
         self.assertEqual(self.pod["serviceAccountName"], "spegel")
 
@@ -322,6 +365,21 @@ VALUES_FILES: dict[str, dict[str, Any]] = {
         "extraVolumes": [{"name": "extra", "emptyDir": {}}],
         "extraInitContainers": [{"name": "first", "image": "busybox", "command": ["true"]}],
     },
+    "cleanup": {
+        "nameOverride": "mirror",
+        "namespaceOverride": "infra",
+        "clusterDomain": "example.internal.",
+        "imagePullSecrets": [{"name": "pull"}],
+        "podSecurityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "nodeSelector": {"kubernetes.io/os": "linux", "pool": "workers"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "spegel", "operator": "In", "values": ["on"]}]}]}}},
+        "priorityClassName": "",
+        "serviceAccount": {"create": False, "name": "existing"},
+        "service": {"cleanup": {"port": 8081}},
+        "cleanup": {"timeout": "9m", "interval": "500ms", "resources": {"requests": {"memory": "80Mi"}}},
+        "spegel": {"containerdRegistryConfigPath": "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"},
+    },
 }
 
 
@@ -337,6 +395,7 @@ class ValuesFilesTests(ChartTestCase):
         """
         import kubernetes_validate
 
+        hooks_validated = []
         for name in ("defaults", *VALUES_FILES):
             docs = documents(render()) if name == "defaults" else self.render(name)
             for d in docs:
@@ -349,6 +408,15 @@ class ValuesFilesTests(ChartTestCase):
                         kubernetes_validate.validate(d, version, strict=True)
                     except kubernetes_validate.ValidationError as e:
                         self.fail(f"{name}: {d['kind']} {d['metadata']['name']} invalid for {version}: {e.message}")
+                if is_hook(d):
+                    hooks_validated.append((name, d["kind"]))
+        # The post-delete hook (left out of k8s/spegel.yaml) is rendered, and checked, too.
+        for name in ("defaults", "cleanup"):
+            self.assertEqual(
+                sorted(kind for values, kind in hooks_validated if values == name),
+                ["DaemonSet", "Pod", "Service"],
+                name,
+            )
 
     def test_node_port_mode(self) -> None:
         docs = self.render("nodePort")
@@ -469,17 +537,182 @@ class BadValuesTests(ChartTestCase):
     def test_misspelt_key(self) -> None:
         self.assertRefused({"spegel": {"mirroredRegistry": []}}, "mirroredRegistry")
 
+    def test_cleanup_values(self) -> None:
+        self.assertRefused({"cleanup": {"timeout": "soon"}}, "/cleanup/timeout")
+        self.assertRefused({"cleanup": {"interval": "0s"}}, "/cleanup/interval")
+        self.assertRefused({"cleanup": {"enable": False}}, "enable")
+        self.assertRefused({"service": {"cleanup": {"port": 0}}}, "/service/cleanup/port")
 
-class CleanupManifestTests(SynchronousTestCase):
-    def test_cleanup_command(self) -> None:
-        docs = documents((K8S / "cleanup.yaml").read_text())
-        daemonset = find(docs, "DaemonSet", "spegel-cleanup")
-        pod = daemonset["spec"]["template"]["spec"]
-        init = container(pod, "cleanup", init=True)
-        self.assertEqual(init["command"], ["spegel"])
-        parsed = build_parser().parse_args(init["args"])
+
+PLACEMENT = ("imagePullSecrets", "priorityClassName", "securityContext", "nodeSelector", "tolerations", "affinity")
+
+
+class CleanupHookTests(ChartTestCase):
+    """
+    The post-delete hook: a cleanup pod on every node the DaemonSet ran on, a headless Service
+    listing them, and a pod that waits until each has said its node is clean.
+    """
+
+    def hook(self, *values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        """
+        The render's documents other than the hook's, and the hook's by kind.
+        """
+        everything = documents(render(*values, tmp=self.temp()))
+        hooks = {d["kind"]: d for d in everything if is_hook(d)}
+        self.assertEqual(len(hooks), len([d for d in everything if is_hook(d)]))
+        return [d for d in everything if not is_hook(d)], hooks
+
+    def test_annotations(self) -> None:
+        """
+        Helm runs all three after deleting the release, the DaemonSet and Service before the
+        wait pod it waits for, deletes them once that succeeded, and replaces leftovers.
+        """
+        _, hooks = self.hook()
+        self.assertEqual(
+            sorted((kind, d["metadata"]["name"]) for kind, d in hooks.items()),
+            [("DaemonSet", "spegel-cleanup"), ("Pod", "spegel-cleanup-wait"), ("Service", "spegel-cleanup")],
+        )
+        weights = {}
+        for kind, d in hooks.items():
+            annotations = d["metadata"]["annotations"]
+            self.assertEqual(annotations["helm.sh/hook"], "post-delete", kind)
+            self.assertEqual(
+                set(annotations["helm.sh/hook-delete-policy"].split(",")),
+                {"before-hook-creation", "hook-succeeded"},
+                kind,
+            )
+            weights[kind] = int(annotations["helm.sh/hook-weight"])
+        self.assertLess(max(weights["DaemonSet"], weights["Service"]), weights["Pod"])
+
+    def cleanup_container(self, hooks: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        pod = hooks["DaemonSet"]["spec"]["template"]["spec"]
+        return pod, container(pod, "cleanup")
+
+    def test_cleanup_pods(self) -> None:
+        """
+        `spegel cleanup` accepts the arguments, cleans the folder the init container wrote
+        (mounted writable from the host), and serves /healthz where the probe and the Service
+        look for it.
+        """
+        main, hooks = self.hook()
+        pod, cleanup = self.cleanup_container(hooks)
+        self.assertEqual(cleanup["command"], ["spegel"])
+        try:
+            parsed = build_parser().parse_args(cleanup["args"])
+        except UsageError as e:
+            self.fail(f"spegel refused the cleanup pod's arguments: {e}")
         self.assertEqual(parsed.command, "cleanup")
-        (mount,) = init["volumeMounts"]
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-        self.assertEqual(mount["mountPath"], parsed.containerd_registry_config_path)
-        self.assertEqual(volume["hostPath"]["path"], parsed.containerd_registry_config_path)
+        init = container(find(main, "DaemonSet", "spegel")["spec"]["template"]["spec"], "configuration", init=True)
+        configured = build_parser().parse_args(expand(init)).containerd_registry_config_path
+        self.assertEqual(parsed.containerd_registry_config_path, configured)
+        (mount,) = cleanup["volumeMounts"]
+        (volume,) = pod["volumes"]
+        self.assertEqual(mount["name"], volume["name"])
+        self.assertEqual(mount["mountPath"], configured)
+        self.assertNotIn("readOnly", mount)
+        self.assertEqual(volume["hostPath"]["path"], configured)
+        (port,) = cleanup["ports"]
+        self.assertEqual((parsed.serve_addr.host, parsed.serve_addr.port), ("", port["containerPort"]))
+        self.assertEqual(cleanup["readinessProbe"]["httpGet"], {"path": "/healthz", "port": port["name"]})
+        (service_port,) = hooks["Service"]["spec"]["ports"]
+        self.assertEqual((service_port["port"], service_port["targetPort"]), (port["containerPort"], port["name"]))
+
+    def test_wait_pod_probes_the_cleanup_service(self) -> None:
+        _, hooks = self.hook()
+        wait = hooks["Pod"]["spec"]
+        self.assertIn(wait["restartPolicy"], ("Never", "OnFailure"))
+        (waiter,) = wait["containers"]
+        self.assertEqual(waiter["command"], ["spegel"])
+        try:
+            parsed = build_parser().parse_args(waiter["args"])
+        except UsageError as e:
+            self.fail(f"spegel refused the wait pod's arguments: {e}")
+        self.assertEqual(parsed.command, "cleanup-wait")
+        (endpoint,) = parsed.probe_endpoints
+        service = hooks["Service"]
+        name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+        self.assertEqual(parse_host_port(endpoint), (name, service["spec"]["ports"][0]["port"]))
+        self.assertEqual(service["spec"]["clusterIP"], "None")
+        self.assertIs(service["spec"]["publishNotReadyAddresses"], True)
+        self.assertEqual((parsed.timeout, parsed.interval), (240.0, 2.0))
+
+    def test_selectors(self) -> None:
+        """
+        The cleanup DaemonSet and Service select the cleanup pods, and nothing else selects
+        them or the wait pod: not the cleanup Service, and none of the release's selectors
+        (its DaemonSet must not adopt them, its Services must not route to them).
+        """
+        main, hooks = self.hook()
+        cleanup_labels = hooks["DaemonSet"]["spec"]["template"]["metadata"]["labels"]
+        wait_labels = hooks["Pod"]["metadata"]["labels"]
+        selector = hooks["DaemonSet"]["spec"]["selector"]["matchLabels"]
+        self.assertLessEqual(selector.items(), cleanup_labels.items())
+        self.assertLessEqual(hooks["Service"]["spec"]["selector"].items(), cleanup_labels.items())
+        self.assertFalse(hooks["Service"]["spec"]["selector"].items() <= wait_labels.items())
+        main_selectors = [find(main, "DaemonSet", "spegel")["spec"]["selector"]["matchLabels"]]
+        main_selectors += [d["spec"]["selector"] for d in main if d["kind"] == "Service"]
+        for main_selector in main_selectors:
+            for labels in (cleanup_labels, wait_labels):
+                self.assertFalse(main_selector.items() <= labels.items(), (main_selector, labels))
+
+    def assertPlacedLikeDaemonSet(self, main: list[dict[str, Any]], hooks: dict[str, dict[str, Any]]) -> None:
+        (daemonset,) = [d for d in main if d["kind"] == "DaemonSet"]
+        pod = daemonset["spec"]["template"]["spec"]
+        node = container(pod, "spegel")
+        for hook_pod, hook_container in (
+            self.cleanup_container(hooks),
+            (hooks["Pod"]["spec"], hooks["Pod"]["spec"]["containers"][0]),
+        ):
+            for key in PLACEMENT:
+                self.assertEqual(hook_pod.get(key), pod.get(key), key)
+            self.assertIs(hook_pod["automountServiceAccountToken"], False)
+            self.assertEqual(hook_container["image"], node["image"])
+            self.assertEqual(hook_container["imagePullPolicy"], node["imagePullPolicy"])
+            self.assertEqual(hook_container["securityContext"], node["securityContext"])
+            self.assertLessEqual(hook_container["resources"]["requests"].keys(), {"cpu", "memory"})
+
+    def test_placed_like_the_daemonset(self) -> None:
+        self.assertPlacedLikeDaemonSet(*self.hook())
+
+    def test_service_account(self) -> None:
+        """
+        The chart's ServiceAccount is deleted before post-delete hooks run, and a pod naming a
+        missing one is refused: the hook uses the namespace's default, or the operator's own.
+        """
+        main, hooks = self.hook()
+        self.assertIn("ServiceAccount", [d["kind"] for d in main])
+        for pod in (hooks["DaemonSet"]["spec"]["template"]["spec"], hooks["Pod"]["spec"]):
+            self.assertEqual(pod["serviceAccountName"], "default")
+        _, hooks = self.hook({"serviceAccount": {"create": False, "name": "existing"}})
+        for pod in (hooks["DaemonSet"]["spec"]["template"]["spec"], hooks["Pod"]["spec"]):
+            self.assertEqual(pod["serviceAccountName"], "existing")
+
+    def test_other_values(self) -> None:
+        """
+        Names, namespace, cluster domain, port, config path, timing and placement follow the
+        values.
+        """
+        main, hooks = self.hook(VALUES_FILES["cleanup"])
+        self.assertPlacedLikeDaemonSet(main, hooks)
+        for d in hooks.values():
+            self.assertEqual(d["metadata"]["namespace"], "infra")
+        pod, cleanup = self.cleanup_container(hooks)
+        path = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d"
+        self.assertEqual(
+            cleanup["args"],
+            ["cleanup", f"--containerd-registry-config-path={path}", "--serve-addr=:8081"],
+        )
+        self.assertEqual(pod["volumes"][0]["hostPath"]["path"], path)
+        self.assertEqual(cleanup["volumeMounts"][0]["mountPath"], path)
+        self.assertEqual(pod["serviceAccountName"], "existing")
+        parsed = build_parser().parse_args(hooks["Pod"]["spec"]["containers"][0]["args"])
+        self.assertEqual(parsed.probe_endpoints, ["spegel-mirror-cleanup.infra.svc.example.internal:8081"])
+        self.assertEqual(hooks["Service"]["metadata"]["name"], "spegel-mirror-cleanup")
+        self.assertEqual((parsed.timeout, parsed.interval), (540.0, 0.5))
+        # Helm merges maps: the default limit and cpu request stay.
+        self.assertEqual(cleanup["resources"]["requests"], {"cpu": "10m", "memory": "80Mi"})
+
+    def test_only_when_nodes_were_configured(self) -> None:
+        for values in ({"cleanup": {"enabled": False}}, {"spegel": {"containerdMirrorAdd": False}}):
+            _, hooks = self.hook(values)
+            self.assertEqual(hooks, {}, values)

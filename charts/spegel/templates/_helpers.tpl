@@ -28,6 +28,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "spegel.labels" -}}
 {{ include "spegel.selectorLabels" . }}
+{{ include "spegel.releaseLabels" . }}
+{{- end }}
+
+{{/* What every resource is labelled with besides its selector labels. */}}
+{{- define "spegel.releaseLabels" -}}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
@@ -61,4 +66,44 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "spegel.mirrorTarget" -}}
 {{- $host := default "$(NODE_IP)" .Values.service.registry.nodeIp }}
 {{- printf "http://%s:%v" $host .Values.service.registry.nodePort }}
+{{- end }}
+
+{{/*
+What every spegel pod shares, the post-delete hook's included: pull secrets, priority, the pod
+security context and the placement, so the hook's pods reach exactly the DaemonSet's nodes.
+*/}}
+{{- define "spegel.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+The post-delete hook's pods' labels, with their component: never all of the DaemonSet's
+selector labels, so no spegel selector (DaemonSet, Services, NetworkPolicy) takes them in.
+*/}}
+{{- define "spegel.cleanupSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "spegel.name" .context }}-cleanup
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
 {{- end }}
