@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht import wire
 from spegel.dht.ids import Contact
-from spegel.dht.protocol import DHTProtocol, DHTSendError, DHTTimeout
+from spegel.dht.protocol import AMPLIFICATION_LIMIT, VERIFYING_AT_ONCE, DHTProtocol, DHTSendError, DHTTimeout
 from spegel.dht.wire import Message
 
 PEER = ("10.0.0.2", 5001)
@@ -149,7 +149,58 @@ class ProtocolTests(SynchronousTestCase):
         )
         self.assertEqual(self.handler.seen[0][0].body, wire.FindNode(b"t" * 32))
 
+    def verify(self, address=PEER) -> None:
+        """Have C{address} answer a request of ours: it is then known to receive what we send."""
+        d = self.protocol.request(address, wire.Ping())
+        self.deliver(wire.Pong(), self.sent()[0].txid, address=address)
+        self.successResultOf(d)
+
+    def test_unverified_source_gets_a_small_reply_and_a_ping(self) -> None:
+        """
+        A request from an address never seen to answer (its source may be forged) gets a reply
+        at most AMPLIFICATION_LIMIT times its size, and the address is pinged; once it answers,
+        its requests get full replies.
+        """
+        contacts = tuple(Contact(bytes([i]) * 32, "10.0.1.1", 5001) for i in range(20))
+        self.handler.reply = wire.Nodes(contacts)
+        request = wire.encode(Message(b"12345678", PEER_ID, wire.FindNode(b"k" * 32)), self.secret)
+        self.protocol.datagramReceived(request, PEER)
+        (ping, ping_to), (reply, reply_to) = self.transport.written
+        self.assertEqual((wire.decode(ping, self.secret).body, ping_to), (wire.Ping(), PEER))
+        self.assertLessEqual(len(reply), AMPLIFICATION_LIMIT * len(request))
+        trimmed = wire.decode(reply, self.secret).body.contacts
+        self.assertGreater(len(trimmed), 0)
+        self.assertLess(len(trimmed), 20)
+        # A second request before the pong is answered: small again, and no second ping.
+        self.protocol.datagramReceived(request, PEER)
+        self.assertEqual(len(self.transport.written), 3)
+        self.deliver(wire.Pong(), wire.decode(ping, self.secret).txid)
+        self.protocol.datagramReceived(request, PEER)
+        self.assertEqual(len(self.sent()[0].body.contacts), 20)
+
+    def test_forged_sources_cost_bounded_pings(self) -> None:
+        """
+        A flood from many forged sources: one small reply each, and never more than
+        VERIFYING_AT_ONCE verification pings in flight.
+        """
+        self.handler.reply = wire.Nodes(tuple(Contact(bytes([i]) * 32, "10.0.1.1", 5001) for i in range(20)))
+        request = wire.encode(Message(b"12345678", PEER_ID, wire.FindNode(b"k" * 32)), self.secret)
+        sent = 0
+        for i in range(VERIFYING_AT_ONCE * 3):
+            self.protocol.datagramReceived(request, (f"10.9.{i // 256}.{i % 256}", 5001))
+        for data, _ in self.transport.written:
+            message = wire.decode(data, self.secret)
+            if message.body == wire.Ping():
+                sent += 1
+            else:
+                self.assertLessEqual(len(data), AMPLIFICATION_LIMIT * len(request))
+        self.assertEqual(sent, VERIFYING_AT_ONCE)
+        # Unanswered pings time out and make room again.
+        self.clock.advance(1)
+        self.assertEqual(len(self.protocol.pending), 0)
+
     def test_large_replies_trimmed_to_fit(self) -> None:
+        self.verify()
         contacts = tuple(Contact(bytes([i]) * 32, "2001:db8::1", 9) for i in range(32))
         providers = tuple(wire.Provider(bytes([i]) * 32, "2001:db8::2", 5000) for i in range(10))
         self.handler.reply = wire.Providers(providers, contacts)

@@ -7,12 +7,22 @@ the L{Deferred} its caller waits on, the timeout call and the address asked.  A 
 accepted only if its txid is pending I{and} it comes from that address with the reply kind
 the request expects; anything else is dropped and counted, as are malformed, oversized,
 unauthenticated or unknown datagrams.  Nothing a peer sends can raise into the reactor.
+
+Not an amplifier
+================
+A UDP request's source address can be forged, so a reply may go to someone who never asked.
+Until an address has shown it receives what is sent to it (it answered one of our requests:
+the reply echoed a random txid only that address was sent), replies to it are at most
+L{AMPLIFICATION_LIMIT} times the size of the request, trimmed of contacts and providers the
+way an oversized reply is; and it is pinged, once, so that its next requests get full answers.
+A forged source thus gets at most three bytes for each byte sent, and the ping, which is no
+larger than a request.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Callable, Protocol
 
 from attrs import frozen
@@ -25,6 +35,13 @@ from spegel.dht import metrics, wire
 from spegel.dht.wire import Body, Kind, MalformedDatagram, Message, OversizedMessage
 
 Address = tuple[str, int]
+
+# Replies to an address not yet seen to answer are at most this many times the request's size.
+AMPLIFICATION_LIMIT = 3
+# Addresses remembered as answering, and pings in flight to check new ones: both bounded, so a
+# flood of forged sources costs a fixed amount of memory.
+VERIFIED_ADDRESSES = 16384
+VERIFYING_AT_ONCE = 256
 
 # Each datagram is counted; labels() takes a lock and hashes its arguments every call, so
 # the per-kind children are looked up once.
@@ -123,6 +140,8 @@ class DHTProtocol(DatagramProtocol):
         self.timeout = timeout
         self.randbytes = randbytes
         self.pending: dict[bytes, _Pending] = {}
+        self._verified: OrderedDict[Address, None] = OrderedDict()
+        self._verifying: set[Address] = set()
         self.dropped: Counter[str] = Counter()
         self.sent: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
@@ -168,15 +187,15 @@ class DHTProtocol(DatagramProtocol):
         self.pending[txid] = _Pending(deferred, call, address, body.kind)
         return deferred
 
-    def _send(self, message: Message, address: Address) -> None:
-        data = self._encode(message)
+    def _send(self, message: Message, address: Address, max_size: int = wire.MAX_DATAGRAM_SIZE) -> None:
+        data = self._encode(message, max_size)
         if self.transport is None:
             raise OSError("not listening")
         self.transport.write(data, address)
         self.sent[message.kind.name] += 1
         _SENT[message.kind].inc()
 
-    def _encode(self, message: Message) -> bytes:
+    def _encode(self, message: Message, max_size: int = wire.MAX_DATAGRAM_SIZE) -> bytes:
         body = message.body
         if isinstance(body, wire.Nodes):
             contacts = body.contacts
@@ -184,6 +203,7 @@ class DHTProtocol(DatagramProtocol):
                 lambda n: Message(message.txid, message.sender_id, wire.Nodes(contacts[:n])),
                 len(contacts),
                 self.secret,
+                max_size,
             )
         if isinstance(body, wire.Providers):
             providers, contacts = body.providers, body.contacts
@@ -194,7 +214,7 @@ class DHTProtocol(DatagramProtocol):
                 trimmed = wire.Providers(providers[:kept], contacts[: n - kept])
                 return Message(message.txid, message.sender_id, trimmed)
 
-            return wire.fit(make, len(providers) + len(contacts), self.secret)
+            return wire.fit(make, len(providers) + len(contacts), self.secret, max_size)
         return wire.encode(message, self.secret)
 
     def _drop(self, reason: str, address: tuple, detail: object = "") -> None:
@@ -225,7 +245,7 @@ class DHTProtocol(DatagramProtocol):
         if message.is_request:
             self._count_received(message)
             self.handler.message_received(message, address)
-            self._reply(message, address)
+            self._reply(message, address, len(data))
             return
         pending = self.pending.get(message.txid)
         if pending is None:
@@ -239,6 +259,7 @@ class DHTProtocol(DatagramProtocol):
             return
         del self.pending[message.txid]
         pending.timeout_call.cancel()
+        self._remember_verified(address)
         self._count_received(message)
         self.handler.message_received(message, address)
         pending.deferred.callback(message)
@@ -247,16 +268,39 @@ class DHTProtocol(DatagramProtocol):
         self.received[message.kind.name] += 1
         _RECEIVED[message.kind].inc()
 
-    def _reply(self, request: Message, address: Address) -> None:
+    def _reply(self, request: Message, address: Address, request_size: int) -> None:
         try:
             body = self.handler.handle_request(request, address)
         except Exception:
             self._drop("handler_error", address)
             self.log.failure("Error answering {kind} from {address}", kind=request.kind.name, address=address)
             return
+        max_size = wire.MAX_DATAGRAM_SIZE
+        if not self.is_verified(address):
+            max_size = min(max_size, AMPLIFICATION_LIMIT * request_size)
+            self._verify(address)
         try:
-            self._send(Message(request.txid, self.node_id, body), address)
+            self._send(Message(request.txid, self.node_id, body), address, max_size)
         except (OSError, OversizedMessage) as e:
             self.log.warn("Could not reply to {address}: {error}", address=address, error=e)
+
+    def is_verified(self, address: Address) -> bool:
+        """Whether C{address} answered one of our requests (lately)."""
+        return address in self._verified
+
+    def _remember_verified(self, address: Address) -> None:
+        self._verified[address] = None
+        self._verified.move_to_end(address)
+        while len(self._verified) > VERIFIED_ADDRESSES:
+            self._verified.popitem(last=False)
+
+    def _verify(self, address: Address) -> None:
+        # One ping per new address at a time, and a bounded number in all.
+        if address in self._verifying or len(self._verifying) >= VERIFYING_AT_ONCE:
+            return
+        self._verifying.add(address)
+        d = self.request(address, wire.Ping())
+        d.addErrback(lambda failure: failure.trap(DHTError))
+        d.addBoth(lambda _: self._verifying.discard(address))
 
 

@@ -226,17 +226,36 @@ def mac(secret: bytes, payload: bytes) -> bytes:
     return hmac.new(secret, payload, hashlib.sha256).digest()[:MAC_BYTES]
 
 
-def fit(make: Callable[[int], Message], most: int, secret: bytes | None) -> bytes:
+def fit(
+    make: Callable[[int], Message], most: int, secret: bytes | None, max_size: int = MAX_DATAGRAM_SIZE
+) -> bytes:
     """
-    Encode C{make(n)} for the largest C{n <= most} whose datagram fits; C{make} trims its
-    variable-length lists to C{n} items.
+    Encode C{make(n)} for the largest C{n <= most} whose datagram is at most C{max_size} bytes
+    (and L{MAX_DATAGRAM_SIZE}); C{make} trims its variable-length lists to C{n} items.  The
+    size grows with C{n}, so C{n} is found by bisection.
     """
-    for n in range(most, -1, -1):
+
+    def encoded(n: int) -> bytes | None:
         try:
-            return encode(make(n), secret)
+            data = encode(make(n), secret)
         except OversizedMessage:
-            continue
-    raise OversizedMessage("nothing fits")
+            return None
+        return data if len(data) <= max_size else None
+
+    best = encoded(most)
+    if best is not None:
+        return best
+    low, high = 0, most - 1
+    while low <= high:
+        middle = (low + high) // 2
+        data = encoded(middle)
+        if data is None:
+            high = middle - 1
+        else:
+            best, low = data, middle + 1
+    if best is None:
+        raise OversizedMessage("nothing fits")
+    return best
 
 
 # Limits handed to msgpack so a hostile datagram cannot make it allocate much.
