@@ -30,5 +30,10 @@ scripts alike::
 Modules: L{ports} (free loopback ports), L{process} (process groups, log files, clean-up),
 L{containerd} (L{ContainerdDaemon}), L{registry} (L{UpstreamRegistry}), L{images} (test images),
 L{node} (L{SpegelNode}), L{cluster} (L{Cluster}), L{shared} (module-wide fixtures for trial),
-L{httputil} (raw HTTP requests), L{fakenode} (a stand-in node), L{demo} (the README demo).
+L{httputil} (raw HTTP requests), L{fakenode} (a stand-in node), L{demo} (the README demo),
+L{tools} (containerd 2.x, crictl and helm built from the Go module proxy), L{image} (spegel's
+image, built offline with buildah), L{netns} (hosts of their own: network namespaces on a
+bridge), L{dns} (a real DNS server for DNS bootstrap), L{pods} (pods started from a Kubernetes
+pod spec through the CRI, as the kubelet does), L{browser} (headless Chromium for the debug
+pages).
 """
