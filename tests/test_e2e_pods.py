@@ -25,6 +25,7 @@ wait pod): each node's certs.d is back as it was.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,12 @@ class ChartPodsTests(TestCase):
         layer byte from a peer; the post-delete hook gives every node its certs.d back.
         """
         rendered = [self.manifests(kubelet) for kubelet in self.kubelets]
+        # One cluster key for every node, as one Secret is mounted by every pod of a cluster
+        # (each render here made a random one of its own).
+        key = find(rendered[0], "Secret", "spegel-router-key")
+        secret = {field: base64.b64decode(value) for field, value in key["data"].items()}
+        for kubelet in self.kubelets:
+            kubelet.secrets["spegel-router-key"] = secret
         bootstrap = find(rendered[0], "Service", "spegel-bootstrap")
         domain = f"{bootstrap['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
         self.dns.set_records({domain: [k.node_ip for k in self.kubelets]})
@@ -167,6 +174,8 @@ class ChartPodsTests(TestCase):
                   f"sandbox start to ready {', '.join(f'{s:.1f}s' for s in ready)}")
             for kubelet in self.kubelets:
                 self.assertIn(self.image_ref, kubelet.daemon.images())
+                # Secure by default: every node signs and checks datagrams with the chart's key.
+                self.assertEqual(self.metrics(kubelet).total("spegel_dht_cluster_keys"), 1)
 
             test_image = build_image(seed=f"pods-{self.containerd_build.label}", layer_sizes=(8 * MiB, 256 * 1024))  # type: ignore[attr-defined]
             ref = self.registry.push_image("chart/app", "v1", test_image)

@@ -15,6 +15,7 @@ L{spegel.testing.tools}); the YAML is read with PyYAML.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -35,9 +36,15 @@ K8S = ROOT / "k8s"
 NODE_IP = "10.0.0.5"
 RELEASE = ("spegel", "--namespace", "spegel")
 HOOK_TEMPLATE = "templates/post-delete-hook.yaml"
+# k8s/spegel.yaml names the cluster key's Secret instead of holding a random key of its own (one
+# key for everyone who applies the file would be no key): its users create it first.
+K8S_KEY_SECRET = "spegel.routerSecret.existingSecret=spegel-router-key"
 # How k8s/ is made: the command each file's comment header must name, and its arguments.
 K8S_RENDERS = {
-    "spegel.yaml": ("helm template spegel charts/spegel --namespace spegel --no-hooks", ("--no-hooks",)),
+    "spegel.yaml": (
+        f"helm template spegel charts/spegel --namespace spegel --no-hooks --set {K8S_KEY_SECRET}",
+        ("--no-hooks", "--set", K8S_KEY_SECRET),
+    ),
     "cleanup.yaml": (
         f"helm template spegel charts/spegel --namespace spegel --show-only {HOOK_TEMPLATE}",
         ("--show-only", HOOK_TEMPLATE),
@@ -154,6 +161,7 @@ class DefaultRenderTests(ChartTestCase):
         everything = documents(render())
         self.documents = [d for d in everything if not is_hook(d)]
         self.hooks = [d for d in everything if is_hook(d)]
+        self.secret = find(self.documents, "Secret", "spegel-router-key")
         self.daemonset = find(self.documents, "DaemonSet", "spegel")
         self.pod = self.daemonset["spec"]["template"]["spec"]
         self.node = container(self.pod, "spegel")
@@ -176,7 +184,7 @@ class DefaultRenderTests(ChartTestCase):
         k8s/spegel.yaml: the default render without the post-delete hook, which kubectl would
         otherwise create with everything else (it would clean every node at once).
         """
-        self.assertRendered("spegel.yaml", self.documents)
+        self.assertRendered("spegel.yaml", [d for d in self.documents if d is not self.secret])
 
     def test_k8s_cleanup_is_the_hook(self) -> None:
         self.assertRendered("cleanup.yaml", self.hooks)
@@ -195,6 +203,7 @@ class DefaultRenderTests(ChartTestCase):
             kinds,
             [
                 ("DaemonSet", "spegel"),
+                ("Secret", "spegel-router-key"),
                 ("Service", "spegel-bootstrap"),
                 ("Service", "spegel-metrics"),
                 ("ServiceAccount", "spegel"),
@@ -210,13 +219,48 @@ class DefaultRenderTests(ChartTestCase):
         """
         from spegel.tap import Options
 
+        # The key file, where the Secret's volume puts it in the pod.
+        folder = self.temp()
+        (folder / "key").write_bytes(base64.b64decode(self.secret["data"]["key"]))
+        args = [a.replace("/etc/spegel/router/", f"{folder}/") for a in self.node_args()]
         options = Options()
         try:
-            options.parseOptions(self.node_args())
+            options.parseOptions(args)
         except SystemExit as e:
             self.fail(f"spegel.tap.Options refused the DaemonSet's arguments (exit {e.code})")
         self.assertEqual(options.node.bootstrap_kind, "dns")
         self.assertEqual(options.node.data_dir, "/var/lib/spegel")
+        self.assertEqual(options.node.router_secret, base64.b64decode(self.secret["data"]["key"]))
+
+    def test_cluster_key_by_default(self) -> None:
+        """
+        Secure by default: the chart makes a random cluster key (a new one per render, as
+        `helm template` sees no cluster to read the installed one from) and every node uses it.
+        """
+        key = base64.b64decode(self.secret["data"]["key"])
+        self.assertGreaterEqual(len(key), 32)
+        again = find(documents(render()), "Secret", "spegel-router-key")
+        self.assertNotEqual(again["data"]["key"], self.secret["data"]["key"])
+        mount = {m["mountPath"]: m for m in self.node["volumeMounts"]}["/etc/spegel/router"]
+        self.assertTrue(mount["readOnly"])
+        (volume,) = [v for v in self.pod["volumes"] if v["name"] == mount["name"]]
+        self.assertEqual(volume["secret"]["secretName"], "spegel-router-key")
+        self.assertEqual(flag_values(self.node_args())["--router-secret-file"], "/etc/spegel/router/key")
+
+    def test_key_rotation_and_no_key(self) -> None:
+        rotating = documents(render({"spegel": {"routerSecret": {"previousKey": "old"}}}, tmp=self.temp()))
+        pod = find(rotating, "DaemonSet", "spegel")["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "router-secret"]
+        self.assertEqual([i["key"] for i in volume["secret"]["items"]], ["key", "old"])
+        node = container(pod, "spegel")
+        self.assertEqual(
+            flag_values(expand(node))["--router-secret-file"], "/etc/spegel/router/key,/etc/spegel/router/old"
+        )
+        keyless = documents(render({"spegel": {"routerSecret": {"create": False}}}, tmp=self.temp()))
+        self.assertNotIn("Secret", [d["kind"] for d in keyless])
+        pod = find(keyless, "DaemonSet", "spegel")["spec"]["template"]["spec"]
+        self.assertNotIn("router-secret", [v["name"] for v in pod["volumes"]])
+        self.assertNotIn("--router-secret-file", flag_values(expand(container(pod, "spegel"))))
 
     def test_configuration_flags_accepted(self) -> None:
         self.assertEqual(self.init["command"], ["spegel"])

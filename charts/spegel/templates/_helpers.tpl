@@ -107,3 +107,12 @@ app.kubernetes.io/name: {{ include "spegel.name" .context }}-cleanup
 app.kubernetes.io/instance: {{ .context.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
+
+{{/* The Secret holding the cluster key, or "" when the DHT runs without one. */}}
+{{- define "spegel.routerSecretName" -}}
+{{- if .Values.spegel.routerSecret.existingSecret }}
+{{- .Values.spegel.routerSecret.existingSecret }}
+{{- else if .Values.spegel.routerSecret.create }}
+{{- printf "%s-router-key" (include "spegel.fullname" .) }}
+{{- end }}
+{{- end }}
