@@ -108,8 +108,28 @@ class LatencyTracker:
     maximum: float = 2.0
     initial: float = 0.1
 
+    # How long to wait for a peer's response headers: a multiple of what peers usually take,
+    # never less than half a second (a busy peer in a rollout) nor more than a few (containerd
+    # is waiting, and a 404 sends it upstream at once).
+    header_deadline_factor: float = 4.0
+    header_deadline_minimum: float = 0.5
+    header_deadline_maximum: float = 3.0
+    header_deadline_initial: float = 2.0
+
     def observe(self, seconds: float) -> None:
         self.window.append(seconds)
+
+    def header_deadline(self) -> float:
+        """
+        How long a peer may take to send response headers before it counts as failed: a peer
+        that accepts the connection and then says nothing (a tarpit, a wedged process) costs
+        this, not the minutes of a TCP timeout.
+        """
+        if len(self.window) < 5:
+            return self.header_deadline_initial
+        ordered = sorted(self.window)
+        seen = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
+        return min(self.header_deadline_maximum, max(self.header_deadline_minimum, seen * self.header_deadline_factor))
 
     def hedge_delay(self) -> float:
         if len(self.window) < 5:
@@ -144,6 +164,17 @@ class PutAside:
 
     def put_aside(self, provider: Provider) -> None:
         self._until[(provider.host, provider.registry_port)] = self.clock.seconds() + self.duration
+
+    def lift(self, host: str, registry_port: int | None = None) -> None:
+        """
+        The peer at C{host} (at C{registry_port}, or any port) showed it is back: it announced
+        content or pinged us as a (re)starting node does.  Ask it again at once.
+        """
+        if registry_port is not None:
+            self._until.pop((host, registry_port), None)
+            return
+        for key in [key for key in self._until if key[0] == host]:
+            del self._until[key]
 
     def listing(self) -> list[tuple[str, int, float]]:
         """
@@ -227,6 +258,12 @@ class _Budget:
     """
 
     left: int
+
+
+def _cancel_then_pass(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result
 
 
 def _has_span(response: Any) -> bool:
@@ -577,10 +614,13 @@ class Mirror:
                 unbuffered=True,
             )
             pending[d] = provider
+            deadline = self._header_deadline(d)
             arm_hedge()
 
             def answered(response: Any) -> None:
                 pending.pop(d, None)
+                if deadline.active():
+                    deadline.cancel()
                 self.latency.observe(self._clock.seconds() - asked_at)
                 if response.code in (200, 206) and acceptable(response):
                     settle(_Upstream(provider, response))
@@ -592,9 +632,22 @@ class Mirror:
 
             def failed(failure: Failure) -> None:
                 pending.pop(d, None)
+                timed_out = not deadline.active()
+                if not timed_out:
+                    deadline.cancel()
                 # A cancelled attempt fails with CancelledError, ConnectingCancelledError or
-                # ResponseNeverReceived([CancelledError]): none of them is the peer's fault.
-                if state["settled"] or failure.check(CancelledError):
+                # ResponseNeverReceived([CancelledError]): none of them is the peer's fault,
+                # unless it was cancelled because the peer sent no headers in time.
+                if state["settled"]:
+                    return
+                if timed_out:
+                    self._log.info(
+                        "peer {peer} sent no response headers in {s:.2f}s", peer=_peer(provider), s=self._clock.seconds() - asked_at
+                    )
+                    self.put_aside.put_aside(provider)
+                    maybe_done()
+                    return
+                if failure.check(CancelledError):
                     return
                 self._log.info("peer {peer} failed: {e}", peer=_peer(provider), e=failure.value)
                 self.put_aside.put_aside(provider)
@@ -640,10 +693,19 @@ class Mirror:
         metrics.mirror_last_success_timestamp_seconds.set(self._clock.seconds())
 
     def _open(self, provider: Provider, path: str, range_header: str) -> Deferred[Any]:
-        return self._http.request(
+        d = self._http.request(
             "GET", _peer_url(provider, path),
             headers={MIRRORED_HEADER: "true", "Range": range_header}, unbuffered=True,
         )
+        deadline = self._header_deadline(d)
+        return d.addBoth(_cancel_then_pass, deadline)
+
+    def _header_deadline(self, request: Deferred[Any]) -> IDelayedCall:
+        """
+        Cancel C{request} if its response headers are not in by the latency tracker's deadline;
+        the returned call is no longer active once it fired.
+        """
+        return self._clock.callLater(self.latency.header_deadline(), request.cancel)
 
 
 @implementer(IPushProducer)

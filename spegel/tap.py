@@ -393,6 +393,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             else None
         ),
     )
+    # A peer that announces content or pings us as a (re)joining node does is asked again at
+    # once, not after the rest of its put-aside minute.
+    router.node.on_peer_alive = mirror.put_aside.lift
     registry = RegistryResource(
         reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
     )

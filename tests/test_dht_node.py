@@ -82,6 +82,18 @@ class RequestTests(SynchronousTestCase):
         body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
         self.assertIn(real, body.providers)
 
+    def test_peer_alive_on_ping_and_announcement(self) -> None:
+        """
+        A node that pings us (as one does when it joins) or announces content is up: the
+        wiring hears of it (the mirror lifts its put-aside).
+        """
+        alive: list[tuple[str, int | None]] = []
+        self.node.on_peer_alive = lambda host, port: alive.append((host, port))
+        self.ask(wire.Ping())
+        self.ask(wire.AddProvider(30020, (b"a" * 32,)))
+        self.ask(wire.FindNode(b"a" * 32))
+        self.assertEqual(alive, [(PEER[0], None), (PEER[0], 30020)])
+
     def test_local_records_do_not_end_the_lookup(self) -> None:
         """
         Forged records in our own store are handed out, but the network is asked anyway and

@@ -606,3 +606,89 @@ class HedgeLoserCancelledTests(MirrorTestCase):
 
     def test_loserWaitingForHeaders(self) -> None:
         self.check(ResponseNeverReceived([Failure(CancelledError())]))
+
+
+class MisbehavingPeerTests(MirrorTestCase):
+    """
+    Peers that accept a request and never send response headers (a tarpit, a wedged process)
+    cost the header deadline, not minutes; a peer back from the dead is asked again at once.
+    """
+
+    def test_tarpit_is_put_aside_after_the_deadline(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        deadline = self.latency.header_deadline()
+        self.clock.advance(deadline - 0.01)
+        self.assertNoResult(d)
+        self.clock.advance(0.02)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertTrue(self.http.requests[0][3].called, "the request was cancelled")
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_only_tarpits_end_in_404_within_the_deadline(self) -> None:
+        """
+        Every provider a tarpit: the hedges ask the retry budget's worth, and the 404 comes
+        one deadline after the last of them was asked.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), provider(3), provider(4), end=True)
+        self.clock.pump([0.06] * 3)
+        self.assertEqual(len(self.http.requests), 3)
+        deadline = self.latency.header_deadline()
+        self.clock.advance(deadline - 0.1)
+        self.assertNoResult(d)
+        self.clock.pump([0.01] * 10)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_tarpit_then_honest_peer(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        self.clock.advance(0.06)  # the hedge asks provider 2 as well
+        response = self.http.answer(1, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_tarpit_on_resume_moves_on(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), provider(3))
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:40_000])
+        first.end(Failure(ConnectionLost()))
+        self.assertEqual(len(self.http.requests), 2)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.assertTrue(self.http.requests[1][3].called)
+        self.assertEqual(len(self.http.requests), 3)
+        size = len(self.data)
+        honest = self.http.answer(2, 206, size - 40_000, content_range=f"bytes 40000-{size - 1}/{size}")
+        honest.send(self.data[40_000:])
+        honest.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_deadline_follows_observed_latency(self) -> None:
+        tracker = LatencyTracker()
+        self.assertEqual(tracker.header_deadline(), tracker.header_deadline_initial)
+        for _ in range(20):
+            tracker.observe(0.01)
+        self.assertEqual(tracker.header_deadline(), tracker.header_deadline_minimum)
+        for _ in range(200):
+            tracker.observe(0.3)
+        self.assertAlmostEqual(tracker.header_deadline(), 1.2)
+        for _ in range(200):
+            tracker.observe(10.0)
+        self.assertEqual(tracker.header_deadline(), tracker.header_deadline_maximum)
+
+    def test_lift(self) -> None:
+        aside = self.mirror.put_aside
+        for p in (provider(1), Provider(b"x" * 32, provider(1).host, 6000), provider(2)):
+            aside.put_aside(p)
+        aside.lift(provider(1).host, provider(1).registry_port)
+        self.assertFalse(aside.is_aside(provider(1)))
+        self.assertTrue(aside.is_aside(Provider(b"x" * 32, provider(1).host, 6000)))
+        aside.lift(provider(1).host)
+        self.assertFalse(aside.is_aside(Provider(b"x" * 32, provider(1).host, 6000)))
+        self.assertTrue(aside.is_aside(provider(2)))

@@ -114,6 +114,10 @@ class KademliaNode:
         )
         # Ids whose old address is being pinged because a datagram came from a new one.
         self._moving: set[bytes] = set()
+        # Told when a node shows it is (back) up: it announced content (host and registry
+        # port) or pinged us, as a node does when it (re)joins (host only).  The mirror lifts
+        # its put-aside of that peer.
+        self.on_peer_alive: Callable[[str, int | None], None] = lambda host, registry_port: None
         self.store = ProviderStore(
             clock.seconds,
             config.provider_ttl,
@@ -188,17 +192,25 @@ class KademliaNode:
     def handle_request(self, message: Message, address: Address) -> wire.Body:
         body = message.body
         if isinstance(body, wire.Ping):
+            self._peer_alive(address[0], None)
             return wire.Pong()
         if isinstance(body, wire.FindNode):
             return wire.Nodes(self._closest_for(body.target, message.sender_id))
         if isinstance(body, wire.AddProvider):
             provider = Provider(message.sender_id, address[0], body.registry_port)
             stored = sum(1 for key in body.keys if self.store.add(key, provider))
+            self._peer_alive(address[0], body.registry_port)
             return wire.AddProviderAck(stored)
         if isinstance(body, wire.GetProviders):
             providers = tuple(self.store.get(body.key, PROVIDERS_PER_REPLY))
             return wire.Providers(providers, self._closest_for(body.key, message.sender_id))
         raise TypeError(f"not a request: {body!r}")
+
+    def _peer_alive(self, host: str, registry_port: int | None) -> None:
+        try:
+            self.on_peer_alive(host, registry_port)
+        except Exception:
+            self.log.failure("Error in on_peer_alive")
 
     def _closest_for(self, target: bytes, asker: bytes) -> tuple[Contact, ...]:
         return tuple(self.routing.closest(target, self.k, exclude=(asker,)))
