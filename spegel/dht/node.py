@@ -261,13 +261,16 @@ class KademliaNode:
         seen have all answered (see L{spegel.dht.lookup}); else when the k closest have all
         answered.
         """
-        found: dict[bytes, Provider] = {}
+        # By id and address: a record that copies a real provider's id from another address
+        # must not hide the real one.
+        found: dict[tuple[bytes, str, int], Provider] = {}
 
         def take(providers: Iterable[Provider]) -> bool:
             for provider in providers:
-                if provider.node_id == self.node_id or provider.node_id in found:
+                identity = (provider.node_id, provider.host, provider.registry_port)
+                if provider.node_id == self.node_id or identity in found:
                     continue
-                found[provider.node_id] = provider
+                found[identity] = provider
                 if on_provider is not None:
                     try:
                         on_provider(provider)
