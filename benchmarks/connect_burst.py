@@ -39,7 +39,7 @@ class V2(Resource):
 
 port, backlog = int(sys.argv[1]), int(sys.argv[2])
 endpoint = serverFromString(reactor, ListenAddress("127.0.0.1", port).endpoint_description(backlog=backlog))
-endpoint.listen(make_site(V2())).addCallback(lambda _: print("listening", flush=True))
+endpoint.listen(make_site(V2(), connections_per_client=0)).addCallback(lambda _: print("listening", flush=True))
 reactor.run()
 """
 

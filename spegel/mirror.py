@@ -51,6 +51,7 @@ from spegel.oci import (
     digest_matches,
     hashed_digest,
     new_hasher,
+    range_to_honour,
 )
 from spegel.registry import MIRRORED_HEADER, abort_response
 
@@ -374,7 +375,7 @@ class Mirror:
         providers = await self._providers(digest, BlobUnknown)
         method = request.method.decode("ascii")
         path = _peer_path(reference, "blobs", digest)
-        client_range = _header_text(request, "range")
+        client_range = range_to_honour(_header_text(request, "range"), _header_text(request, "if-range"), digest)
         budget = _Budget(self._retries)
         try:
             while True:

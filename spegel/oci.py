@@ -119,6 +119,14 @@ class MalformedRequest(OCIError):
     status, code = 400, "UNSUPPORTED"
 
 
+class RequestTimeout(OCIError):
+    status, code = 408, "UNSUPPORTED"
+
+
+class TooManyConnections(OCIError):
+    status, code = 429, "TOOMANYREQUESTS"
+
+
 def parse_digest(text: str) -> str:
     """
     Validate a content digest (C{sha256:<64 hex>} or C{sha512:<128 hex>}, lowercase).
@@ -259,6 +267,19 @@ class ByteRange:
 
 
 _RANGE_SPEC = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
+
+
+def range_to_honour(range_header: str | None, if_range: str | None, digest: str) -> str | None:
+    """
+    The C{Range} header to serve, given the request's C{If-Range} (RFC 9110, 13.1.5): with an
+    C{If-Range} that is not the blob's strong ETag (C{"<digest>"}, the one spegel sends), the
+    range is ignored and the whole blob served, so a client resuming a download of something
+    else never gets a piece of this one spliced onto it.  A date never matches: blobs carry no
+    C{Last-Modified}.
+    """
+    if range_header is None or if_range is None:
+        return range_header
+    return range_header if if_range.strip() == f'"{digest}"' else None
 
 
 def parse_range(header: str | None, size: int) -> ByteRange | None:

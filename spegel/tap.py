@@ -58,6 +58,7 @@ class NodeConfig:
     router_addr: ListenAddress
     metrics_addr: ListenAddress
     registry_listen_backlog: int
+    registry_connections_per_client: int
     containerd_sock: str
     containerd_namespace: str
     containerd_content_path: str
@@ -97,6 +98,13 @@ class Options(usage.Options):
             "Connections the kernel queues for the registry before it accepts them (Twisted's "
             "default, 50, makes a burst of pulls wait for SYN retransmits; capped by "
             "net.core.somaxconn).",
+        ],
+        [
+            "registry-max-connections-per-client",
+            None,
+            "128",
+            "Connections one client address may hold open to the registry at once (429 beyond); "
+            "0: no bound.",
         ],
         ["containerd-sock", None, "/run/containerd/containerd.sock", "containerd's gRPC socket."],
         ["containerd-namespace", None, "k8s.io", "containerd namespace whose images are served."],
@@ -234,6 +242,9 @@ class Options(usage.Options):
         backlog_text = self["registry-listen-backlog"]
         if not backlog_text.isdigit() or not 1 <= int(backlog_text) <= 65535:
             raise ValueError("--registry-listen-backlog: must be a whole number from 1 to 65535")
+        per_client_text = self["registry-max-connections-per-client"]
+        if not per_client_text.isdigit() or int(per_client_text) > 1_000_000:
+            raise ValueError("--registry-max-connections-per-client: must be a whole number (0: no bound)")
         retries_text = self["mirror-resolve-retries"]
         if not retries_text.isdigit() or not 1 <= int(retries_text) <= 100:
             raise ValueError("--mirror-resolve-retries: must be a whole number from 1 to 100")
@@ -277,6 +288,7 @@ class Options(usage.Options):
             router_addr=address("router-addr"),
             metrics_addr=address("metrics-addr"),
             registry_listen_backlog=int(backlog_text),
+            registry_connections_per_client=int(per_client_text),
             containerd_sock=self["containerd-sock"],
             containerd_namespace=self["containerd-namespace"],
             containerd_content_path=self["containerd-content-path"],
@@ -400,7 +412,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
     )
     _listen(
-        reactor, config.registry_addr, make_site(registry.resource()), backlog=config.registry_listen_backlog
+        reactor, config.registry_addr, make_site(registry.resource(), reactor=reactor, connections_per_client=config.registry_connections_per_client),
+        backlog=config.registry_listen_backlog,
     ).setServiceParent(node)
 
     metrics_root = Resource()

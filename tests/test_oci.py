@@ -109,3 +109,14 @@ class SniffTests(SynchronousTestCase):
             body, {"errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown",
                                "detail": {"digest": SHA}}]}
         )
+
+
+class IfRangeTests(SynchronousTestCase):
+    def test_range_to_honour(self) -> None:
+        digest = "sha256:" + "a" * 64
+        self.assertEqual(oci.range_to_honour("bytes=0-1", None, digest), "bytes=0-1")
+        self.assertEqual(oci.range_to_honour("bytes=0-1", f'"{digest}"', digest), "bytes=0-1")
+        self.assertIsNone(oci.range_to_honour("bytes=0-1", f'W/"{digest}"', digest))
+        self.assertIsNone(oci.range_to_honour("bytes=0-1", '"sha256:' + "b" * 64 + '"', digest))
+        self.assertIsNone(oci.range_to_honour("bytes=0-1", "Tue, 01 Dec 2026 10:00:00 GMT", digest))
+        self.assertIsNone(oci.range_to_honour(None, f'"{digest}"', digest))

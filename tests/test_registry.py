@@ -13,13 +13,17 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel import metrics, oci
 from spegel.content import BlobContent, ManifestContent, TagTarget
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
-from spegel.registry import OCIHTTPChannel, RegistryFilter, RegistryResource
+from spegel.registry import OCIHTTPChannel, RegistryFilter, RegistryResource, make_site
 
 REGISTRY = "127.0.0.1:5000"
 BASE = "http://spegel.test"
@@ -280,6 +284,20 @@ class BlobTests(RegistryTestsMixin, SynchronousTestCase):
                 self.assertOCIError(response, body, 416, "RANGE_INVALID")
                 self.assertEqual(response.headers.getRawHeaders("content-range"), [f"bytes */{n}"])
 
+    def test_if_range(self) -> None:
+        """
+        RFC 9110's If-Range: the range is served only when the validator is this blob's
+        ETag; another ETag, a weak one or a date gets the whole blob with 200.
+        """
+        etag = f'"{self.blob_digest}"'
+        response, body = self.request("GET", self.blob_path(), {"Range": "bytes=0-9", "If-Range": etag})
+        self.assertEqual((response.code, body), (206, self.blob_data[:10]))
+        for other in ['"sha256:' + "0" * 64 + '"', "W/" + etag, "Tue, 01 Dec 2026 10:00:00 GMT"]:
+            with self.subTest(if_range=other):
+                response, body = self.request("GET", self.blob_path(), {"Range": "bytes=0-9", "If-Range": other})
+                self.assertEqual((response.code, body), (200, self.blob_data))
+                self.assertIsNone(response.headers.getRawHeaders("content-range"))
+
     def test_head(self) -> None:
         response, body = self.request("HEAD", self.blob_path())
         self.assertEqual(response.code, 200)
@@ -371,12 +389,61 @@ class ChannelTests(SynchronousTestCase):
     Requests Twisted's parser rejects still get an OCI error body.
     """
 
-    def feed(self, data: bytes) -> bytes:
-        channel = OCIHTTPChannel()
-        transport = StringTransport()
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.site = make_site(Resource(), reactor=self.clock, request_headers_timeout=10.0, connections_per_client=2)
+
+    def connect(self, host: str = "10.0.0.9") -> tuple[OCIHTTPChannel, StringTransport]:
+        address = IPv4Address("TCP", host, 40000)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
         channel.makeConnection(transport)
+        return channel, transport
+
+    def feed(self, data: bytes) -> bytes:
+        channel, transport = self.connect()
         channel.dataReceived(data)
         return transport.value()
+
+    def test_slow_headers_get_408(self) -> None:
+        """
+        A client that trickles its request's headers, a byte a second so that the idle
+        timeout never fires, is answered 408 once the headers deadline passes, and cut off.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nX-Slow: ")
+        while not transport.value() and self.clock.seconds() < 20:
+            self.clock.advance(0.5)
+            channel.dataReceived(b"a")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 408 "), out[:100])
+        self.assertIn(b'"errors"', out)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.seconds(), 10.0)
+
+    def test_headers_in_time_disarm_the_deadline(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        self.assertIsNotNone(channel._headers_deadline)
+        channel.dataReceived(b"\r\n")
+        self.assertIsNone(channel._headers_deadline)
+        self.clock.advance(11)
+        self.assertNotIn(b"408", transport.value())
+
+    def test_connections_per_client(self) -> None:
+        first, _ = self.connect()
+        self.connect()
+        third, transport = self.connect()
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 429 "), transport.value()[:100])
+        self.assertTrue(transport.disconnecting)
+        third.connectionLost(Failure(ConnectionDone()))
+        # Another address is not affected, and a closed connection makes room.
+        _, other = self.connect("10.0.0.10")
+        self.assertEqual(other.value(), b"")
+        first.connectionLost(Failure(ConnectionDone()))
+        _, again = self.connect()
+        self.assertEqual(again.value(), b"")
+        self.assertEqual(self.site.connections_by_client, {"10.0.0.9": 2, "10.0.0.10": 1})
 
     def test_oversized_header(self) -> None:
         out = self.feed(b"GET /v2/ HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
