@@ -562,7 +562,8 @@ class Mirror:
         """
         result: Deferred[_Upstream | None] = Deferred()
         pending: dict[Deferred[Any], Provider] = {}
-        state: dict[str, Any] = {"hedge": None, "waiting": None, "settled": False}
+        # out_of_time: no further provider came within the resolve timeout of being wanted.
+        state: dict[str, Any] = {"hedge": None, "waiting": None, "settled": False, "out_of_time": False}
 
         def settle(value: _Upstream | None) -> None:
             if state["settled"]:
@@ -582,17 +583,31 @@ class Mirror:
             result.callback(value)
 
         def maybe_done() -> None:
-            if not pending and state["waiting"] is None and not result.called:
-                if budget.left <= 0 or (providers.finished and not providers.has_ready()):
+            if pending or result.called:
+                return
+            waiting = state["waiting"]
+            if waiting is not None:
+                if state["out_of_time"]:
+                    # Every attempt failed and the lookup found no one else in time: answer
+                    # now (containerd goes upstream) rather than when the lookup ends.
+                    state["waiting"] = None
+                    waiting.cancel()
                     settle(None)
-                else:
-                    start_next()
+                return
+            if budget.left <= 0 or (providers.finished and not providers.has_ready()):
+                settle(None)
+            else:
+                start_next()
 
         def start_next() -> None:
             if result.called or budget.left <= 0 or state["waiting"] is not None:
                 return
             waiting = providers.next()
             state["waiting"] = waiting
+            if not waiting.called:
+                state["out_of_time"] = False
+                timer = self._clock.callLater(self._resolve_timeout, out_of_time, waiting)
+                waiting.addBoth(_cancel_then_pass, timer)
 
             def got(provider: Provider | None) -> None:
                 state["waiting"] = None
@@ -605,6 +620,11 @@ class Mirror:
                 failure.trap(CancelledError)
 
             waiting.addCallbacks(got, cancelled)
+
+        def out_of_time(waiting: Deferred[Provider | None]) -> None:
+            if state["waiting"] is waiting:
+                state["out_of_time"] = True
+                maybe_done()
 
         def attempt(provider: Provider) -> None:
             budget.left -= 1

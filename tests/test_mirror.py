@@ -692,3 +692,29 @@ class MisbehavingPeerTests(MirrorTestCase):
         aside.lift(provider(1).host)
         self.assertFalse(aside.is_aside(Provider(b"x" * 32, provider(1).host, 6000)))
         self.assertTrue(aside.is_aside(provider(2)))
+
+    def test_refusing_peer_404_within_the_resolve_timeout(self) -> None:
+        """
+        The only provider found refuses; the lookup is still asking slow nodes: the 404 comes
+        one resolve timeout later, not when the lookup ends.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1))
+        self.http.requests[0][3].errback(Failure(ConnectionLost()))
+        self.assertNoResult(d)
+        self.clock.advance(0.021)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertFalse(self.router.lookups[-1][2].called, "the lookup had not ended")
+
+    def test_late_provider_within_the_resolve_timeout_is_asked(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1))
+        self.http.requests[0][3].errback(Failure(ConnectionLost()))
+        self.clock.advance(0.01)
+        self.router.announce(provider(2))
+        response = self.http.answer(1, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)

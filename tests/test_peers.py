@@ -9,6 +9,7 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -37,6 +38,19 @@ class LargeReadsTests(SynchronousTestCase):
     def test_endpoint_for_peer_uri(self) -> None:
         endpoint = PeerEndpoints(reactor, 2).endpointForURI(URI.fromBytes(b"http://127.0.0.1:5000/v2/"))
         self.assertIsInstance(endpoint, LargeReadsEndpoint)
+
+    def test_ip_peers_connect_directly(self) -> None:
+        """
+        Peers are IP addresses: plain TCP endpoints, which fail at once when refused (a
+        HostnameEndpoint reports it only 300 ms later); a name still resolves.
+        """
+        factory = PeerEndpoints(reactor, 2)
+        for uri, kind in [
+            (b"http://10.0.0.5:5000/v2/", TCP4ClientEndpoint),
+            (b"http://[fd00::5]:5000/v2/", TCP6ClientEndpoint),
+            (b"http://peer.example:5000/v2/", HostnameEndpoint),
+        ]:
+            self.assertIsInstance(factory.endpointForURI(URI.fromBytes(uri))._endpoint, kind, uri)
 
 
 class _Blob(Resource):
