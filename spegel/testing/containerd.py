@@ -486,7 +486,9 @@ class ContainerdDaemon(RunsOneProcess):
 
         @raise spegel.testing.process.CommandFailed: on a non-zero exit, with ctr's stderr.
         """
-        return run([self.build.ctr, "-a", self.socket, "-n", self.namespace, *args], timeout=timeout)
+        command = [self.build.ctr, "-a", self.socket, "-n", self.namespace, *args]
+        # In its host's namespace: ctr itself fetches (on 1.6) from where the node would.
+        return run(self.host.command(command) if self.host is not None else command, timeout=timeout)
 
     def pull(
         self,
@@ -533,11 +535,14 @@ class ContainerdDaemon(RunsOneProcess):
         """
         process = ManagedProcess(
             name=f"{self.name} pull",
-            args=[self.build.ctr, "-a", self.socket, "-n", self.namespace, *self._pull_args(ref, platform, all_platforms)],
+            args=self._in_host([self.build.ctr, "-a", self.socket, "-n", self.namespace, *self._pull_args(ref, platform, all_platforms)]),
             log_path=log_path or os.path.join(self.base_dir, "pull.log"),
         )
         process.start()
         return process
+
+    def _in_host(self, command: list[str]) -> list[str]:
+        return self.host.command(command) if self.host is not None else command
 
     def crictl(self, *args: str, timeout: float = 120.0) -> str:
         """

@@ -81,6 +81,14 @@ class Host:
     def run(self, args: list[str], timeout: float = 60.0) -> str:
         return run(self.command(args), timeout=timeout)
 
+    def limit_rate(self, rate: str, burst: str = "256kb", latency: str = "50ms") -> None:
+        """
+        Cap what this host sends to C{rate} (C{tc}'s units: C{100mbit}, C{1gbit}) with a token
+        bucket on its link: what a registry across the internet, or a node's NIC, allows.
+        (This kernel has no C{netem}; latency comes from L{spegel.testing.delayproxy}.)
+        """
+        run(self.command(["tc", "qdisc", "replace", "dev", f"{self.veth}p", "root", "tbf", "rate", rate, "burst", burst, "latency", latency]))
+
     def pids(self) -> list[int]:
         """
         The processes whose network namespace this is.

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.httputil import Response, get_status, request
+from spegel.testing.netns import Host
 from spegel.testing.ports import free_port
 from spegel.testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, read_log, wait_for
 
@@ -82,6 +83,10 @@ class SpegelNode(RunsOneProcess):
         L{start}.
     @ivar command: the runner prefix: L{twistd_command} (what operators run) by default.
     @ivar log_level: the node's C{--log-level}.
+    @ivar host: the rig host (network namespace) the node runs in, on every address, or
+        L{None}: loopback.
+    @ivar resolv_conf: a resolv.conf the node sees as /etc/resolv.conf (DNS bootstrap), or
+        L{None}: the machine's.
     """
 
     containerd: ContainerdDaemon
@@ -95,26 +100,37 @@ class SpegelNode(RunsOneProcess):
     command: list[str] = field(factory=twistd_command)
     log_level: str = "debug"
     env: dict[str, str] | None = None
+    host: Host | None = None
+    resolv_conf: str | None = None
     _process: ManagedProcess | None = field(default=None, init=False)
 
     @property
+    def address(self) -> str:
+        """Where the node is reached: its host's address (L{spegel.testing.netns}), or loopback."""
+        return self.host.address if self.host is not None else "127.0.0.1"
+
+    def _listen(self, port: int) -> str:
+        # In a host of its own the node listens on every address, as in its pod (":5000").
+        return f":{port}" if self.host is not None else f"127.0.0.1:{port}"
+
+    @property
     def registry_addr(self) -> str:
-        return f"127.0.0.1:{self.registry_port}"
+        return f"{self.address}:{self.registry_port}"
 
     @property
     def registry_url(self) -> str:
         """
-        C{http://127.0.0.1:<registry port>}: what C{spegel configuration --mirror-targets} takes.
+        C{http://<address>:<registry port>}: what C{spegel configuration --mirror-targets} takes.
         """
         return f"http://{self.registry_addr}"
 
     @property
     def router_addr(self) -> str:
-        return f"127.0.0.1:{self.router_port}"
+        return f"{self.address}:{self.router_port}"
 
     @property
     def metrics_addr(self) -> str:
-        return f"127.0.0.1:{self.metrics_port}"
+        return f"{self.address}:{self.metrics_port}"
 
     @property
     def data_dir(self) -> str:
@@ -132,11 +148,11 @@ class SpegelNode(RunsOneProcess):
             *self.command,
             "spegel",
             "--registry-addr",
-            self.registry_addr,
+            self._listen(self.registry_port),
             "--router-addr",
-            self.router_addr,
+            self._listen(self.router_port),
             "--metrics-addr",
-            self.metrics_addr,
+            self._listen(self.metrics_port),
             "--containerd-sock",
             self.containerd.socket,
             "--containerd-namespace",
@@ -162,7 +178,16 @@ class SpegelNode(RunsOneProcess):
         nodes at once.
         """
         os.makedirs(self.data_dir, exist_ok=True)
-        self._process = ManagedProcess(name=self.name, args=self.args(), log_path=self.log_path, env=self.env)
+        args = self.args()
+        if self.resolv_conf is not None:
+            # Its own /etc/resolv.conf, as a pod has: in a mount namespace of its own.
+            args = [
+                "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/resolv.conf && exec "$@"', self.resolv_conf, *args,
+            ]
+        self._process = ManagedProcess(
+            name=self.name, args=self.host.command(args) if self.host is not None else args, log_path=self.log_path, env=self.env
+        )
         self._process.start()
 
     def wait_live(self, timeout: float = 30.0) -> None:
@@ -172,7 +197,7 @@ class SpegelNode(RunsOneProcess):
         @raise ProcessFailed: if the node exits first or the time runs out (with its log tail).
         """
         wait_for(
-            lambda: get_status("127.0.0.1", self.registry_port, "/livez") == 200,
+            lambda: get_status(self.address, self.registry_port, "/livez") == 200,
             timeout=timeout,
             what=f"{self.name} /livez on {self.registry_addr}",
             process=self._process,
@@ -183,7 +208,7 @@ class SpegelNode(RunsOneProcess):
         Wait until C{GET /readyz} answers 200.
         """
         wait_for(
-            lambda: get_status("127.0.0.1", self.registry_port, "/readyz") == 200,
+            lambda: get_status(self.address, self.registry_port, "/readyz") == 200,
             timeout=timeout,
             what=f"{self.name} /readyz on {self.registry_addr}",
             process=self._process,
@@ -244,10 +269,10 @@ class SpegelNode(RunsOneProcess):
         """
         One HTTP request to the node's registry port; C{path} is sent unencoded.
         """
-        return request("127.0.0.1", self.registry_port, method, path, headers=headers, body=body, timeout=timeout)
+        return request(self.address, self.registry_port, method, path, headers=headers, body=body, timeout=timeout)
 
     def metrics_text(self) -> str:
-        response = request("127.0.0.1", self.metrics_port, "GET", "/metrics", timeout=10)
+        response = request(self.address, self.metrics_port, "GET", "/metrics", timeout=10)
         if response.status != 200:
             raise ProcessFailed(f"{self.name} /metrics answered {response.status}")
         return response.body.decode("utf-8")

@@ -18,6 +18,7 @@ import urllib.parse
 from attrs import define, field
 
 from spegel.testing.images import MANIFEST_MEDIA_TYPES, Blob, TestImage
+from spegel.testing.netns import Host
 from spegel.testing.ports import free_port
 from spegel.testing.process import ManagedProcess, RunsOneProcess, wait_for
 
@@ -54,6 +55,8 @@ class UpstreamRegistry(RunsOneProcess):
     @ivar port: TCP port; a free one when not given, kept across restarts.
     @ivar address: the IPv4 address it listens on: loopback, or the host's address on a rig
         network (L{spegel.testing.netns}) so nodes in their own namespaces reach it.
+    @ivar netns: the rig host (network namespace) it runs in, or L{None}; give it that host's
+        address as C{address}.
     @ivar access_log: whether the registry logs every request (useful when debugging a pull).
     """
 
@@ -61,6 +64,7 @@ class UpstreamRegistry(RunsOneProcess):
     port: int = field(factory=free_port)
     address: str = "127.0.0.1"
     name: str = "registry"
+    netns: Host | None = None
     access_log: bool = True
     _process: ManagedProcess | None = field(default=None, init=False)
 
@@ -106,8 +110,9 @@ class UpstreamRegistry(RunsOneProcess):
                     access_log_disabled="false" if self.access_log else "true",
                 )
             )
+        args = [DOCKER_REGISTRY, "serve", config_path]
         self._process = ManagedProcess(
-            name=self.name, args=[DOCKER_REGISTRY, "serve", config_path], log_path=self.log_path
+            name=self.name, args=self.netns.command(args) if self.netns is not None else args, log_path=self.log_path
         )
         self._process.start()
         wait_for(self._answers, timeout=timeout, what=f"{self.name} on {self.url}", process=self._process)

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_e2e_rollout -*-
+"""
+Rollouts on the multi-host rig (L{spegel.testing.netcluster}): every node a host of its own
+with its own address, the chart's ports and DNS bootstrap, upstream behind a 100 Mbit/s link
+with 30 ms of round trip.  The small version of benchmarks/rollout.py, and the churn test.
+
+- L{RolloutTests}: one node pulls an image from upstream, then all the others at once: every
+  pull completes with the right bytes, and upstream sends the image once.
+- L{ChurnTests}: while fresh nodes pull, a node holding the image is killed (SIGKILL): every
+  pull still completes, correct; restarted, the killed node rejoins and serves again.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from twisted.trial.unittest import TestCase
+
+from spegel.testing.images import TestImage, build_image
+from spegel.testing.netcluster import NetCluster
+from spegel.testing.process import CommandFailed, ProcessFailed
+
+MiB = 1 << 20
+
+
+class _RigTestCase(TestCase):
+    timeout = 600
+    nodes = 5
+
+    def setUp(self) -> None:
+        self.cluster = NetCluster(self.nodes)
+        self.cluster.start()
+        self.addCleanup(self.cluster.stop)
+
+    def image(self, seed: str) -> TestImage:
+        # About 10 MB in four layers, as a small real image.
+        return build_image(seed=seed, layer_sizes=(4 * MiB, 3 * MiB, 2 * MiB, 1 * MiB))
+
+    def pull_all(self, indexes: list[int], ref: str) -> dict[int, float | BaseException]:
+        """Pull C{ref} on the nodes C{indexes} at once; each one's seconds, or its error."""
+
+        def pull(index: int) -> float | BaseException:
+            try:
+                return self.cluster.pull(index, ref, timeout=300)
+            except (CommandFailed, ProcessFailed) as e:
+                return e
+
+        with ThreadPoolExecutor(len(indexes)) as executor:
+            return dict(zip(indexes, executor.map(pull, indexes)))
+
+    def served(self, index: int) -> float:
+        return self.cluster.nodes[index].metrics().total("spegel_served_bytes_total", source="local")
+
+    def assertHolds(self, index: int, ref: str, image: TestImage) -> None:
+        daemon = self.cluster.containerds[index]
+        self.assertEqual(daemon.image_digest(ref), image.digest, f"node {index}")
+        self.assertEqual(image.digests() - daemon.content_digests(), set(), f"node {index}")
+        self.assertEqual(daemon.damaged_content(), {}, f"node {index}")
+
+
+class RolloutTests(_RigTestCase):
+    def test_rollout_takes_the_image_from_upstream_once(self) -> None:
+        image = self.image("rollout")
+        ref = self.cluster.push_image("rollout/app", "v1", image)
+        seed = self.cluster.pull(0, ref)
+        after_seed = self.cluster.upstream_bytes()
+        # Findable from every node before the rollout (advertised through the DHT).
+        deadline = time.monotonic() + 15
+        for node in self.cluster.nodes[1:]:
+            while node.request("HEAD", f"/v2/rollout/app/manifests/v1?ns={self.cluster.upstream}").status != 200:
+                self.assertLess(time.monotonic(), deadline, f"{node.name} cannot find the image")
+                time.sleep(0.05)
+        results = self.pull_all(list(range(1, self.nodes)), ref)
+        failures = {i: r for i, r in results.items() if isinstance(r, BaseException)}
+        self.assertEqual(failures, {}, self.cluster.dump_logs())
+        for index in range(self.nodes):
+            self.assertHolds(index, ref, image)
+        upstream = self.cluster.upstream_bytes()
+        served = [self.served(i) / MiB for i in range(self.nodes)]
+        print(f"\n  seed {seed:.2f}s; rollout on {self.nodes - 1} nodes: "
+              f"{', '.join(f'{t:.2f}s' for t in results.values())}; served MiB per node "
+              f"{', '.join(f'{s:.1f}' for s in served)}; upstream {upstream / MiB:.1f} MiB")
+        # Upstream sent the image once (the seed): the rollout came from peers.
+        self.assertEqual(upstream, after_seed)
+        self.assertGreaterEqual(after_seed, image.total_size())
+
+
+class ChurnTests(_RigTestCase):
+    nodes = 6
+
+    def test_holder_killed_mid_rollout(self) -> None:
+        image = build_image(seed="churn", layer_sizes=(24 * MiB, 8 * MiB))
+        ref = self.cluster.push_image("churn/app", "v1", image)
+        for index in (0, 1, 2):
+            self.cluster.pull(index, ref)
+        with ThreadPoolExecutor(3) as executor:
+            pulls = {i: executor.submit(self.cluster.pull, i, ref, 300) for i in (3, 4, 5)}
+            time.sleep(0.3)
+            self.cluster.nodes[1].kill()
+            for index, future in pulls.items():
+                try:
+                    future.result()
+                except (CommandFailed, ProcessFailed) as e:
+                    self.fail(f"node {index}: {e}\n{self.cluster.dump_logs()}")
+        for index in (3, 4, 5):
+            self.assertHolds(index, ref, image)
+        # The killed node comes back on its address and identity, rejoins through DNS and
+        # announces its content again: with upstream and every other holder gone, node 3 pulls
+        # the image anew from it alone.
+        killed = self.cluster.nodes[1]
+        killed.start()
+        killed.wait_ready(60)
+        daemon = self.cluster.containerds[3]
+        daemon.remove_image(ref)
+        daemon.collect_garbage()
+        self.assertEqual(image.digests() & daemon.content_digests(), set())
+        for index in (0, 2, 4, 5):
+            self.cluster.nodes[index].kill()
+        assert self.cluster.registry is not None
+        self.cluster.registry.stop()
+        before = self.served(1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.cluster.pull(3, ref, timeout=120)
+                break
+            except CommandFailed:
+                # Until node 1's announcement has reached node 3's part of the DHT.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        self.assertHolds(3, ref, image)
+        self.assertGreaterEqual(self.served(1) - before, sum(layer.size for layer in image.layers))
