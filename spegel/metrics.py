@@ -42,6 +42,13 @@ resolve_duration_seconds = Histogram(
     ("router",),
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf")),
 )
+unresolved_total = Counter(
+    "spegel_mirror_unresolved_total",
+    "Content requests answered 404 because no provider was found in the cluster, by why: "
+    "timeout (none within --mirror-resolve-timeout: a slow DHT, or a timeout too short), "
+    "not_found (the lookup ended without one).",
+    ("reason",),
+)
 served_bytes_total = Counter(
     "spegel_served_bytes_total",
     "Body bytes served to clients, by where they came from (local: this node's containerd; "

@@ -535,7 +535,14 @@ class Mirror:
         try:
             await first
         except CancelledError:
+            # Before the lookup is cancelled, which finishes the queue.
+            reason = "not_found" if queue.finished else "timeout"
             lookups[-1].cancel()
+            metrics.unresolved_total.labels(reason).inc()
+            self._log.debug(
+                "No provider of {key} ({reason}, after {ms:.0f} ms)",
+                key=key, reason=reason, ms=(self._clock.seconds() - started) * 1000,
+            )
             raise unknown("not found in the cluster", {"key": key})
         finally:
             if timer.active():

@@ -193,6 +193,22 @@ class ResolveTests(MirrorTestCase):
         self.router.announce(end=True)
         self.failureResultOf(d, BlobUnknown)
 
+    def test_unresolved_counted_by_reason(self) -> None:
+        """
+        A 404 for want of a provider is counted, and says whether the resolve timeout cut the
+        lookup short (a slow DHT, or a timeout too short) or the cluster has none.
+        """
+        counter = metrics.unresolved_total
+        before = {r: counter.labels(r)._value.get() for r in ("timeout", "not_found")}
+        d = self.blob(ClientRequest())
+        self.clock.advance(0.021)
+        self.failureResultOf(d, BlobUnknown)
+        d = self.blob(ClientRequest())
+        self.router.announce(end=True)
+        self.failureResultOf(d, BlobUnknown)
+        after = {r: counter.labels(r)._value.get() for r in ("timeout", "not_found")}
+        self.assertEqual({r: after[r] - before[r] for r in after}, {"timeout": 1, "not_found": 1})
+
     def test_only_peers_put_aside_asks_afresh(self) -> None:
         self.mirror.put_aside.put_aside(provider(1))
         request = ClientRequest()

@@ -1,0 +1,131 @@
+"""
+Benchmark: a DaemonSet rollout on the multi-host rig (spegel.testing.netcluster): N nodes, each
+a host of its own (own address, the chart's ports, DNS bootstrap), pull the same image, with
+upstream behind a 100 Mbit/s link with 30 ms of round trip, against the same pulls with no
+spegel at all (every node straight from upstream).
+
+    .venv/bin/python benchmarks/rollout.py [--nodes 10,20] [--sizes 10,100] \\
+        [--mode seeded|concurrent] [--stagger 0] [--coalesce 0s] [--no-baseline]
+
+Modes: C{seeded}: one node pulls first (from upstream), then all the others at once, as when a
+rollout follows a canary; C{concurrent}: every node at once, nobody holding the image yet (only
+C{--coalesce} keeps that from being N upstream pulls).  C{--stagger S} starts the nodes S
+seconds apart.  Per case: mean, p50, p99 and max pull time, the time until every node holds the
+image, upstream bytes (counted on the upstream link), bytes each node served to its peers (max
+and mean: is the first holder a hot spot?), and the nodes' RSS.  The reference's published
+figures (50 nodes, mean pull) are printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from spegel.testing.images import build_image
+from spegel.testing.netcluster import NetCluster
+from spegel.testing.process import CommandFailed, ProcessFailed
+
+MiB = 1 << 20
+# The reference's README: 50 nodes, mean pull time without / with it, milliseconds.
+REFERENCE = {10: (1220, 210), 100: (1725, 560), 1000: (8429, 6682)}
+
+
+def layers_for(size_mb: int) -> tuple[int, ...]:
+    """About C{size_mb} MB in five layers of decreasing size, as real images are cut."""
+    total = size_mb * 1000 * 1000
+    shares = (0.4, 0.25, 0.15, 0.12, 0.08)
+    return tuple(max(1024, int(total * share)) for share in shares)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_case(nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: float, coalesce: str) -> dict:
+    image = build_image(seed=f"rollout-{size_mb}", layer_sizes=layers_for(size_mb))
+    node_args = ["--mirror-coalesce-timeout", coalesce] if spegel else []
+    with NetCluster(nodes, spegel=spegel, node_args=node_args) as cluster:
+        ref = cluster.push_image("rollout/app", "v1", image)
+        started = time.monotonic()
+        times: dict[int, float] = {}
+        failed: dict[int, str] = {}
+        wave = list(range(nodes))
+        if mode == "seeded":
+            times[0] = cluster.pull(0, ref)
+            wave = wave[1:]
+            if spegel:
+                time.sleep(1.0)  # advertised: every blob is findable well within this
+            started = time.monotonic()
+
+        def pull(position: int, index: int) -> None:
+            time.sleep(position * stagger)
+            try:
+                times[index] = cluster.pull(index, ref, timeout=1800)
+            except (CommandFailed, ProcessFailed) as e:
+                failed[index] = str(e).splitlines()[0][:200]
+
+        with ThreadPoolExecutor(len(wave)) as executor:
+            list(executor.map(lambda item: pull(*item), enumerate(wave)))
+        everyone = time.monotonic() - started
+        served = []
+        if spegel:
+            served = [n.metrics().total("spegel_served_bytes_total", source="local") / MiB for n in cluster.nodes]
+        rollout = [times[i] for i in wave if i in times]
+        return {
+            "nodes": nodes,
+            "size": size_mb,
+            "spegel": spegel,
+            "mean": statistics.mean(rollout) if rollout else float("nan"),
+            "p50": percentile(rollout, 0.5) if rollout else float("nan"),
+            "p99": percentile(rollout, 0.99) if rollout else float("nan"),
+            "max": max(rollout) if rollout else float("nan"),
+            "everyone": everyone,
+            "upstream": cluster.upstream_bytes() / MiB,
+            "image": image.total_size() / MiB,
+            "served_max": max(served) if served else 0.0,
+            "served_mean": statistics.mean(served) if served else 0.0,
+            "rss": statistics.mean(cluster.rss_mib()) if spegel else 0.0,
+            "rss_max": max(cluster.rss_mib()) if spegel else 0.0,
+            "failed": failed,
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", default="10")
+    parser.add_argument("--sizes", default="10,100")
+    parser.add_argument("--mode", choices=("seeded", "concurrent"), default="seeded")
+    parser.add_argument("--stagger", type=float, default=0.0)
+    parser.add_argument("--coalesce", default="0s")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce}; upstream 100 Mbit/s, 30 ms RTT")
+    print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        for size in (int(s) for s in args.sizes.split(",")):
+            for spegel in ([True] if args.no_baseline else [False, True]):
+                try:
+                    r = run_case(nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce)
+                except (CommandFailed, ProcessFailed) as e:
+                    print(f"{nodes:5d}  {size:7d}  {'spegel' if spegel else 'none':7s}  failed: {str(e).splitlines()[0]}")
+                    continue
+                reference = REFERENCE.get(size)
+                print(
+                    f"{r['nodes']:5d}  {r['size']:7d}  {'spegel' if spegel else 'none':7s}"
+                    f"  {r['mean']:6.2f} / {r['p50']:6.2f} / {r['p99']:6.2f} / {r['max']:6.2f}"
+                    f"  {r['everyone']:9.2f}  {r['upstream']:12.1f}"
+                    f"  {r['served_max']:9.1f} / {r['served_mean']:7.1f}"
+                    f"  {r['rss']:8.0f} / {r['rss_max']:4.0f}"
+                    f"  {f'{reference[0]} -> {reference[1]}' if reference else '-'}"
+                    + (f"  FAILED on {len(r['failed'])}: {next(iter(r['failed'].values()))}" if r["failed"] else ""),
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
