@@ -943,10 +943,14 @@ def bootstrapper_from_config(reactor: typing.Any, config: typing.Any) -> Bootstr
                 "--bootstrap-kind dns needs a fixed router port: peers are found at the"
                 " domain's addresses on this node's own router port"
             )
+        from spegel.dht.dnsclient import BootstrapResolver
+
+        # Not Twisted's resolver: the answer lists every node, and hundreds of them need EDNS0
+        # and short-lived TCP (see spegel.dht.dnsclient).
         return DNSBootstrapper(
             config.dns_domain,
             config.listen_port,
-            config.dns_resolver or system_resolver(reactor),
+            config.dns_resolver or BootstrapResolver(reactor),
         )
     if kind == "http":
         if not config.http_bootstrap_url:
