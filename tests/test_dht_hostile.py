@@ -176,3 +176,32 @@ class KeyedHostileNetworkTests(HostileNetworkTests):
         if contact is not None:
             self.assertEqual(contact.host, self.holder.address[0])
         self.assertEqual(self.found_by_everyone(), [])
+
+
+class HolderDepartureTests(SynchronousTestCase):
+    """
+    Content must not depend on one other node's store: in a 2-node cluster the node holding the
+    records of the other's content dies; a node that joins afterwards still finds the content,
+    because the holder answers lookups with itself and hands its records to the newcomer.
+    """
+
+    def test_fresh_node_finds_the_survivors_content(self) -> None:
+        rng = random.Random(5)
+        clock = SimulatedClock()
+        network = MemoryNetwork(clock, latency=0.001)
+        cluster = SimulatedCluster(network, CONFIG, rng=rng)
+        cluster.start(2)
+        clock.advance(5)
+        holder, store = cluster.services
+        holder.provide([KEY])
+        clock.advance(2)
+        self.assertEqual(len(store.node.store), 1, "the other node stores the holder's record")
+        self.assertEqual(len(holder.node.store), 0)
+        cluster.crash(store)
+        clock.advance(1)
+        fresh = cluster.add_node()
+        clock.advance(5)
+        # The join rule: the holder handed its record to the newcomer.
+        self.assertEqual([p.node_id for p in fresh.node.store.get(key_id(KEY), 10)], [holder.node.node_id])
+        providers = resolve(clock, fresh.find_providers(KEY, use_cache=False))
+        self.assertIn((holder.node.node_id, holder.address[0]), [(p.node_id, p.host) for p in providers])

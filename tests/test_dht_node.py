@@ -82,6 +82,50 @@ class RequestTests(SynchronousTestCase):
         body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
         self.assertIn(real, body.providers)
 
+    def test_holder_answers_with_itself(self) -> None:
+        key = b"h" * 32
+        self.node.provides = lambda k: k == key
+        body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
+        self.assertEqual(body.providers, (Provider(self.node.node_id, "0.0.0.0", CONFIG.registry_port),))
+        self.assertEqual(self.ask(wire.GetProviders(b"x" * 32)).providers, ())
+
+    def test_self_record_takes_the_address_it_answered_from(self) -> None:
+        """
+        The asker gives a holder's record of itself the address the reply came from; a record
+        with an unspecified address naming anyone else is dropped.
+        """
+        key = b"h" * 32
+        self.node.routing.observe(Contact(peer_id(9), *PEER))
+        d = self.node.find_providers(key)
+        request = next(wire.decode(data) for data, to in self.transport.written if to == PEER)
+        reply = Message(request.txid, peer_id(9), wire.Providers(
+            (Provider(peer_id(9), "0.0.0.0", 30020), Provider(peer_id(66), "0.0.0.0", 6666)), ()
+        ))
+        self.node.protocol.datagramReceived(wire.encode(reply), PEER)
+        self.assertEqual(self.successResultOf(d), [Provider(peer_id(9), PEER[0], 30020)])
+
+    def test_join_rule_hands_provided_keys_to_a_new_node(self) -> None:
+        """
+        A node first seen answering us gets the keys we provide near its id (all of them, in
+        a network this small), in ADD_PROVIDER batches.
+        """
+        keys = [bytes([i]) * 32 for i in range(40)]
+        self.node.provided = lambda: keys
+        d = self.node.ping(PEER)
+        ping = wire.decode(self.transport.written[-1][0])
+        self.transport.written.clear()
+        self.node.protocol.datagramReceived(wire.encode(Message(ping.txid, peer_id(9), wire.Pong())), PEER)
+        self.successResultOf(d)
+        sent = [wire.decode(data).body for data, to in self.transport.written if to == PEER]
+        self.assertEqual([type(b) for b in sent], [wire.AddProvider, wire.AddProvider])
+        self.assertEqual(sorted(k for b in sent for k in b.keys), sorted(keys))
+        # Only the first time it is seen answering.
+        self.transport.written.clear()
+        d = self.node.ping(PEER)
+        ping = wire.decode(self.transport.written[-1][0])
+        self.node.protocol.datagramReceived(wire.encode(Message(ping.txid, peer_id(9), wire.Pong())), PEER)
+        self.assertEqual([wire.decode(data).body for data, _ in self.transport.written[1:]], [])
+
     def test_peer_alive_on_ping_and_announcement(self) -> None:
         """
         A node that pings us (as one does when it joins) or announces content is up: the

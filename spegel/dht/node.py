@@ -55,8 +55,25 @@ from spegel.dht.routing import RoutingTable
 from spegel.dht.wire import Message
 
 KEYS_PER_MESSAGE = 32
+# The host of a provider record that names its sender: the asker knows where it reached it.
+UNSPECIFIED_HOST = "0.0.0.0"
 MAX_REGION_BITS = 12
 PROVIDERS_PER_REPLY = 20
+
+
+def _resolve_self_records(providers: Iterable[Provider], sender_id: bytes, sender_host: str) -> list[Provider]:
+    """
+    A reply's providers, with the replying node's record of itself given the address it
+    answered from; any other record with an unspecified address is dropped.
+    """
+    resolved = []
+    for provider in providers:
+        if provider.host == UNSPECIFIED_HOST:
+            if provider.node_id != sender_id:
+                continue
+            provider = Provider(provider.node_id, sender_host, provider.registry_port)
+        resolved.append(provider)
+    return resolved
 
 
 @frozen
@@ -118,6 +135,10 @@ class KademliaNode:
         # port) or pinged us, as a node does when it (re)joins (host only).  The mirror lifts
         # its put-aside of that peer.
         self.on_peer_alive: Callable[[str, int | None], None] = lambda host, registry_port: None
+        # The key ids this node provides itself (the service's): it answers GET_PROVIDERS for
+        # them with itself, and hands them to nodes that join close to them.
+        self.provided: Callable[[], Collection[bytes]] = lambda: ()
+        self.provides: Callable[[bytes], bool] = lambda key: False
         self.store = ProviderStore(
             clock.seconds,
             config.provider_ttl,
@@ -203,8 +224,45 @@ class KademliaNode:
             return wire.AddProviderAck(stored)
         if isinstance(body, wire.GetProviders):
             providers = tuple(self.store.get(body.key, PROVIDERS_PER_REPLY))
+            if self.provides(body.key):
+                # A holder answers with itself: its content must not depend on the store of
+                # some other node (which may have died since the last announcement).  Its
+                # address is the one the asker reached it at (UNSPECIFIED_HOST, see take()).
+                itself = Provider(self.node_id, UNSPECIFIED_HOST, self.config.registry_port)
+                providers = (itself, *(p for p in providers if p.node_id != self.node_id))[:PROVIDERS_PER_REPLY]
             return wire.Providers(providers, self._closest_for(body.key, message.sender_id))
         raise TypeError(f"not a request: {body!r}")
+
+    def address_verified(self, address: Address, sender_id: bytes) -> None:
+        """
+        C{address} answered a request of ours for the first time (the protocol's hook): a node
+        that just joined, or just became reachable.  Kademlia's join rule, as a provider can
+        follow it when only providers may announce themselves: hand it the keys we provide
+        for which it is now among the closest nodes, so no key depends on nodes that knew it
+        before (they may be gone) until the next republish.
+        """
+        contact = self.routing.get(sender_id)
+        if contact is None or contact.address != address:
+            return
+        keys = self._keys_near(sender_id)
+        for start in range(0, len(keys), KEYS_PER_MESSAGE):
+            request = wire.AddProvider(self.config.registry_port, tuple(keys[start : start + KEYS_PER_MESSAGE]))
+            self._add_provider(contact, request).addErrback(lambda failure: failure.trap(DHTError))
+
+    def _keys_near(self, node_id: bytes) -> list[bytes]:
+        """
+        Our provided keys whose k closest nodes likely include C{node_id}: those in its region
+        of the id space (see the module docstring), and for a small network (one region) all.
+        """
+        provided = self.provided()
+        if not provided:
+            return []
+        bits = self.region_bits()
+        if bits == 0:
+            return sorted(provided)
+        shift = ID_BITS - bits
+        region = int.from_bytes(node_id, "big") >> shift
+        return sorted(key for key in provided if int.from_bytes(key, "big") >> shift == region)
 
     def _peer_alive(self, host: str, registry_port: int | None) -> None:
         try:
@@ -292,7 +350,7 @@ class KademliaNode:
             if not isinstance(body, wire.Providers):
                 return False
             answered_with_providers = answered_with_providers or bool(body.providers)
-            return take(body.providers)
+            return take(_resolve_self_records(body.providers, message.sender_id, contact.host))
 
         started = self.clock.seconds()
         d = self._lookup(key, wire.GetProviders(key), on_reply, satisfied=lambda: answered_with_providers)

@@ -259,9 +259,10 @@ class DHTProtocol(DatagramProtocol):
             return
         del self.pending[message.txid]
         pending.timeout_call.cancel()
-        self._remember_verified(address)
         self._count_received(message)
         self.handler.message_received(message, address)
+        # After the handler saw it, so the routing table knows the sender.
+        self._remember_verified(address, message.sender_id)
         pending.deferred.callback(message)
 
     def _count_received(self, message: Message) -> None:
@@ -288,9 +289,14 @@ class DHTProtocol(DatagramProtocol):
         """Whether C{address} answered one of our requests (lately)."""
         return address in self._verified
 
-    def _remember_verified(self, address: Address) -> None:
+    def _remember_verified(self, address: Address, sender_id: bytes | None = None) -> None:
+        first = address not in self._verified
         self._verified[address] = None
         self._verified.move_to_end(address)
+        if first and sender_id is not None:
+            verified = getattr(self.handler, "address_verified", None)
+            if verified is not None:
+                verified(address, sender_id)
         while len(self._verified) > VERIFIED_ADDRESSES:
             self._verified.popitem(last=False)
 

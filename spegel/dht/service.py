@@ -93,6 +93,8 @@ class DHTService(MultiService):
         self._listener = _UDPListener(reactor, config, node)
         self._listener.setServiceParent(self)
         self._provided: dict[bytes, str] = {}
+        node.provided = self._provided.keys
+        node.provides = self._provided.__contains__
         self._unannounced: set[bytes] = set()
         self._announce_call: IDelayedCall | None = None
         self._settle_call: IDelayedCall | None = None
