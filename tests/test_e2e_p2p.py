@@ -445,7 +445,16 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
                 cluster.containerds[1].start()
                 wait_for(lambda: self.subscriptions(1) > subscribed, timeout=15, what="node 1 resubscribing")
                 served = cluster.served()
-                cluster.pull(2, ref)
+                try:
+                    cluster.pull(2, ref)
+                except CommandFailed as e:
+                    # containerd may resume its partial ingest of the cut transfer (with the
+                    # flipped byte in it) instead of starting afresh; its own digest check then
+                    # refuses the commit and drops the ingest, and the kubelet's retry starts
+                    # over.  Seen once in CI under heavy load; never a wrong blob stored.
+                    self.assertIn("unexpected commit digest", str(e))
+                    self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
+                    cluster.pull(2, ref)
             delta = _delta(cluster.served(), served)
 
             self.assertHolds(2, ref, image)
