@@ -132,3 +132,53 @@ class ChurnTests(_RigTestCase):
                 time.sleep(1)
         self.assertHolds(3, ref, image)
         self.assertGreaterEqual(self.served(1) - before, sum(layer.size for layer in image.layers))
+
+
+class CutLinkTests(_RigTestCase):
+    nodes = 3
+
+    def setUp(self) -> None:
+        # Node links capped so the transfer below takes seconds, and the cut lands within it.
+        self.cluster = NetCluster(self.nodes, node_rate="200mbit")
+        self.cluster.start()
+        self.addCleanup(self.cluster.stop)
+
+    def test_holder_link_cut_mid_transfer(self) -> None:
+        """
+        Node 2 pulls a 64 MiB layer that only node 0 holds; node 0's link goes dead a moment
+        into the transfer (every packet lost, no reset).  The pull does not hang: node 2's
+        spegel gives up on the silent peer after its idle timeout (10 s) and, with no other
+        holder to resume from, cuts containerd's connection, so the pull fails at once instead
+        of waiting for TCP's minutes.  The kubelet's retry skips the peer (put aside) and takes
+        the image from upstream, whole.
+        """
+        image = build_image(seed="cut-link", layer_sizes=(64 * MiB,))
+        ref = self.cluster.push_image("cut/app", "v1", image)
+        self.cluster.pull(0, ref)
+        deadline = time.monotonic() + 15
+        while self.cluster.nodes[2].request("HEAD", f"/v2/cut/app/manifests/v1?ns={self.cluster.upstream}").status != 200:
+            self.assertLess(time.monotonic(), deadline, "node 2 cannot find the image")
+            time.sleep(0.05)
+        with ThreadPoolExecutor(1) as executor:
+            started = time.monotonic()
+            pull = executor.submit(self.cluster.pull, 2, ref, 120)
+            time.sleep(1.0)
+            self.cluster.hosts[0].cut()
+            try:
+                pull.result()
+                outcome = "completed"
+            except CommandFailed as e:
+                outcome = f"failed ({str(e).splitlines()[-1][:80]})"
+            first = time.monotonic() - started
+        # The idle timeout, and slack for a loaded machine.
+        self.assertLess(first, 10 + 15, outcome)
+        started = time.monotonic()
+        try:
+            self.cluster.pull(2, ref, 120)
+        except (CommandFailed, ProcessFailed) as e:
+            self.fail(f"the retry: {e}\n{self.cluster.dump_logs()}")
+        retry = time.monotonic() - started
+        print(f"\n  holder's link cut 1 s into the pull: first attempt {outcome} after {first:.1f} s; retry {retry:.1f} s")
+        self.assertHolds(2, ref, image)
+        # 64 MiB from upstream at 100 Mbit/s is about 6 s.
+        self.assertLess(retry, 6 + 20)

@@ -89,6 +89,17 @@ class Host:
         """
         run(self.command(["tc", "qdisc", "replace", "dev", f"{self.veth}p", "root", "tbf", "rate", rate, "burst", burst, "latency", latency]))
 
+    def cut(self) -> None:
+        """
+        Take the host's link down on the bridge side: every packet to and from it is lost from
+        now on, with no reset sent, as when a node's network fails (this kernel has no netem).
+        """
+        _ip("link", "set", self.veth, "down")
+
+    def mend(self) -> None:
+        """Bring the link back up after L{cut}."""
+        _ip("link", "set", self.veth, "up")
+
     def pids(self) -> list[int]:
         """
         The processes whose network namespace this is.
