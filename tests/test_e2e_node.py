@@ -376,10 +376,11 @@ class DemoTests(TestCase):
 
     def test_succeeds(self) -> None:
         """
-        The demo exits 0: node 1 pulls from upstream, nodes 2 and 3 get every byte from node 1
-        or each other with upstream stopped, digests are equal, and no process is left.
+        The demo on loopback exits 0: node 1 pulls from upstream, nodes 2 and 3 get every byte
+        from node 1 or each other with upstream stopped, digests are equal, and no process is
+        left.
         """
-        result = self.runDemo()
+        result = self.runDemo("--loopback")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("upstream = node 1 = node 2 = node 3: yes", result.stdout)
         first = re.search(r"node 1 pulled \S+ by tag in [0-9.]+s: ([0-9.]+) MiB from upstream", result.stdout)
@@ -396,13 +397,41 @@ class DemoTests(TestCase):
         self.assertTrue(result.stdout.rstrip().endswith("demo ok"))
         self.assertCleanedUp(result.stdout)
 
+    def test_rolloutOnHostsOfTheirOwn(self) -> None:
+        """
+        The README's demo as CI's machine runs it (root): five nodes, each a host of its own
+        with its own address; node 1 pulls from upstream, then nodes 2 to 5 pull at once with
+        upstream stopped, every byte from peers, and nothing is left behind (processes,
+        namespaces).
+        """
+        result = self.runDemo()
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertNotIn("running on 127.0.0.1", result.stdout)
+        addresses = re.findall(r"node \d at (198\.1[89]\.\d+\.\d+) ", result.stdout)
+        self.assertEqual(len(set(addresses)), 5, result.stdout)
+        self.assertIn("nodes 2 and 3 and 4 and 5 pull at once", result.stdout)
+        for node in ("2", "3", "4", "5"):
+            pulled = re.search(
+                rf"node {node} pulled \S+ by (tag|digest) in [0-9.]+s: 0\.0 MiB from upstream, [0-9.]+ MiB from its own "
+                rf"disk, ([0-9.]+) MiB from peers",
+                result.stdout,
+            )
+            self.assertIsNotNone(pulled, result.stdout)
+            self.assertGreaterEqual(float(pulled.group(2)), 2.0)
+        self.assertIn("served to the others during the rollout: node 1", result.stdout)
+        self.assertIn("upstream = node 1 = node 2 = node 3 = node 4 = node 5: yes", result.stdout)
+        self.assertTrue(result.stdout.rstrip().endswith("demo ok"))
+        self.assertCleanedUp(result.stdout)
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        self.assertNotIn("sp", "".join(line.split()[0][:2] for line in namespaces.splitlines() if line))
+
     def test_failsWithOneLineReason(self) -> None:
         """
         When the nodes serve nothing (a filter refusing every repository), node 1's image never
         becomes findable in the cluster: the demo exits 1 with a one-line reason on stderr
         before stopping upstream, and leaves no process.
         """
-        result = self.runDemo("--node-arg=--registry-filters=.")
+        result = self.runDemo("--loopback", "--node-arg=--registry-filters=.")
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertTrue(result.stderr.startswith("demo failed: "), result.stderr)

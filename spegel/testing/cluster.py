@@ -69,8 +69,104 @@ class Served:
         return Served(self.local - other.local, self.peer - other.peer, self.spliced - other.spliced)
 
 
+class ClusterQueries:
+    """
+    What a test or the demo asks any rig cluster (L{Cluster} on loopback, or
+    L{spegel.testing.netcluster.NetCluster}): is an image findable through a node, and how
+    many bytes has each node served.  The cluster provides C{nodes} and C{upstream_ns} (the
+    upstream registry as C{host:port}, the C{ns} containerd sends).
+    """
+
+    nodes: list[SpegelNode]
+
+    @property
+    def upstream_ns(self) -> str:
+        raise NotImplementedError
+
+    def unfindable(
+        self,
+        node_index: int,
+        repo: str,
+        image: TestImage,
+        *,
+        tag: str | None = None,
+        platform: Platform | None = None,
+    ) -> list[str]:
+        """
+        Ask node C{node_index}'s registry, as its containerd would (C{HEAD}, no peer header),
+        for C{tag} and every digest of C{image} (of C{platform} only, if given).
+
+        @return: what it could not find (empty when everything is findable through it).
+        """
+        node = self.nodes[node_index]
+        ns = urllib.parse.quote(self.upstream_ns, safe="")
+        wanted = image.digests(platform)
+        manifests = {image.digest, *(m.digest for m in image.manifests)} & wanted
+        paths = [f"manifests/{tag}"] if tag is not None else []
+        paths += [f"manifests/{d}" for d in sorted(manifests)]
+        paths += [f"blobs/{d}" for d in sorted(wanted - manifests)]
+        missing = []
+        for path in paths:
+            try:
+                status = node.request("HEAD", f"/v2/{repo}/{path}?ns={ns}", timeout=5).status
+            except (OSError, http.client.HTTPException):
+                status = None
+            if status != 200:
+                missing.append(path)
+        return missing
+
+    def wait_findable(
+        self,
+        node_indexes: Iterable[int],
+        repo: str,
+        image: TestImage,
+        *,
+        tag: str | None = None,
+        platform: Platform | None = None,
+        timeout: float = 5.0,
+        interval: float = 0.02,
+    ) -> float:
+        """
+        Poll L{unfindable} on every node of C{node_indexes} until each finds everything.
+
+        @return: the seconds it took.
+        @raise ProcessFailed: on timeout, naming what was still missing where.
+        """
+        started = time.monotonic()
+        indexes = list(node_indexes)
+        while True:
+            missing = {i: self.unfindable(i, repo, image, tag=tag, platform=platform) for i in indexes}
+            missing = {i: paths for i, paths in missing.items() if paths}
+            if not missing:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise ProcessFailed(f"not findable after {timeout}s: {missing}")
+            indexes = list(missing)
+            time.sleep(interval)
+
+    def served(self) -> list[Served | None]:
+        """
+        Every node's L{Served} counters now; L{None} for a node that is not running.
+        """
+        result: list[Served | None] = []
+        for node in self.nodes:
+            if not node.running:
+                result.append(None)
+                continue
+            metrics = node.metrics()
+            result.append(
+                Served(
+                    metrics.total("spegel_served_bytes_total", source="local"),
+                    metrics.total("spegel_served_bytes_total", source="peer"),
+                    metrics.total("spegel_spliced_bytes_total"),
+                )
+            )
+        return result
+
+
+
 @define(eq=False)
-class Cluster:
+class Cluster(ClusterQueries):
     """
     C{n_nodes} containerd + spegel pairs and one upstream registry, all on 127.0.0.1.
 
@@ -173,6 +269,10 @@ class Cluster:
         if not self.keep_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
+    @property
+    def upstream_ns(self) -> str:
+        return self.registry.host
+
     def mirror_target(self, target: int | str) -> str:
         return self.nodes[target].registry_url if isinstance(target, int) else target
 
@@ -246,86 +346,6 @@ class Cluster:
         """
         for index in range(self.n_nodes):
             self.configure_mirrors(index, [index])
-
-    def unfindable(
-        self,
-        node_index: int,
-        repo: str,
-        image: TestImage,
-        *,
-        tag: str | None = None,
-        platform: Platform | None = None,
-    ) -> list[str]:
-        """
-        Ask node C{node_index}'s registry, as its containerd would (C{HEAD}, no peer header),
-        for C{tag} and every digest of C{image} (of C{platform} only, if given).
-
-        @return: what it could not find (empty when everything is findable through it).
-        """
-        node = self.nodes[node_index]
-        ns = urllib.parse.quote(self.registry.host, safe="")
-        wanted = image.digests(platform)
-        manifests = {image.digest, *(m.digest for m in image.manifests)} & wanted
-        paths = [f"manifests/{tag}"] if tag is not None else []
-        paths += [f"manifests/{d}" for d in sorted(manifests)]
-        paths += [f"blobs/{d}" for d in sorted(wanted - manifests)]
-        missing = []
-        for path in paths:
-            try:
-                status = node.request("HEAD", f"/v2/{repo}/{path}?ns={ns}", timeout=5).status
-            except (OSError, http.client.HTTPException):
-                status = None
-            if status != 200:
-                missing.append(path)
-        return missing
-
-    def wait_findable(
-        self,
-        node_indexes: Iterable[int],
-        repo: str,
-        image: TestImage,
-        *,
-        tag: str | None = None,
-        platform: Platform | None = None,
-        timeout: float = 5.0,
-        interval: float = 0.02,
-    ) -> float:
-        """
-        Poll L{unfindable} on every node of C{node_indexes} until each finds everything.
-
-        @return: the seconds it took.
-        @raise ProcessFailed: on timeout, naming what was still missing where.
-        """
-        started = time.monotonic()
-        indexes = list(node_indexes)
-        while True:
-            missing = {i: self.unfindable(i, repo, image, tag=tag, platform=platform) for i in indexes}
-            missing = {i: paths for i, paths in missing.items() if paths}
-            if not missing:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise ProcessFailed(f"not findable after {timeout}s: {missing}")
-            indexes = list(missing)
-            time.sleep(interval)
-
-    def served(self) -> list[Served | None]:
-        """
-        Every node's L{Served} counters now; L{None} for a node that is not running.
-        """
-        result: list[Served | None] = []
-        for node in self.nodes:
-            if not node.running:
-                result.append(None)
-                continue
-            metrics = node.metrics()
-            result.append(
-                Served(
-                    metrics.total("spegel_served_bytes_total", source="local"),
-                    metrics.total("spegel_served_bytes_total", source="peer"),
-                    metrics.total("spegel_spliced_bytes_total"),
-                )
-            )
-        return result
 
     def dump_logs(self, lines: int = 40) -> str:
         """

@@ -1,10 +1,15 @@
 # -*- test-case-name: tests.test_e2e_node -*-
 """
-The README demo: a three-node loopback cluster shares an image peer to peer, upstream gone.
+The README demo: a cluster shares an image peer to peer, upstream gone.
 
-Run with C{python -m spegel.testing.demo}.  On 127.0.0.1 it starts an upstream registry and, per
-node, a containerd daemon and a spegel node; the nodes bootstrap from each other (static) and
-every containerd mirrors through its own node (C{spegel configuration}), as in a real cluster.
+Run with C{python -m spegel.testing.demo}.  Where the machine allows it (root, network
+namespaces, C{tc}), every node is a host of its own (L{spegel.testing.netcluster}): its own
+address on a bridge, containerd, and a spegel node on the chart's ports, found through DNS, with
+the upstream registry behind a 100 Mbit/s link with 30 ms of round trip; node 1 pulls from
+upstream, then every other node at once, as in a DaemonSet rollout, with a progress line while
+they pull.  Elsewhere, or with C{--loopback}, it says why and runs three nodes on 127.0.0.1
+(static bootstrap), pulling one after another.  In both, every containerd mirrors through its own
+node (C{spegel configuration}), as in a real cluster.
 It pushes an image of a few random layers upstream, pulls it on node 1 (its node finds nothing in
 the cluster, so containerd falls back upstream), waits until the other nodes find it in the
 cluster, stops the upstream registry, and pulls it on node 2 by tag and on node 3 by digest.
@@ -16,17 +21,22 @@ digests, non-zero with a one-line reason otherwise, and always cleans up.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from attrs import frozen
 
 from spegel.testing.cluster import Cluster, Served, static_bootstrap
 from spegel.testing.containerd import newest_containerd
 from spegel.testing.images import TestImage, build_image
+from spegel.testing.netcluster import BOOTSTRAP_DOMAIN, NetCluster
 from spegel.testing.process import CommandFailed, ProcessFailed, failure_line, last_line
 
 MiB = 1 << 20
@@ -80,8 +90,32 @@ def _mib(n: float) -> str:
     return f"{n / MiB:.1f} MiB"
 
 
+def rig_unavailable() -> str | None:
+    """
+    Why nodes cannot be hosts of their own here (L{None} when they can): the rig needs root,
+    C{ip}, C{tc}, C{nsenter} and C{unshare}, and a kernel that lets it make network namespaces.
+    """
+    if os.geteuid() != 0:
+        return "not root"
+    for tool in ("ip", "tc", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"no {tool} command"
+    name = f"spdemo{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot make network namespaces ({last_line(made.stderr)})"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
 def run_demo(
-    layers: int, total_mib: float, seed: str, keep: bool, node_args: Sequence[str] = (), nodes: int = 3
+    layers: int,
+    total_mib: float,
+    seed: str,
+    keep: bool,
+    node_args: Sequence[str] = (),
+    nodes: int = 3,
+    rig: bool = False,
 ) -> list[PullReport]:
     """
     Run the demo, printing progress.
@@ -100,36 +134,51 @@ def run_demo(
             return [*static_bootstrap(index, cluster), *node_args]
 
         build = newest_containerd()
-        clock.say(
-            f"starting an upstream registry, {nodes} containerd {build.version} daemons and "
-            f"{nodes} spegel nodes on 127.0.0.1"
-        )
-        cluster = Cluster(nodes, keep_dir=keep, node_args=args, wait_ready=True, containerd_build=build)
+        cluster: Any
+        if rig:
+            clock.say(
+                f"starting {nodes} hosts of their own (network namespaces on a bridge), each with "
+                f"containerd {build.version} and a spegel node on ports 5000/5001/9090, and an "
+                "upstream registry behind a 100 Mbit/s link with 30 ms of round trip"
+            )
+            cluster = NetCluster(nodes, containerd_build=build, node_args=list(node_args))
+        else:
+            clock.say(
+                f"starting an upstream registry, {nodes} containerd {build.version} daemons and "
+                f"{nodes} spegel nodes on 127.0.0.1"
+            )
+            cluster = Cluster(nodes, keep_dir=keep, node_args=args, wait_ready=True, containerd_build=build)
         try:
             with cluster:
-                return _run_in(cluster, image, clock)
+                return _run_in(cluster, image, clock, rig)
         except BaseException:
             if keep:
                 print(cluster.dump_logs(20), file=sys.stderr)
             raise
         finally:
-            if keep:
+            if keep and not rig:
                 clock.say(f"logs and data kept in {cluster.base_dir}")
 
 
-def _run_in(cluster: Cluster, image: TestImage, clock: _Clock) -> list[PullReport]:
+def _run_in(cluster: Any, image: TestImage, clock: _Clock, rig: bool = False) -> list[PullReport]:
     registry = cluster.registry
     count = len(cluster.nodes)
-    clock.say(f"up: registry {registry.url}")
-    for index, (node, daemon) in enumerate(zip(cluster.nodes, cluster.containerds)):
-        clock.say(f"    node {index + 1} {node.registry_url} (containerd {daemon.socket})")
-
-    cluster.mirror_through_own_nodes()
-    clock.say("spegel configuration: every containerd tries its own node before upstream")
-
     repo = "demo/app"
-    tag_ref = registry.push_image(repo, "v1", image)
-    digest_ref = registry.ref(repo, image.digest)
+    if rig:
+        clock.say(f"up: upstream {cluster.upstream_url} (a host of its own); nodes found through DNS as {BOOTSTRAP_DOMAIN}")
+        for index, (node, daemon) in enumerate(zip(cluster.nodes, cluster.containerds)):
+            clock.say(f"    node {index + 1} at {node.address} (containerd {daemon.socket})")
+        clock.say("spegel configuration: every containerd tries its own node before upstream")
+        tag_ref = cluster.push_image(repo, "v1", image)
+        digest_ref = cluster.ref(repo, image.digest)
+    else:
+        clock.say(f"up: registry {registry.url}")
+        for index, (node, daemon) in enumerate(zip(cluster.nodes, cluster.containerds)):
+            clock.say(f"    node {index + 1} {node.registry_url} (containerd {daemon.socket})")
+        cluster.mirror_through_own_nodes()
+        clock.say("spegel configuration: every containerd tries its own node before upstream")
+        tag_ref = registry.push_image(repo, "v1", image)
+        digest_ref = registry.ref(repo, image.digest)
     clock.say(f"pushed {tag_ref} ({image.digest}, {_mib(image.total_size())} in {len(image.blobs())} blobs)")
 
     # Node 1 and every other puller by tag, the rest by digest: containerd asks for both kinds.
@@ -147,9 +196,12 @@ def _run_in(cluster: Cluster, image: TestImage, clock: _Clock) -> list[PullRepor
 
     registry.stop()
     clock.say("upstream registry stopped")
-    for index in others:
-        how = "by tag" if refs[index] == tag_ref else "by digest"
-        report = _pull(cluster, image, index, refs[index], how, clock)
+    if rig:
+        wave = _rollout(cluster, image, others, refs, tag_ref, clock)
+    else:
+        wave = [_pull(cluster, image, index, refs[index], "by tag" if refs[index] == tag_ref else "by digest", clock) for index in others]
+    for report in wave:
+        index = report.node
         reports.append(report)
         if report.upstream > 0:
             raise DemoFailed(
@@ -211,6 +263,52 @@ def _pull(cluster: Cluster, image: TestImage, index: int, ref: str, how: str, cl
     return report
 
 
+def _rollout(cluster: Any, image: TestImage, indexes: list[int], refs: list[str], tag_ref: str, clock: _Clock) -> list[PullReport]:
+    """
+    Pull on every node of C{indexes} at once, as a DaemonSet rollout does, printing one line of
+    progress for all of them, then what each got from where and what each served the others.
+    """
+    clock.say(f"nodes {_names(indexes)} pull at once, each through its own node ...")
+    before = cluster.served()
+    started = time.monotonic()
+    processes = {index: cluster.containerds[index].start_pull(refs[index]) for index in indexes}
+    ended: dict[int, float] = {}
+    try:
+        last = started
+        while len(ended) < len(processes):
+            time.sleep(0.05)
+            for index, process in processes.items():
+                if index not in ended and not process.running:
+                    ended[index] = time.monotonic() - started
+            if time.monotonic() - last >= PROGRESS_EVERY and len(ended) < len(processes):
+                last = time.monotonic()
+                now = cluster.served()
+                parts = []
+                for index in indexes:
+                    got = 0.0 if now[index] is None or before[index] is None else (now[index] - before[index]).peer
+                    parts.append(f"node {index + 1} " + ("done" if index in ended else _mib(got)))
+                clock.say("    ... " + " | ".join(parts))
+        statuses = {index: process.wait(timeout=5) for index, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()
+    failed = [index for index, status in statuses.items() if status != 0]
+    if failed:
+        raise DemoFailed(f"node {failed[0] + 1}'s pull failed: {last_line(processes[failed[0]].log_text())}")
+    delta = [None if a is None or b is None else a - b for a, b in zip(cluster.served(), before)]
+    reports = []
+    for index in indexes:
+        mine: Served = delta[index] or Served(0, 0)
+        upstream = max(0.0, image.total_size() - mine.local - mine.peer)
+        how = "by tag" if refs[index] == tag_ref else "by digest"
+        report = PullReport(index, how, ended[index], upstream, mine.local, mine.peer, mine.spliced, {})
+        clock.say(f"node {index + 1} pulled {refs[index]} {how} in {ended[index]:.2f}s: {_sources(report)}")
+        reports.append(report)
+    served = ", ".join(f"node {i + 1} {_mib(d.local)}" for i, d in enumerate(delta) if d is not None and d.local > 0)
+    clock.say(f"served to the others during the rollout: {served or 'nothing'}")
+    return reports
+
+
 def _sources(report: PullReport) -> str:
     parts = [f"{_mib(report.upstream)} from upstream", f"{_mib(report.own_disk)} from its own disk"]
     peers = ", ".join(f"node {i + 1} {_mib(n)}" for i, n in sorted(report.by_peer.items()))
@@ -228,7 +326,8 @@ def _summary(reports: list[PullReport], image: TestImage, ref: str, count: int) 
     print(f"image size     {_mib(image.total_size())} in {len(image.blobs())} blobs")
     print(f"{'pull':<24} {'time':>7} {'upstream':>11} {'own disk':>11} {'peers':>11}  served by")
     for r in reports:
-        peers = ", ".join(f"node {i + 1}" for i in sorted(r.by_peer)) or "-"
+        # A rollout's pulls ran at once: who served whom is not told apart (see above).
+        peers = ", ".join(f"node {i + 1}" for i in sorted(r.by_peer)) or "peers (at once)"
         print(
             f"{f'node {r.node + 1} {r.how}':<24} {r.seconds:>6.2f}s {_mib(r.upstream):>11} "
             f"{_mib(r.own_disk):>11} {_mib(r.from_peers):>11}  {peers if r.from_peers else 'upstream'}"
@@ -252,13 +351,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="ARG",
         help="extra argument for every spegel node, repeatable (e.g. --node-arg=--mirror-resolve-retries=1)",
     )
+    parser.add_argument("--loopback", action="store_true", help="run on 127.0.0.1 even where nodes can be hosts of their own")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default 5 as hosts of their own, 3 on loopback)")
     args = parser.parse_args(argv)
     if args.layers < 1 or args.size_mib <= 0:
         parser.error("--layers must be at least 1 and --size-mib positive")
+    rig = False
+    if not args.loopback:
+        why = rig_unavailable()
+        if why is None:
+            rig = True
+        else:
+            print(f"nodes cannot be hosts of their own here ({why}): running on 127.0.0.1", flush=True)
+    nodes = args.nodes or (5 if rig else 3)
+    if nodes < 2:
+        parser.error("--nodes must be at least 2")
     # A plain kill must clean up too: turn SIGTERM into an exception that unwinds the cluster.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        run_demo(args.layers, args.size_mib, args.seed, args.keep, args.node_arg)
+        run_demo(args.layers, args.size_mib, args.seed, args.keep, args.node_arg, nodes=nodes, rig=rig)
     except DemoFailed as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from attrs import define, field
 
-from spegel.testing.cluster import spegel_cli
+from spegel.testing.cluster import ClusterQueries, spegel_cli
 from spegel.testing.containerd import ContainerdBuild, ContainerdDaemon, newest_containerd, short_tempdir
 from spegel.testing.dns import DNSServer
 from spegel.testing.images import TestImage
@@ -50,7 +50,7 @@ UPSTREAM_INNER_PORT = 5080
 
 
 @define(eq=False)
-class NetCluster:
+class NetCluster(ClusterQueries):
     """
     @ivar n_nodes: nodes to start.
     @ivar containerd_build: which containerd every node runs.
@@ -92,6 +92,10 @@ class NetCluster:
         """C{<address>:5000}: the upstream registry as nodes see it (through the shaped link)."""
         assert self.upstream_host is not None
         return f"{self.upstream_host.address}:{REGISTRY_PORT}"
+
+    @property
+    def upstream_ns(self) -> str:
+        return self.upstream
 
     @property
     def upstream_url(self) -> str:
@@ -183,7 +187,7 @@ class NetCluster:
             address=host.address,
             netns=host,
             name="upstream",
-            access_log=False,
+            access_log=True,
         )
         os.makedirs(self.registry.base_dir, exist_ok=True)
         self.registry.start()
