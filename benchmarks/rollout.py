@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from spegel.testing.images import build_image
@@ -45,9 +46,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_case(nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: float, coalesce: str) -> dict:
+def run_case(
+    nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: float, coalesce: str, node_args: Sequence[str] = ()
+) -> dict:
     image = build_image(seed=f"rollout-{size_mb}", layer_sizes=layers_for(size_mb))
-    node_args = ["--mirror-coalesce-timeout", coalesce] if spegel else []
+    node_args = ["--mirror-coalesce-timeout", coalesce, *node_args] if spegel else []
     with NetCluster(nodes, spegel=spegel, node_args=node_args) as cluster:
         ref = cluster.push_image("rollout/app", "v1", image)
         started = time.monotonic()
@@ -72,8 +75,11 @@ def run_case(nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: floa
             list(executor.map(lambda item: pull(*item), enumerate(wave)))
         everyone = time.monotonic() - started
         served = []
+        unresolved = 0.0
         if spegel:
-            served = [n.metrics().total("spegel_served_bytes_total", source="local") / MiB for n in cluster.nodes]
+            metrics = [n.metrics() for n in cluster.nodes]
+            served = [m.total("spegel_served_bytes_total", source="local") / MiB for m in metrics]
+            unresolved = sum(m.total("spegel_mirror_unresolved_total", reason="timeout") for m in metrics)
         rollout = [times[i] for i in wave if i in times]
         return {
             "nodes": nodes,
@@ -91,6 +97,7 @@ def run_case(nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: floa
             "rss": statistics.mean(cluster.rss_mib()) if spegel else 0.0,
             "rss_max": max(cluster.rss_mib()) if spegel else 0.0,
             "failed": failed,
+            "unresolved": unresolved,
         }
 
 
@@ -102,6 +109,7 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=0.0)
     parser.add_argument("--coalesce", default="0s")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--node-arg", action="append", default=[], help="extra spegel node argument, repeatable")
     args = parser.parse_args()
     print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce}; upstream 100 Mbit/s, 30 ms RTT")
     print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
@@ -109,7 +117,10 @@ def main() -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             for spegel in ([True] if args.no_baseline else [False, True]):
                 try:
-                    r = run_case(nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce)
+                    r = run_case(
+                        nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce,
+                        node_args=args.node_arg,
+                    )
                 except (CommandFailed, ProcessFailed) as e:
                     print(f"{nodes:5d}  {size:7d}  {'spegel' if spegel else 'none':7s}  failed: {str(e).splitlines()[0]}")
                     continue
@@ -121,6 +132,7 @@ def main() -> int:
                     f"  {r['served_max']:9.1f} / {r['served_mean']:7.1f}"
                     f"  {r['rss']:8.0f} / {r['rss_max']:4.0f}"
                     f"  {f'{reference[0]} -> {reference[1]}' if reference else '-'}"
+                    + (f"  ({r['unresolved']:.0f} resolve timeouts)" if spegel else "")
                     + (f"  FAILED on {len(r['failed'])}: {next(iter(r['failed'].values()))}" if r["failed"] else ""),
                     flush=True,
                 )

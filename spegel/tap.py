@@ -135,7 +135,13 @@ class Options(usage.Options):
             "Comma-separated registry URLs to serve (e.g. https://docker.io); empty: all.",
         ],
         ["registry-filters", None, "", "Comma-separated regexes on registry/repo[:tag] to refuse."],
-        ["mirror-resolve-timeout", None, "20ms", "How long to look for a peer before a 404."],
+        [
+            "mirror-resolve-timeout",
+            None,
+            "100ms",
+            "How long to look for a peer before a 404 (20 ms, the reference's, sent 11 copies of an "
+            "image upstream in a 50-node rollout here; 100 ms, one).",
+        ],
         [
             "mirror-coalesce-timeout",
             None,

@@ -43,7 +43,7 @@ from spegel.testing.images import (
 )
 from spegel.testing import pods
 from spegel.testing.dns import DNSServer
-from spegel.testing.netns import BENCHMARK_RANGE, Network
+from spegel.testing.netns import BENCHMARK_RANGE, Network, ensure_neighbour_table, restore_neighbour_table
 from spegel.testing.node import SpegelNode
 from spegel.testing.ports import free_port
 from spegel.testing.process import CommandFailed, ManagedProcess, ProcessFailed, live_processes, wait_for
@@ -624,3 +624,25 @@ class PodSpecTranslationTests(SynchronousTestCase):
         self.assertIn("hostPort 30020 != containerPort 5000", str(e))
         e = self.assertRaises(pods.PodFailed, kubelet._check, "p", {**container, "ports": [], "lifecycle": {}})
         self.assertIn("['lifecycle']", str(e))
+
+
+class NeighbourTableTests(SynchronousTestCase):
+    """
+    The kernel's ARP table is shared by every namespace: a rig of N hosts raises its limits
+    to fit N * N entries (at 50 nodes the defaults overflowed: "No route to host" between
+    nodes) and puts the originals back.
+    """
+
+    def test_raised_and_restored(self) -> None:
+        def limits() -> list[int]:
+            return [int(open(f"/proc/sys/net/ipv4/neigh/default/{n}").read()) for n in ("gc_thresh1", "gc_thresh2", "gc_thresh3")]
+
+        before = limits()
+        hosts = 1 + int((before[2] / 4) ** 0.5) + 10  # enough that thresh3 must grow
+        ensure_neighbour_table(hosts)
+        self.addCleanup(restore_neighbour_table)
+        raised = limits()
+        self.assertEqual(raised[2], 4 * hosts * hosts)
+        self.assertTrue(all(r >= b for r, b in zip(raised, before)))
+        restore_neighbour_table()
+        self.assertEqual(limits(), before)

@@ -36,7 +36,7 @@ from spegel.testing.cluster import ClusterQueries, spegel_cli
 from spegel.testing.containerd import ContainerdBuild, ContainerdDaemon, newest_containerd, short_tempdir
 from spegel.testing.dns import DNSServer
 from spegel.testing.images import TestImage
-from spegel.testing.netns import Host, Network
+from spegel.testing.netns import Host, Network, ensure_neighbour_table, restore_neighbour_table
 from spegel.testing.node import SpegelNode, twistd_command
 from spegel.testing.process import ManagedProcess, run, wait_for
 from spegel.testing.registry import UpstreamRegistry
@@ -114,6 +114,8 @@ class NetCluster(ClusterQueries):
             raise
 
     def _start(self, timeout: float) -> None:
+        # Nodes, upstream and the host's side of the bridge.
+        ensure_neighbour_table(self.n_nodes + 2)
         self.network = Network.create()
         self.upstream_host = self.network.add_host()
         self._start_upstream()
@@ -267,4 +269,5 @@ class NetCluster(ClusterQueries):
             self.dns.cleanup()
         if self.network is not None:
             self.network.cleanup()
+        restore_neighbour_table()
         shutil.rmtree(self.base_dir, ignore_errors=True)

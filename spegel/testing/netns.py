@@ -193,10 +193,45 @@ class Network:
         _live.pop(self.bridge, None)
 
 
+# The kernel's neighbour (ARP) table is one for every namespace, with its limits set in the
+# initial one (Linux defaults: 128 / 512 / 1024 entries).  N hosts that all talk to each other
+# need about N * N entries: at 50 nodes, "neighbor table overflow" in dmesg, and connections
+# between nodes failing with "No route to host".
+_NEIGHBOUR_LIMITS = ("gc_thresh1", "gc_thresh2", "gc_thresh3")
+_raised_neighbour_limits: dict[str, int] = {}
+
+
+def _neighbour_sysctl(name: str) -> str:
+    return f"/proc/sys/net/ipv4/neigh/default/{name}"
+
+
+def ensure_neighbour_table(hosts: int) -> None:
+    """
+    Make room in the kernel's neighbour table for C{hosts} hosts that all talk to each other
+    (the originals are put back by L{restore_neighbour_table}, also at exit).
+    """
+    wanted = {"gc_thresh1": hosts * hosts, "gc_thresh2": 2 * hosts * hosts, "gc_thresh3": 4 * hosts * hosts}
+    for name in _NEIGHBOUR_LIMITS:
+        with open(_neighbour_sysctl(name)) as f:
+            current = int(f.read())
+        if wanted[name] > current:
+            _raised_neighbour_limits.setdefault(name, current)
+            with open(_neighbour_sysctl(name), "w") as f:
+                f.write(str(wanted[name]))
+
+
+def restore_neighbour_table() -> None:
+    for name in reversed(_NEIGHBOUR_LIMITS):
+        if name in _raised_neighbour_limits:
+            with open(_neighbour_sysctl(name), "w") as f:
+                f.write(str(_raised_neighbour_limits.pop(name)))
+
+
 def cleanup_all() -> None:
     """Remove every network still here.  Registered with C{atexit}."""
     for network in list(_live.values()):
         network.cleanup()
+    restore_neighbour_table()
 
 
 atexit.register(cleanup_all)
