@@ -75,11 +75,12 @@ def run_case(
             list(executor.map(lambda item: pull(*item), enumerate(wave)))
         everyone = time.monotonic() - started
         served = []
-        unresolved = 0.0
+        unresolved = {"timeout": 0.0, "peers_failed": 0.0}
         if spegel:
             metrics = [n.metrics() for n in cluster.nodes]
             served = [m.total("spegel_served_bytes_total", source="local") / MiB for m in metrics]
-            unresolved = sum(m.total("spegel_mirror_unresolved_total", reason="timeout") for m in metrics)
+            for reason in unresolved:
+                unresolved[reason] = sum(m.total("spegel_mirror_unresolved_total", reason=reason) for m in metrics)
         rollout = [times[i] for i in wave if i in times]
         return {
             "nodes": nodes,
@@ -132,7 +133,11 @@ def main() -> int:
                     f"  {r['served_max']:9.1f} / {r['served_mean']:7.1f}"
                     f"  {r['rss']:8.0f} / {r['rss_max']:4.0f}"
                     f"  {f'{reference[0]} -> {reference[1]}' if reference else '-'}"
-                    + (f"  ({r['unresolved']:.0f} resolve timeouts)" if spegel else "")
+                    + (
+                        f"  (404s: {r['unresolved']['timeout']:.0f} resolve timeouts, "
+                        f"{r['unresolved']['peers_failed']:.0f} with every provider failing)"
+                        if spegel else ""
+                    )
                     + (f"  FAILED on {len(r['failed'])}: {next(iter(r['failed'].values()))}" if r["failed"] else ""),
                     flush=True,
                 )

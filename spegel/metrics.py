@@ -46,7 +46,8 @@ unresolved_total = Counter(
     "spegel_mirror_unresolved_total",
     "Content requests answered 404 because no provider was found in the cluster, by why: "
     "timeout (none within --mirror-resolve-timeout: a slow DHT, or a timeout too short), "
-    "not_found (the lookup ended without one).",
+    "not_found (the lookup ended without one), peers_failed (providers were found, and each "
+    "failed, timed out before its response headers, or the retry budget ran out).",
     ("reason",),
 )
 served_bytes_total = Counter(

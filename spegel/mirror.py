@@ -368,6 +368,7 @@ class Mirror:
                 return data
         finally:
             providers.finish()
+        self._count_unserved(key)
         raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
 
     async def serve_blob(self, request: Request, reference: Reference) -> bytes | None:
@@ -384,6 +385,7 @@ class Mirror:
                     acceptable=_has_span if method == "GET" else lambda response: True,
                 )
                 if upstream is None:
+                    self._count_unserved(digest)
                     raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
                 response = upstream.response
                 if method == "HEAD":
@@ -716,6 +718,12 @@ class Mirror:
             metrics.digest_mismatches_total.inc()
             raise PeerFailed("manifest bytes do not match their digest")
         return data
+
+    def _count_unserved(self, key: str) -> None:
+        # Providers were found, and none served: each failed, lied, timed out (header
+        # deadline) or the retry budget ran out.  Containerd goes upstream.
+        metrics.unresolved_total.labels("peers_failed").inc()
+        self._log.debug("No provider of {key} served it", key=key)
 
     def _succeeded(self) -> None:
         metrics.mirror_last_success_timestamp_seconds.set(self._clock.seconds())

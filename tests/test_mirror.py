@@ -486,12 +486,16 @@ class HedgingTests(MirrorTestCase):
         self.successResultOf(d)
 
     def test_at_most_retries_peers(self) -> None:
+        counter = metrics.unresolved_total.labels("peers_failed")
+        before = counter._value.get()
         d = self.blob(ClientRequest())
         self.router.announce(provider(1), provider(2), provider(3), provider(4))
         for i in range(3):
             self.http.answer(i, 404, 0)
         self.assertEqual(len(self.http.requests), 3)
         self.failureResultOf(d, BlobUnknown)
+        # Counted apart from lookups that found no one.
+        self.assertEqual(counter._value.get() - before, 1)
 
     def test_learned_delay(self) -> None:
         tracker = LatencyTracker()
