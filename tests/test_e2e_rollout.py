@@ -66,11 +66,7 @@ class RolloutTests(_RigTestCase):
         seed = self.cluster.pull(0, ref)
         after_seed = self.cluster.upstream_bytes()
         # Findable from every node before the rollout (advertised through the DHT).
-        deadline = time.monotonic() + 15
-        for node in self.cluster.nodes[1:]:
-            while node.request("HEAD", f"/v2/rollout/app/manifests/v1?ns={self.cluster.upstream}").status != 200:
-                self.assertLess(time.monotonic(), deadline, f"{node.name} cannot find the image")
-                time.sleep(0.05)
+        self.cluster.wait_findable(range(1, self.nodes), "rollout/app", image, tag="v1", timeout=15)
         results = self.pull_all(list(range(1, self.nodes)), ref)
         failures = {i: r for i, r in results.items() if isinstance(r, BaseException)}
         self.assertEqual(failures, {}, self.cluster.dump_logs())
@@ -155,10 +151,7 @@ class CutLinkTests(_RigTestCase):
         image = build_image(seed="cut-link", layer_sizes=(64 * MiB,))
         ref = self.cluster.push_image("cut/app", "v1", image)
         self.cluster.pull(0, ref)
-        deadline = time.monotonic() + 15
-        while self.cluster.nodes[2].request("HEAD", f"/v2/cut/app/manifests/v1?ns={self.cluster.upstream}").status != 200:
-            self.assertLess(time.monotonic(), deadline, "node 2 cannot find the image")
-            time.sleep(0.05)
+        self.cluster.wait_findable([2], "cut/app", image, tag="v1", timeout=15)
         with ThreadPoolExecutor(1) as executor:
             started = time.monotonic()
             pull = executor.submit(self.cluster.pull, 2, ref, 120)

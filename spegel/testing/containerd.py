@@ -551,20 +551,12 @@ class ContainerdDaemon(RunsOneProcess):
 
         @raise spegel.testing.process.CommandFailed: on a non-zero exit, with crictl's stderr.
         """
+        return run(self.crictl_command("--timeout", f"{int(timeout)}s", *args), timeout=timeout + 10)
+
+    def crictl_command(self, *args: str) -> list[str]:
+        """The C{crictl} command line for this daemon's CRI plugin, for callers that run it."""
         endpoint = f"unix://{self.socket}"
-        return run(
-            [
-                crictl(),
-                "--runtime-endpoint",
-                endpoint,
-                "--image-endpoint",
-                endpoint,
-                "--timeout",
-                f"{int(timeout)}s",
-                *args,
-            ],
-            timeout=timeout + 10,
-        )
+        return [crictl(), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, *args]
 
     def cri_pull(self, ref: str, timeout: float = 120.0) -> str:
         """

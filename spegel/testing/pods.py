@@ -37,7 +37,7 @@ from typing import Any
 
 from attrs import define, field
 
-from spegel.testing.containerd import ContainerdDaemon, crictl
+from spegel.testing.containerd import ContainerdDaemon
 from spegel.testing.process import CommandFailed, ProcessFailed
 
 # runtime.v1.NamespaceMode
@@ -407,9 +407,8 @@ class Kubelet:
 
     def container_logs(self, container_id: str) -> str:
         """The container's output, stdout and stderr interleaved as written."""
-        endpoint = f"unix://{self.daemon.socket}"
         completed = subprocess.run(
-            [crictl(), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "logs", container_id],
+            self.daemon.crictl_command("logs", container_id),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
