@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from spegel.flags import ListenAddress
+from spegel.addresses import ListenAddress, join_host_port
 
 HEALTHZ = b"healthz"
 
@@ -51,11 +51,8 @@ _LISTED_AT_MOST = 20
 Address = tuple[str, int]
 
 
-def display(host: str, port: int) -> str:
-    """
-    C{host:port}, with an IPv6 literal in brackets; an empty host (every interface) as C{:port}.
-    """
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+# C{host:port}, an IPv6 literal in brackets; an empty host (every interface) as C{:port}.
+display = join_host_port
 
 
 # --- the node's side -------------------------------------------------------------------------

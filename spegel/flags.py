@@ -7,51 +7,16 @@ that names what is wrong, which the options classes turn into one line on stderr
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
-from attrs import frozen
+from spegel import addresses
+# Re-exported: the node's and the spegel command's flags are read with these.
+from spegel.addresses import ListenAddress, parse_listen_address  # noqa: F401
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # The spellings the one-shot commands take too (spegel.cli.parse_bool).
 _TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
-
-
-@frozen
-class ListenAddress:
-    """
-    Where to listen: C{host} empty means every interface.
-    """
-
-    host: str
-    port: int
-
-    def endpoint_description(self, kind: str = "tcp", backlog: int | None = None) -> str:
-        """
-        A Twisted endpoint string for this address (colons of IPv6 literals escaped), with a
-        listen C{backlog} when given.
-        """
-        description = f"{kind}:{self.port}"
-        if backlog is not None:
-            description += f":backlog={backlog}"
-        if self.host:
-            description += ":interface=" + self.host.replace(":", r"\:")
-        return description
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    """
-    Parse C{:5000}, C{127.0.0.1:5000} or C{[::1]:5000}.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{text!r} is not an address of the form [host]:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{text!r}: IPv6 addresses must be written as [address]:port")
-    return ListenAddress(host, int(port_text))
 
 
 def parse_duration(text: str) -> float:
@@ -93,23 +58,11 @@ def parse_list(text: str) -> list[str]:
 
 def parse_registry_url(text: str) -> str:
     """
-    Validate a registry URL (C{https://docker.io}, C{http://127.0.0.1:5000}) and return the
-    host the registry is known by in C{?ns=} and in image names (C{docker.io},
-    C{127.0.0.1:5000}).
+    Validate a registry URL (C{https://docker.io}, C{http://127.0.0.1:5000}) with the grammar
+    C{spegel configuration} uses (L{spegel.addresses}) and return the host the registry is
+    known by in C{?ns=} and in image names (C{docker.io}, C{127.0.0.1:5000}).
     """
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(f"{text!r} is not a registry URL: {e}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{text!r} is not a registry URL such as https://docker.io")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{text!r}: a registry URL has no path, query or credentials")
-    host = parts.hostname
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{port}" if port is not None else host
+    return addresses.parse_registry_url(text).netloc
 
 
 def parse_regexes(texts: list[str]) -> tuple[re.Pattern[str], ...]:

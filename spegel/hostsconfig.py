@@ -31,7 +31,6 @@ registry's directory is at any moment absent, the operator's, or ours in full.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -41,10 +40,12 @@ import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from urllib.parse import urlsplit
 
 from attrs import field, frozen
 from twisted.logger import Logger
+
+from spegel import addresses
+from spegel.addresses import RegistryURL
 
 log = Logger()
 
@@ -75,9 +76,6 @@ MIRROR_DIAL_TIMEOUT = "200ms"
 _HOSTS_FILE_MODE = 0o644
 _DIR_MODE = 0o755
 
-# Hostname labels as DNS and /etc/hosts allow them (underscores included: clusters use them).
-_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # TOML literal strings cannot hold a quote or control characters (tab is allowed).
 _LITERAL_SAFE = re.compile(r"[^'\x00-\x08\x0a-\x1f\x7f]*")
@@ -108,23 +106,6 @@ class ExistingConfigError(HostsConfigError):
 
 
 @frozen
-class RegistryURL:
-    """
-    A registry or mirror endpoint: scheme and ``host[:port]``, nothing else.
-
-    @ivar scheme: ``http`` or ``https``.
-    @ivar netloc: the lowercased host, brackets around IPv6 addresses, and the port if one was
-        given. It is also the directory name containerd looks up for this registry.
-    """
-
-    scheme: str
-    netloc: str
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.netloc}"
-
-
-@frozen
 class FileContent:
     """
     Bytes to write and the permission bits to give them.
@@ -136,54 +117,18 @@ class FileContent:
 
 def parse_registry_url(text: str, *, role: str = "registry") -> RegistryURL:
     """
-    Validate and normalise one URL.
+    Validate and normalise one URL (L{spegel.addresses.parse_registry_url}: the node reads
+    C{--mirrored-registries} with the same parser).
 
     @param role: what the URL is for (``mirrored registry``, ``mirror target``), used in the
         error message so the operator knows which flag to fix.
     @raise InvalidRegistryURL: unless C{text} is ``http(s)://host[:port]`` with no credentials,
         path, query or fragment.
     """
-
-    def invalid(why: str) -> InvalidRegistryURL:
-        return InvalidRegistryURL(f"invalid {role} URL {text!r}: {why}")
-
-    if not text:
-        raise invalid("it is empty")
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise invalid("it contains whitespace or control characters")
     try:
-        parts = urlsplit(text)
-    except ValueError as e:
-        raise invalid(str(e)) from None
-    if parts.scheme not in ("http", "https") or not text.lower().startswith(parts.scheme + "://"):
-        raise invalid("it must start with http:// or https://")
-    if "@" in parts.netloc:
-        raise invalid("it must not contain credentials")
-    if parts.path:
-        raise invalid("it must not have a path, not even '/'")
-    if parts.query or "?" in text:
-        raise invalid("it must not have a query")
-    if parts.fragment or "#" in text:
-        raise invalid("it must not have a fragment")
-    host = parts.hostname
-    if not host:
-        raise invalid("it has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise invalid("its port is not a number from 1 to 65535") from None
-    if parts.netloc.endswith(":") or port == 0:
-        raise invalid("its port is not a number from 1 to 65535")
-    if parts.netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise invalid("the address in brackets is not an IPv6 address") from None
-        host = f"[{host}]"
-    elif _HOSTNAME.fullmatch(host) is None:
-        raise invalid("its host is not a valid host name or IP address")
-    netloc = host if port is None else f"{host}:{port}"
-    return RegistryURL(scheme=parts.scheme, netloc=netloc)
+        return addresses.parse_registry_url(text, role=role)
+    except addresses.InvalidAddress as e:
+        raise InvalidRegistryURL(str(e)) from None
 
 
 def _parse_distinct(texts: Iterable[str], role: str) -> tuple[RegistryURL, ...]:

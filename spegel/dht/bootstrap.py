@@ -51,6 +51,14 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from spegel.addresses import (  # noqa: F401 - parse_host_port is imported from here too
+    InvalidAddress,
+    check_port,
+    ip_literal as _ip_literal,
+    is_hostname as _is_hostname,
+    parse_host_port,
+)
+
 Address = tuple[str, int]
 """A router's UDP address: (IP literal, port)."""
 
@@ -122,103 +130,11 @@ _EXPECTED_FAILURES = (
 )
 
 
-# --- addresses -------------------------------------------------------------------------------
-
-_HOSTNAME_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-def _ip_literal(host: str) -> str | None:
-    """
-    The canonical text of C{host} if it is an IPv4 or IPv6 literal, else L{None}. Canonical
-    text matters: it is what UDP transports report as a datagram's source, so an address
-    written two ways must compare equal.
-    """
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return None
-
-
-def _is_hostname(host: str) -> bool:
-    """
-    Whether C{host} is a DNS name (RFC 1123 labels). A name whose last label is all digits is
-    refused: it is a mistyped IPv4 address, never a real top-level domain.
-    """
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253:
-        return False
-    labels = name.split(".")
-    return all(_HOSTNAME_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
-
-
 def _check_port(port: object, what: str) -> int:
-    # bool is an int subclass; True is never meant as port 1.
-    if type(port) is not int or not 1 <= port <= 65535:
-        raise ValueError(f"{what}: port must be an integer from 1 to 65535, got {port!r}")
-    return port
-
-
-def parse_host_port(text: str, default_port: int | None = None) -> Address:
-    """
-    Parse C{host:port}, C{[ipv6]:port}, or a bare host when C{default_port} is given.
-
-    IP literals are returned in canonical form; host names are returned as written (lower
-    case), to be resolved later. A bare IPv6 literal (C{::1}) is accepted only without a port,
-    since its last group could not be told apart from one.
-
-    @raise ValueError: with a message naming C{text} and what is wrong with it.
-    """
-    stripped = text.strip()
-    if not stripped:
-        raise ValueError("empty address: expected host:port")
-    port_text: str | None
-    if stripped.startswith("["):
-        end = stripped.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
-        host = stripped[1:end]
-        rest = stripped[end + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
-        if not rest:
-            port_text = None
-        elif rest.startswith(":"):
-            port_text = rest[1:]
-        else:
-            raise ValueError(f"{text!r}: unexpected {rest!r} after ']'; expected ':port'")
-    elif stripped.count(":") > 1:
-        host, port_text = stripped, None
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(
-                f"{text!r}: not host:port; write an IPv6 address with a port as [address]:port"
-            ) from None
-    elif ":" in stripped:
-        host, port_text = stripped.rsplit(":", 1)
-    else:
-        host, port_text = stripped, None
-
-    canonical = _ip_literal(host)
-    if canonical is not None:
-        host = canonical
-    elif _is_hostname(host):
-        host = host.lower()
-    elif not host:
-        raise ValueError(f"{text!r}: missing host before the port")
-    else:
-        raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name")
-
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"{text!r}: missing port; expected host:port")
-        return host, _check_port(default_port, repr(text))
-    if not _PORT.fullmatch(port_text):
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number from 1 to 65535")
-    return host, _check_port(int(port_text), repr(text))
+    try:
+        return check_port(port)
+    except InvalidAddress as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def _unique(addresses: Iterable[Address]) -> list[Address]:

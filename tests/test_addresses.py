@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_addresses -*-
+"""
+Tests for L{spegel.addresses}, the one grammar for hosts, ports and URLs, and that every entry
+point that reads one (the node's flags, C{spegel configuration}, C{spegel cleanup},
+C{spegel cleanup-wait}, the DHT bootstrap) answers the same text the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from spegel import addresses, flags, hostsconfig
+from spegel.addresses import InvalidAddress, ListenAddress, RegistryURL
+from spegel.dht import bootstrap
+
+
+class RegistryURLTests(SynchronousTestCase):
+    def test_normalised(self) -> None:
+        cases = {
+            "https://docker.io": ("https", "docker.io"),
+            "HTTPS://Registry.Example.COM:443": ("https", "registry.example.com:443"),
+            "http://[FD00:0::1]:30020": ("http", "[fd00::1]:30020"),
+            "http://my_registry.local": ("http", "my_registry.local"),
+        }
+        for text, (scheme, netloc) in cases.items():
+            self.assertEqual(addresses.parse_registry_url(text), RegistryURL(scheme, netloc), text)
+
+    def test_explicit_default_port_kept(self) -> None:
+        """
+        containerd reads registry.example.com:443/hosts.toml for images named with the port,
+        registry.example.com/hosts.toml for the others: the two are different registries.
+        """
+        self.assertEqual(str(addresses.parse_registry_url("https://r.example:443")), "https://r.example:443")
+        self.assertEqual(str(addresses.parse_registry_url("https://r.example")), "https://r.example")
+
+    def test_mistyped_ipv4_is_not_a_host_name(self) -> None:
+        e = self.assertRaises(InvalidAddress, addresses.parse_registry_url, "http://10.0.0.256:5000")
+        self.assertIn("neither an IP address nor a valid host name", str(e))
+
+
+class HTTPURLTests(SynchronousTestCase):
+    def test_path_allowed(self) -> None:
+        url = "http://spegel-bootstrap.spegel.svc:5002/"
+        self.assertEqual(addresses.parse_http_url(url), url)
+
+    def test_refused(self) -> None:
+        for text, reason in (
+            ("spegel:5002", "http:// or https://"),
+            ("http://:5002/", "missing host"),
+            ("http://u:p@peer/", "credentials"),
+            ("http://peer:0/", "port"),
+        ):
+            e = self.assertRaises(InvalidAddress, addresses.parse_http_url, text, role="HTTP bootstrap")
+            self.assertIn(reason, str(e), text)
+            self.assertIn("HTTP bootstrap", str(e))
+
+
+class ListenAddressTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        self.assertEqual(addresses.parse_listen_address(":5000"), ListenAddress("", 5000))
+        self.assertEqual(addresses.parse_listen_address("[::]:5000"), ListenAddress("::", 5000))
+        self.assertEqual(addresses.parse_listen_address("127.0.0.1:1"), ListenAddress("127.0.0.1", 1))
+        self.assertEqual(str(ListenAddress("::1", 8080)), "[::1]:8080")
+        self.assertEqual(str(ListenAddress("", 8080)), ":8080")
+
+    def test_bad_host_refused_before_listening(self) -> None:
+        """
+        The host was not checked before: C{bad!host:5000} failed only when the port was bound.
+        """
+        e = self.assertRaises(InvalidAddress, addresses.parse_listen_address, "bad!host:5000")
+        self.assertIn("[host]:port", str(e))
+
+
+class HostPortPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=60))
+    def test_listen_address_never_crashes(self, text: str) -> None:
+        try:
+            address = addresses.parse_listen_address(text)
+        except InvalidAddress:
+            return
+        self.assertTrue(1 <= address.port <= 65535)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.text(max_size=60))
+    def test_registry_url_never_crashes(self, text: str) -> None:
+        try:
+            url = addresses.parse_registry_url(text)
+        except InvalidAddress:
+            return
+        self.assertEqual(addresses.parse_registry_url(str(url)), url)
+
+
+class DriftTests(SynchronousTestCase):
+    """
+    The cases where the entry points used to disagree: the node took C{https://docker.io/} and
+    port 0 where C{spegel configuration} and the chart's values schema refused them. Now all
+    refuse them, each with one line that says why, so a value cannot pass the node and then
+    fail the init container (or the other way round).
+    """
+
+    def node_error(self, *argv: str) -> str:
+        from spegel.tap import Options
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            Options().parseOptions(list(argv))
+        (line,) = stderr.getvalue().splitlines()
+        return line
+
+    def configuration_error(self, url: str) -> str:
+        return str(self.assertRaises(hostsconfig.InvalidRegistryURL, hostsconfig.parse_registry_url, url))
+
+    def test_trailing_slash(self) -> None:
+        for error in (
+            self.node_error("--mirrored-registries", "https://docker.io/"),
+            self.configuration_error("https://docker.io/"),
+        ):
+            self.assertIn("it must not have a path, not even '/'", error)
+
+    def test_port_zero_in_urls(self) -> None:
+        for error in (
+            self.node_error("--mirrored-registries", "https://docker.io:0"),
+            self.configuration_error("https://docker.io:0"),
+        ):
+            self.assertIn("port must be an integer from 1 to 65535, got 0", error)
+
+    def test_port_zero_in_addresses(self) -> None:
+        for error in (
+            self.node_error("--registry-addr", ":0"),
+            self.node_error("--static-bootstrap-peers", "10.0.0.1:0"),
+            str(self.assertRaises(ValueError, bootstrap.parse_host_port, "10.0.0.1:0")),
+            str(self.assertRaises(ValueError, flags.parse_listen_address, "127.0.0.1:0")),
+        ):
+            self.assertIn("port must be an integer from 1 to 65535, got 0", error)
+
+    def test_same_host_names(self) -> None:
+        """
+        Underscores were allowed in registry URLs and refused in bootstrap peers.
+        """
+        self.assertEqual(bootstrap.parse_host_port("my_peer.local:5001"), ("my_peer.local", 5001))
+        self.assertEqual(hostsconfig.parse_registry_url("http://my_peer.local:5001").netloc, "my_peer.local:5001")
+        self.assertEqual(flags.parse_listen_address("my_peer.local:5001").host, "my_peer.local")
