@@ -1,0 +1,3 @@
+module spegel/benchmarks/gorelay
+
+go 1.22
