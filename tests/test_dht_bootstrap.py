@@ -773,8 +773,7 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
             def listen(self, factory: Any) -> Deferred:
                 return pending
 
-        server = HTTPBootstrapServer(Clock(), "tcp:0", lambda: None)  # type: ignore[arg-type]
-        server._endpoint = SlowEndpoint()
+        server = HTTPBootstrapServer(Clock(), SlowEndpoint(), lambda: None)  # type: ignore[arg-type]
         server.startService()
         waiter = server.listening_port()
         self.assertNoResult(waiter)
