@@ -19,6 +19,7 @@ figures (50 nodes, mean pull) are printed beside.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -39,6 +40,25 @@ def layers_for(size_mb: int) -> tuple[int, ...]:
     total = size_mb * 1000 * 1000
     shares = (0.4, 0.25, 0.15, 0.12, 0.08)
     return tuple(max(1024, int(total * share)) for share in shares)
+
+
+# A node's log lines about a provider that failed it (spegel.mirror logs each at info).
+PEER_FAILURE = re.compile(r"peer (?P<peer>\S+?)(?: failed(?: a manifest)?)?: (?P<why>.*)$|peer (?P<slow>\S+) sent no response headers")
+
+
+def peer_failures(log: str) -> list[str]:
+    """
+    Why providers failed this node, one entry per failure, worded by kind (digits dropped, so
+    "sent no response headers in 2.01s" and "...in 2.93s" count together).
+    """
+    kinds = []
+    for line in log.splitlines():
+        match = PEER_FAILURE.search(line)
+        if match is None or "relaying through Python" in line:
+            continue
+        why = "no response headers before the deadline" if match["slow"] else match["why"]
+        kinds.append(re.sub(r"\d+(\.\d+)?", "N", why)[:90])
+    return kinds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -75,13 +95,21 @@ def run_case(
             list(executor.map(lambda item: pull(*item), enumerate(wave)))
         everyone = time.monotonic() - started
         served = []
+        from_peers = [0.0] * nodes
+        failures: list[list[str]] = [[] for _ in range(nodes)]
         unresolved = {"timeout": 0.0, "peers_failed": 0.0}
         if spegel:
             metrics = [n.metrics() for n in cluster.nodes]
             served = [m.total("spegel_served_bytes_total", source="local") / MiB for m in metrics]
+            from_peers = [m.total("spegel_served_bytes_total", source="peer") / MiB for m in metrics]
             for reason in unresolved:
                 unresolved[reason] = sum(m.total("spegel_mirror_unresolved_total", reason=reason) for m in metrics)
+            failures = [peer_failures(n.log_text()) for n in cluster.nodes]
+        from_upstream = [b / MiB for b in cluster.upstream_bytes_by_node()]
         rollout = [times[i] for i in wave if i in times]
+        # Where the slowest pull's time went: how much of the image it took from upstream (at
+        # the shared 100 Mbit/s) and from peers, and which providers failed it on the way.
+        slowest = max((i for i in wave if i in times), key=lambda i: times[i], default=None)
         return {
             "nodes": nodes,
             "size": size_mb,
@@ -99,7 +127,24 @@ def run_case(
             "rss_max": max(cluster.rss_mib()) if spegel else 0.0,
             "failed": failed,
             "unresolved": unresolved,
+            "failure_kinds": statistics_of(failures),
+            "slowest": None if slowest is None else {
+                "node": slowest + 1,
+                "seconds": times[slowest],
+                "upstream": from_upstream[slowest],
+                "peers": from_peers[slowest],
+                "failures": statistics_of([failures[slowest]]),
+            },
         }
+
+
+def statistics_of(failures: list[list[str]]) -> dict[str, int]:
+    """Failures counted by kind, most frequent first."""
+    counts: dict[str, int] = {}
+    for kinds in failures:
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def main() -> int:
@@ -111,12 +156,13 @@ def main() -> int:
     parser.add_argument("--coalesce", default="0s")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--node-arg", action="append", default=[], help="extra spegel node argument, repeatable")
+    parser.add_argument("--runs", type=int, default=1, help="repeat each case (baseline and spegel interleaved)")
     args = parser.parse_args()
     print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce}; upstream 100 Mbit/s, 30 ms RTT")
     print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
     for nodes in (int(n) for n in args.nodes.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
-            for spegel in ([True] if args.no_baseline else [False, True]):
+            for spegel in [mirror for _ in range(args.runs) for mirror in ([True] if args.no_baseline else [False, True])]:
                 try:
                     r = run_case(
                         nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce,
@@ -141,6 +187,17 @@ def main() -> int:
                     + (f"  FAILED on {len(r['failed'])}: {next(iter(r['failed'].values()))}" if r["failed"] else ""),
                     flush=True,
                 )
+                if spegel:
+                    for kind, count in r["failure_kinds"].items():
+                        print(f"        provider failures: {count:4d} x {kind}")
+                    slow = r["slowest"]
+                    if slow:
+                        print(
+                            f"        slowest pull: node {slow['node']}, {slow['seconds']:.2f} s, "
+                            f"{slow['upstream']:.1f} MiB from upstream, {slow['peers']:.1f} MiB from peers, "
+                            f"provider failures {slow['failures'] or 'none'}",
+                            flush=True,
+                        )
     return 0
 
 

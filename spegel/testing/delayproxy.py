@@ -10,7 +10,8 @@ round trip costs twice the delay, as a link with that one-way latency does.  (Th
 no C{netem}; bandwidth is limited by C{tc tbf} on the registry host's link, see
 L{spegel.testing.netns.Host.limit_rate}.)  Backpressure is kept: a side that stops reading
 stops the other.  C{--stats} is rewritten every half second with the bytes sent to clients and
-the connections accepted, so a benchmark can tell how much came from upstream.
+the connections accepted, in total and per client address, so a benchmark can tell how much
+came from upstream and to which node.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from typing import Any
 def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_path: str | None) -> None:
     from twisted.internet import protocol, reactor, task
 
-    totals = {"bytes_to_clients": 0, "bytes_from_clients": 0, "connections": 0}
+    totals: dict[str, Any] = {"bytes_to_clients": 0, "bytes_from_clients": 0, "connections": 0}
+    # Per client address: which node took how much from upstream (where a slow pull's time went).
+    by_client: dict[str, int] = {}
+    totals["bytes_to_client_hosts"] = by_client
 
     class Side(protocol.Protocol):
         """
@@ -36,6 +40,7 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
 
         peer: "Side | None" = None
         direction = ""
+        client_host = ""
 
         def connectionMade(self) -> None:
             self.queue: deque[tuple[float, bytes | None]] = deque()
@@ -44,6 +49,8 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
 
         def dataReceived(self, data: bytes) -> None:
             totals[self.direction] += len(data)
+            if self.direction == "bytes_to_clients":
+                by_client[self.client_host] = by_client.get(self.client_host, 0) + len(data)
             self._later(data)
 
         def connectionLost(self, reason: Any = None) -> None:
@@ -81,6 +88,7 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
 
             def built(upstream: "Upstream") -> None:
                 upstream.peer, self.peer = self, upstream
+                upstream.client_host = self.transport.getPeer().host
                 for item in self.unsent:
                     self._deliver(item)
                 self.unsent = []

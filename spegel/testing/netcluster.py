@@ -215,9 +215,17 @@ class NetCluster(ClusterQueries):
 
     def upstream_bytes(self) -> int:
         """Bytes upstream has sent to nodes so far, through its shaped link."""
+        return int(self._upstream_stats()["bytes_to_clients"])
+
+    def upstream_bytes_by_node(self) -> list[int]:
+        """Bytes upstream has sent to each node so far (by the node's address), in node order."""
+        by_host = self._upstream_stats().get("bytes_to_client_hosts", {})
+        return [int(by_host.get(host.address, 0)) for host in self.hosts]
+
+    def _upstream_stats(self) -> dict:
         time.sleep(0.6)  # the proxy writes its counters twice a second
         with open(self._stats_path) as f:
-            return int(json.load(f)["bytes_to_clients"])
+            return json.load(f)
 
     def push_image(self, repo: str, tag: str | None, image: TestImage) -> str:
         """
