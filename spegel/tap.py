@@ -7,7 +7,6 @@ L{Options} validates every flag into a L{NodeConfig}; L{makeService} only wires 
 
 from __future__ import annotations
 
-import itertools
 import sys
 from typing import Any, TextIO
 
@@ -29,8 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from spegel import flags
-from spegel.dht.bootstrap import parse_host_port
-from spegel.flags import ListenAddress
+from spegel.addresses import ListenAddress, parse_host_port, parse_http_url
 from spegel.registry import RegistryFilter
 
 _log = Logger()
@@ -43,9 +41,6 @@ LOG_LEVELS = {
     "error": LogLevel.error,
 }
 BOOTSTRAP_KINDS = ("static", "dns", "http")
-# Boolean flags the reference also takes as --flag=true or --flag=false, the form its manifests
-# and charts write; usage.Options alone knows only the bare --flag.
-BOOLEAN_FLAGS = frozenset({"debug-web-enabled"})
 
 
 @frozen
@@ -80,7 +75,30 @@ class NodeConfig:
     debug_web_enabled: bool
 
 
-class Options(usage.Options):
+def read_router_keys(text: str) -> tuple[bytes, ...]:
+    """
+    The cluster keys in the files of C{--router-secret-file} (C{FILE} or C{FILE1,FILE2}).
+    """
+    files = flags.parse_list(text)
+    if len(files) > 2:
+        raise ValueError("at most two files (the key, and during a rotation the other one)")
+    keys = []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ValueError(f"{e.strerror}: {e.filename}") from None
+        if len(key) < 16:
+            raise ValueError(f"the key in {path} must be at least 16 bytes")
+        keys.append(key)
+    return tuple(keys)
+
+
+_parameter = flags.parameter
+
+
+class Options(flags.CommandOptions):
     synopsis = "[options]"
     longdesc = (
         "Serve this node's containerd content as a pull-only OCI registry mirror and share it "
@@ -88,131 +106,128 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["registry-addr", None, ":5000", "Address the registry listens on ([host]:port)."],
-        ["router-addr", None, ":5001", "UDP address of the DHT router ([host]:port)."],
-        ["metrics-addr", None, ":9090", "Address serving Prometheus metrics at /metrics."],
-        [
+        _parameter("registry-addr", ":5000", "Address the registry listens on ([host]:port).", flags.parse_listen_address),
+        _parameter("router-addr", ":5001", "UDP address of the DHT router ([host]:port).", flags.parse_listen_address),
+        _parameter("metrics-addr", ":9090", "Address serving Prometheus metrics at /metrics.", flags.parse_listen_address),
+        _parameter(
             "registry-listen-backlog",
-            None,
             "1024",
             "Connections the kernel queues for the registry before it accepts them (Twisted's "
             "default, 50, makes a burst of pulls wait for SYN retransmits; capped by "
             "net.core.somaxconn).",
-        ],
-        [
+            flags.whole_number(1, 65535),
+        ),
+        _parameter(
             "registry-max-connections-per-client",
-            None,
             "128",
             "Connections one client address may hold open to the registry at once (429 beyond); "
             "0: no bound.",
-        ],
-        ["containerd-sock", None, "/run/containerd/containerd.sock", "containerd's gRPC socket."],
-        ["containerd-namespace", None, "k8s.io", "containerd namespace whose images are served."],
-        [
+            flags.whole_number(0, 1_000_000, " (0: no bound)"),
+        ),
+        _parameter("containerd-sock", "/run/containerd/containerd.sock", "containerd's gRPC socket.", flags.non_empty),
+        _parameter("containerd-namespace", "k8s.io", "containerd namespace whose images are served.", flags.non_empty),
+        _parameter(
             "containerd-content-path",
-            None,
             "/var/lib/containerd/io.containerd.content.v1.content",
             "containerd's content store, read directly when readable.",
-        ],
-        [
+        ),
+        _parameter(
             "containerd-config-file",
-            None,
             "/etc/containerd/config.toml",
             "containerd's configuration, read at start (when it exists) to check that the node "
             "can work with spegel.",
-        ],
-        [
+        ),
+        _parameter(
             "containerd-registry-config-path",
-            None,
             "/etc/containerd/certs.d",
             "Where 'spegel configuration' writes containerd's hosts.toml, for the same check.",
-        ],
-        ["data-dir", None, "/var/lib/spegel", "Where the node keeps its identity; empty for none."],
-        [
+        ),
+        _parameter("data-dir", "/var/lib/spegel", "Where the node keeps its identity; empty for none."),
+        _parameter(
             "mirrored-registries",
-            None,
             "",
             "Comma-separated registry URLs to serve (e.g. https://docker.io); empty: all.",
-        ],
-        ["registry-filters", None, "", "Comma-separated regexes on registry/repo[:tag] to refuse."],
-        [
+            flags.list_of(flags.parse_registry_url),
+        ),
+        _parameter(
+            "registry-filters",
+            "",
+            "Comma-separated regexes on registry/repo[:tag] to refuse.",
+            lambda text: flags.parse_regexes(flags.parse_list(text)),
+        ),
+        _parameter(
             "mirror-resolve-timeout",
-            None,
             "100ms",
             "How long to look for a peer before a 404 (20 ms, the reference's, sent 11 copies of an "
             "image upstream in a 50-node rollout here; 100 ms, one).",
-        ],
-        [
+            flags.parse_duration,
+        ),
+        _parameter(
             "mirror-coalesce-timeout",
-            None,
             "0s",
             "How long to wait for another node's upstream pull of a manifest rather than pull "
             "it upstream too (0s: never wait).",
-        ],
-        ["mirror-resolve-retries", None, "3", "How many peers to try for one request."],
-        ["log-level", None, "info", "debug, info, warn or error."],
-        ["bootstrap-kind", None, "", "How to find peers: static, dns or http."],
-        ["static-bootstrap-peers", None, "", "Comma-separated router addresses host:port."],
-        ["dns-bootstrap-domain", None, "", "Domain whose A/AAAA records are peers."],
-        ["http-bootstrap-addr", None, "", "Address to serve this node's id for http bootstrap."],
-        ["http-bootstrap-url", None, "", "URL of a peer's http bootstrap address."],
-        [
+            flags.parse_duration,
+        ),
+        _parameter("mirror-resolve-retries", "3", "How many peers to try for one request.", flags.whole_number(1, 100)),
+        _parameter("log-level", "info", "debug, info, warn or error.", flags.Choice(LOG_LEVELS, fold_case=True)),
+        _parameter(
+            "bootstrap-kind",
+            "",
+            "How to find peers: static, dns or http.",
+            flags.Choice({"": None, **{kind: kind for kind in BOOTSTRAP_KINDS}}),
+        ),
+        _parameter(
+            "static-bootstrap-peers",
+            "",
+            "Comma-separated router addresses host:port.",
+            flags.list_of(parse_host_port),
+        ),
+        _parameter("dns-bootstrap-domain", "", "Domain whose A/AAAA records are peers."),
+        _parameter(
+            "http-bootstrap-addr",
+            "",
+            "Address to serve this node's id for http bootstrap.",
+            flags.optional(flags.parse_listen_address),
+        ),
+        _parameter(
+            "http-bootstrap-url",
+            "",
+            "URL of a peer's http bootstrap address.",
+            flags.optional(lambda text: parse_http_url(text, role="HTTP bootstrap")),
+        ),
+        _parameter(
             "router-secret-file",
-            None,
             "",
             "File with the cluster key (at least 16 bytes) that authenticates every DHT "
             "datagram; FILE1,FILE2 during a key rotation: sign with the first, accept both.",
-        ],
-    ]
-    optFlags = [
-        [
+            read_router_keys,
+        ),
+        _parameter(
             "debug-web-enabled",
-            None,
+            "false",
             "Serve read-only debug pages at /debug/web/ on the metrics address (or =true/=false).",
-        ],
+            flags.parse_bool,
+        ),
     ]
+    booleans = frozenset({"debug-web-enabled"})
+    lists = frozenset(
+        {"mirrored-registries", "registry-filters", "static-bootstrap-peers", "router-secret-file"}
+    )
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # One clear line instead of the whole usage text and a traceback.
         try:
-            super().parseOptions(self._boolean_flags(sys.argv[1:] if options is None else options))
+            super().parseOptions(sys.argv[1:] if options is None else options)
         except usage.UsageError as e:
             sys.stderr.write(f"spegel: error: {e}\n")
             raise SystemExit(2)
-
-    def _boolean_flags(self, argv: list[str]) -> list[str]:
-        """
-        C{argv} with the L{BOOLEAN_FLAGS} written bare, for getopt: C{--flag=false} dropped,
-        C{--flag=true} as C{--flag}; the last mention of a flag wins, as with the reference.
-        """
-        takes_value = {parameter[0] for parameter in self.optParameters}
-        enabled: dict[str, bool] = {}
-        rest: list[str] = []
-        args = iter(argv)
-        for arg in args:
-            if arg == "--":
-                rest.append(arg)
-                rest.extend(args)
-                break
-            name, sep, value = arg.partition("=")
-            flag = name[2:] if name.startswith("--") else ""
-            if flag in BOOLEAN_FLAGS:
-                try:
-                    enabled[flag] = flags.parse_bool(value) if sep else True
-                except ValueError as e:
-                    raise usage.UsageError(f"--{flag}: {e}") from None
-                continue
-            rest.append(arg)
-            if flag in takes_value and not sep:
-                # "--data-dir --debug-web-enabled=x" names a directory: leave the value alone.
-                rest.extend(itertools.islice(args, 1))
-        return [f"--{flag}" for flag, on in enabled.items() if on] + rest
+        except flags.ShowText as shown:
+            sys.stdout.write(shown.text + "\n")
+            raise SystemExit(0)
 
     def postOptions(self) -> None:
-        try:
-            self.node = self._node_config()
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
+        self.node = self._node_config()
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger"):
             # twistd takes its log observer factory as a dotted name, resolved after this.
@@ -221,99 +236,43 @@ class Options(usage.Options):
             parent["logger"] = f"{__name__}.log_observer"
 
     def _node_config(self) -> NodeConfig:
-        def address(flag: str) -> ListenAddress:
-            try:
-                return flags.parse_listen_address(self[flag])
-            except ValueError as e:
-                raise ValueError(f"--{flag}: {e}") from None
-
-        try:
-            registries = frozenset(
-                flags.parse_registry_url(url) for url in flags.parse_list(self["mirrored-registries"])
-            )
-        except ValueError as e:
-            raise ValueError(f"--mirrored-registries: {e}") from None
-        try:
-            patterns = flags.parse_regexes(flags.parse_list(self["registry-filters"]))
-        except ValueError as e:
-            raise ValueError(f"--registry-filters: {e}") from None
-        try:
-            timeout = flags.parse_duration(self["mirror-resolve-timeout"])
-        except ValueError as e:
-            raise ValueError(f"--mirror-resolve-timeout: {e}") from None
-        try:
-            coalesce_timeout = flags.parse_duration(self["mirror-coalesce-timeout"])
-        except ValueError as e:
-            raise ValueError(f"--mirror-coalesce-timeout: {e}") from None
-        backlog_text = self["registry-listen-backlog"]
-        if not backlog_text.isdigit() or not 1 <= int(backlog_text) <= 65535:
-            raise ValueError("--registry-listen-backlog: must be a whole number from 1 to 65535")
-        per_client_text = self["registry-max-connections-per-client"]
-        if not per_client_text.isdigit() or int(per_client_text) > 1_000_000:
-            raise ValueError("--registry-max-connections-per-client: must be a whole number (0: no bound)")
-        retries_text = self["mirror-resolve-retries"]
-        if not retries_text.isdigit() or not 1 <= int(retries_text) <= 100:
-            raise ValueError("--mirror-resolve-retries: must be a whole number from 1 to 100")
-        level = LOG_LEVELS.get(self["log-level"].lower())
-        if level is None:
-            raise ValueError("--log-level: must be one of debug, info, warn, error")
-        kind = self["bootstrap-kind"] or None
-        if kind is not None and kind not in BOOTSTRAP_KINDS:
-            raise ValueError("--bootstrap-kind: must be one of static, dns, http")
-        try:
-            peers = tuple(
-                parse_host_port(peer) for peer in flags.parse_list(self["static-bootstrap-peers"])
-            )
-        except ValueError as e:
-            raise ValueError(f"--static-bootstrap-peers: {e}") from None
-        if kind == "static" and not peers:
-            raise ValueError("--bootstrap-kind static needs --static-bootstrap-peers")
-        if kind == "dns" and not self["dns-bootstrap-domain"]:
-            raise ValueError("--bootstrap-kind dns needs --dns-bootstrap-domain")
-        if kind == "http" and not self["http-bootstrap-url"]:
-            raise ValueError("--bootstrap-kind http needs --http-bootstrap-url")
-        for flag in ("containerd-sock", "containerd-namespace"):
-            if not self[flag]:
-                raise ValueError(f"--{flag} must not be empty")
-        keys = []
-        files = flags.parse_list(self["router-secret-file"])
-        if len(files) > 2:
-            raise ValueError("--router-secret-file: at most two files (the key, and during a rotation the other one)")
-        for path in files:
-            try:
-                with open(path, "rb") as f:
-                    key = f.read().strip()
-            except OSError as e:
-                raise ValueError(f"--router-secret-file: {e.strerror}: {e.filename}") from None
-            if len(key) < 16:
-                raise ValueError(f"--router-secret-file: the key in {path} must be at least 16 bytes")
-            keys.append(key)
-        secret = keys[0] if keys else None
+        kind = self["bootstrap-kind"]
+        # What one bootstrap kind needs of the other flags.
+        for needed_by, flag in (
+            ("static", "static-bootstrap-peers"),
+            ("dns", "dns-bootstrap-domain"),
+            ("http", "http-bootstrap-url"),
+        ):
+            if kind == needed_by and not self[flag]:
+                raise usage.UsageError(f"--bootstrap-kind {kind} needs --{flag}")
+        keys = self["router-secret-file"]
         return NodeConfig(
-            registry_addr=address("registry-addr"),
-            router_addr=address("router-addr"),
-            metrics_addr=address("metrics-addr"),
-            registry_listen_backlog=int(backlog_text),
-            registry_connections_per_client=int(per_client_text),
+            registry_addr=self["registry-addr"],
+            router_addr=self["router-addr"],
+            metrics_addr=self["metrics-addr"],
+            registry_listen_backlog=self["registry-listen-backlog"],
+            registry_connections_per_client=self["registry-max-connections-per-client"],
             containerd_sock=self["containerd-sock"],
             containerd_namespace=self["containerd-namespace"],
             containerd_content_path=self["containerd-content-path"],
             containerd_config_file=self["containerd-config-file"],
             containerd_registry_config_path=self["containerd-registry-config-path"],
             data_dir=self["data-dir"] or None,
-            registry_filter=RegistryFilter(registries, patterns),
-            mirror_resolve_timeout=timeout,
-            mirror_coalesce_timeout=coalesce_timeout,
-            mirror_resolve_retries=int(retries_text),
-            log_level=level,
+            registry_filter=RegistryFilter(
+                frozenset(self["mirrored-registries"]), self["registry-filters"]
+            ),
+            mirror_resolve_timeout=self["mirror-resolve-timeout"],
+            mirror_coalesce_timeout=self["mirror-coalesce-timeout"],
+            mirror_resolve_retries=self["mirror-resolve-retries"],
+            log_level=self["log-level"],
             bootstrap_kind=kind,
-            static_bootstrap_peers=peers,
+            static_bootstrap_peers=self["static-bootstrap-peers"],
             dns_bootstrap_domain=self["dns-bootstrap-domain"] or None,
-            http_bootstrap_addr=address("http-bootstrap-addr") if self["http-bootstrap-addr"] else None,
-            http_bootstrap_url=self["http-bootstrap-url"] or None,
-            router_secret=secret,
-            router_secrets_accepted=tuple(keys[1:]),
-            debug_web_enabled=bool(self["debug-web-enabled"]),
+            http_bootstrap_addr=self["http-bootstrap-addr"],
+            http_bootstrap_url=self["http-bootstrap-url"],
+            router_secret=keys[0] if keys else None,
+            router_secrets_accepted=keys[1:],
+            debug_web_enabled=self["debug-web-enabled"],
         )
 
 

@@ -8,7 +8,6 @@ L{MemoryReactor} and read with L{StubTreq}, or waited for with a fake clock, res
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from twisted.web.server import Site
 
 import spegel
 from spegel import cleanuphook
-from spegel.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser, main, parse_bool
+from spegel.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main, parse_command_line
 from tests.test_hostsconfig import GOLDEN, GoldenTestMixin, snapshot
 
 
@@ -297,7 +296,7 @@ class CleanupServeTests(CommandLineTestMixin, SynchronousTestCase):
             status, lines, err = self.serve(root, address, reactor)
             self.assertEqual((status, lines), (EXIT_USAGE, []), address)
             self.assertEqual(len(err.splitlines()), 1, err)
-            self.assertTrue(err.startswith("spegel: error: argument --serve-addr: "), err)
+            self.assertTrue(err.startswith("spegel: error: --serve-addr: "), err)
             self.assertEqual(snapshot(root), before)
             self.assertFalse(reactor.hasRun)
 
@@ -490,9 +489,9 @@ class CleanupWaitTests(CommandLineTestMixin, SynchronousTestCase):
         self.assertNotIn("10.0.1.20:8080", err)
 
     def test_defaults(self) -> None:
-        arguments = build_parser().parse_args(["cleanup-wait", f"--probe-endpoints={NAME}:8080"])
-        self.assertEqual((arguments.timeout, arguments.interval), (600.0, 2.0))
-        self.assertEqual(arguments.probe_endpoints, [f"{NAME}:8080"])
+        options = parse_command_line(["cleanup-wait", f"--probe-endpoints={NAME}:8080"]).subOptions
+        self.assertEqual((options["timeout"], options["interval"]), (600.0, 2.0))
+        self.assertEqual(options["probe-endpoints"], ((NAME, 8080),))
 
 
 class RealResolverAndProbeTests(SynchronousTestCase):
@@ -604,16 +603,30 @@ class BadInputTests(CommandLineTestMixin, SynchronousTestCase):
 
 
 class ParserTests(SynchronousTestCase):
-    def test_parse_bool(self) -> None:
-        for text in ("true", "TRUE", "yes", "1", "on"):
-            self.assertIs(parse_bool(text), True)
-        for text in ("false", "False", "no", "0", "off"):
-            self.assertIs(parse_bool(text), False)
-        self.assertRaises(argparse.ArgumentTypeError, parse_bool, "")
-
     def test_defaults(self) -> None:
-        arguments = build_parser().parse_args(["configuration", "--mirror-targets=http://a"])
-        self.assertEqual(arguments.containerd_registry_config_path, "/etc/containerd/certs.d")
-        self.assertEqual(arguments.mirrored_registries, [])
-        self.assertIs(arguments.resolve_tags, True)
-        self.assertIs(arguments.prepend_existing, False)
+        command = parse_command_line(["configuration", "--mirror-targets=http://a"])
+        options = command.subOptions
+        self.assertEqual(command.subCommand, "configuration")
+        self.assertEqual(options["containerd-registry-config-path"], "/etc/containerd/certs.d")
+        self.assertEqual(options["mirrored-registries"], ())
+        self.assertIs(options["resolve-tags"], True)
+        self.assertIs(options["prepend-existing"], False)
+
+    def test_bool_spellings(self) -> None:
+        """
+        A boolean flag alone is true; its value may follow as =VALUE or as the next word.
+        """
+        for argv, expected in (
+            (["--resolve-tags"], True),
+            (["--resolve-tags", "off"], False),
+            (["--resolve-tags=NO"], False),
+            (["--resolve-tags=false", "--resolve-tags"], True),
+        ):
+            options = parse_command_line(["configuration", "--mirror-targets=http://a", *argv]).subOptions
+            self.assertIs(options["resolve-tags"], expected, argv)
+
+    def test_help_names_the_command(self) -> None:
+        status, out, err = CommandLineTestMixin.spegel(self, "cleanup-wait", "--help")  # type: ignore[arg-type]
+        self.assertEqual((status, err), (EXIT_OK, ""))
+        self.assertIn("--probe-endpoints", out)
+        self.assertIn("cleanup-wait", out)

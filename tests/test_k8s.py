@@ -25,9 +25,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel.cli import UsageError, build_parser
-from spegel.dht.bootstrap import parse_host_port
-from spegel.hostsconfig import parse_registry_url
+from spegel.cli import UsageError, parse_command_line
 from spegel.testing import tools
 
 ROOT = Path(__file__).parent.parent
@@ -87,6 +85,14 @@ def render(*values: dict[str, Any], tmp: Path | None = None, args: tuple[str, ..
         path.write_text(yaml.safe_dump(value))
         command += ["--values", str(path)]
     return helm(*command)
+
+
+def spegel_args(argv: list[str]) -> tuple[str | None, Any]:
+    """
+    What the C{spegel} command makes of C{argv}: the command, and its options by flag name.
+    """
+    command = parse_command_line(argv)
+    return command.subCommand, command.subOptions
 
 
 def documents(text: str) -> list[dict[str, Any]]:
@@ -265,14 +271,13 @@ class DefaultRenderTests(ChartTestCase):
     def test_configuration_flags_accepted(self) -> None:
         self.assertEqual(self.init["command"], ["spegel"])
         try:
-            parsed = build_parser().parse_args(expand(self.init))
+            command, parsed = spegel_args(expand(self.init))
         except UsageError as e:
             self.fail(f"spegel refused the init container's arguments: {e}")
-        self.assertEqual(parsed.command, "configuration")
-        for url in parsed.mirrored_registries:
-            parse_registry_url(url)
-        self.assertEqual(parsed.mirror_targets, [f"http://{NODE_IP}:30020"])
-        self.assertEqual(parsed.preflight, "strict")
+        self.assertEqual(command, "configuration")
+        self.assertIn("https://docker.io", parsed["mirrored-registries"])
+        self.assertEqual(parsed["mirror-targets"], (f"http://{NODE_IP}:30020",))
+        self.assertEqual(parsed["preflight"], "strict")
 
     def test_same_registries(self) -> None:
         configured = flag_values(expand(self.init))["--mirrored-registries"]
@@ -471,8 +476,8 @@ class ValuesFilesTests(ChartTestCase):
         pod = find(docs, "DaemonSet", "spegel")["spec"]["template"]["spec"]
         registry = [p for p in container(pod, "spegel")["ports"] if p["name"] == "registry"][0]
         self.assertNotIn("hostPort", registry)
-        parsed = build_parser().parse_args(expand(container(pod, "configuration", init=True)))
-        self.assertEqual(parsed.mirror_targets, [f"http://{NODE_IP}:30021", "https://mirror.example.com"])
+        _, parsed = spegel_args(expand(container(pod, "configuration", init=True)))
+        self.assertEqual(parsed["mirror-targets"], (f"http://{NODE_IP}:30021", "https://mirror.example.com"))
         node = flag_values(expand(container(pod, "spegel"))[3:])
         self.assertEqual(node["--registry-filters"], ":latest$")
 
@@ -642,13 +647,13 @@ class CleanupHookTests(ChartTestCase):
         pod, cleanup = self.cleanup_container(hooks)
         self.assertEqual(cleanup["command"], ["spegel"])
         try:
-            parsed = build_parser().parse_args(cleanup["args"])
+            command, parsed = spegel_args(cleanup["args"])
         except UsageError as e:
             self.fail(f"spegel refused the cleanup pod's arguments: {e}")
-        self.assertEqual(parsed.command, "cleanup")
+        self.assertEqual(command, "cleanup")
         init = container(find(main, "DaemonSet", "spegel")["spec"]["template"]["spec"], "configuration", init=True)
-        configured = build_parser().parse_args(expand(init)).containerd_registry_config_path
-        self.assertEqual(parsed.containerd_registry_config_path, configured)
+        configured = spegel_args(expand(init))[1]["containerd-registry-config-path"]
+        self.assertEqual(parsed["containerd-registry-config-path"], configured)
         (mount,) = cleanup["volumeMounts"]
         (volume,) = pod["volumes"]
         self.assertEqual(mount["name"], volume["name"])
@@ -656,7 +661,7 @@ class CleanupHookTests(ChartTestCase):
         self.assertNotIn("readOnly", mount)
         self.assertEqual(volume["hostPath"]["path"], configured)
         (port,) = cleanup["ports"]
-        self.assertEqual((parsed.serve_addr.host, parsed.serve_addr.port), ("", port["containerPort"]))
+        self.assertEqual((parsed["serve-addr"].host, parsed["serve-addr"].port), ("", port["containerPort"]))
         self.assertEqual(cleanup["readinessProbe"]["httpGet"], {"path": "/healthz", "port": port["name"]})
         (service_port,) = hooks["Service"]["spec"]["ports"]
         self.assertEqual((service_port["port"], service_port["targetPort"]), (port["containerPort"], port["name"]))
@@ -668,17 +673,17 @@ class CleanupHookTests(ChartTestCase):
         (waiter,) = wait["containers"]
         self.assertEqual(waiter["command"], ["spegel"])
         try:
-            parsed = build_parser().parse_args(waiter["args"])
+            command, parsed = spegel_args(waiter["args"])
         except UsageError as e:
             self.fail(f"spegel refused the wait pod's arguments: {e}")
-        self.assertEqual(parsed.command, "cleanup-wait")
-        (endpoint,) = parsed.probe_endpoints
+        self.assertEqual(command, "cleanup-wait")
+        (endpoint,) = parsed["probe-endpoints"]
         service = hooks["Service"]
         name = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
-        self.assertEqual(parse_host_port(endpoint), (name, service["spec"]["ports"][0]["port"]))
+        self.assertEqual(endpoint, (name, service["spec"]["ports"][0]["port"]))
         self.assertEqual(service["spec"]["clusterIP"], "None")
         self.assertIs(service["spec"]["publishNotReadyAddresses"], True)
-        self.assertEqual((parsed.timeout, parsed.interval), (240.0, 2.0))
+        self.assertEqual((parsed["timeout"], parsed["interval"]), (240.0, 2.0))
 
     def test_selectors(self) -> None:
         """
@@ -749,10 +754,10 @@ class CleanupHookTests(ChartTestCase):
         self.assertEqual(pod["volumes"][0]["hostPath"]["path"], path)
         self.assertEqual(cleanup["volumeMounts"][0]["mountPath"], path)
         self.assertEqual(pod["serviceAccountName"], "existing")
-        parsed = build_parser().parse_args(hooks["Pod"]["spec"]["containers"][0]["args"])
-        self.assertEqual(parsed.probe_endpoints, ["spegel-mirror-cleanup.infra.svc.example.internal:8081"])
+        _, parsed = spegel_args(hooks["Pod"]["spec"]["containers"][0]["args"])
+        self.assertEqual(parsed["probe-endpoints"], (("spegel-mirror-cleanup.infra.svc.example.internal", 8081),))
         self.assertEqual(hooks["Service"]["metadata"]["name"], "spegel-mirror-cleanup")
-        self.assertEqual((parsed.timeout, parsed.interval), (540.0, 0.5))
+        self.assertEqual((parsed["timeout"], parsed["interval"]), (540.0, 0.5))
         # Helm merges maps: the default limit and cpu request stay.
         self.assertEqual(cleanup["resources"]["requests"], {"cpu": "10m", "memory": "80Mi"})
 
