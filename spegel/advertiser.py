@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from attrs import define, evolve, field, frozen
 from prometheus_client import Gauge
@@ -51,6 +51,7 @@ from spegel.containerd.client import (
     ImageNotFound,
 )
 from spegel.containerd.events import ContentEvent, ImageEvent
+from spegel.interfaces import IAnnouncer
 from spegel.oci import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -108,16 +109,6 @@ _LOOSE = "\x00loose:"
 #: Indexes nested deeper than this are not followed.  Content addressing rules out cycles, but a
 #: crafted chain of indexes should not make a walk arbitrarily long.
 MAX_INDEX_DEPTH = 4
-
-
-class Router(Protocol):
-    """
-    Where keys are announced: L{spegel.dht.service.DHTService} in a node.
-    """
-
-    def provide(self, keys: Iterable[str]) -> None: ...
-
-    def withdraw(self, keys: Iterable[str]) -> None: ...
 
 
 class UnparseableImageName(ValueError):
@@ -376,7 +367,7 @@ class Advertiser(Service):
         self,
         clock: IReactorTime,
         client: ContainerdClient,
-        router: Router,
+        router: IAnnouncer,
         registry_filter: RegistryFilter,
         *,
         reconcile_interval: float = 300.0,

@@ -22,28 +22,16 @@ of it, then at peer speed. So coalescing is off unless C{--mirror-coalesce-timeo
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
-
 from twisted.internet.defer import CancelledError, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from spegel import metrics
-from spegel.mirror import Router
+from spegel.interfaces import ICoalescingRouter
 
 MARKER_PREFIX = "pulling"
 # Markers are named by the minute (of the wall clock) they were set in.
 BUCKET_SECONDS = 60.0
-
-
-class CoalescingRouter(Router, Protocol):
-    """
-    Lookups as the mirror makes them, and providing keys (L{spegel.dht.service.DHTService}).
-    """
-
-    def provide(self, keys: Iterable[str]) -> None: ...
-
-    def withdraw(self, keys: Iterable[str]) -> None: ...
 
 
 def marker_key(key: str, bucket: int) -> str:
@@ -71,7 +59,7 @@ class PullCoalescer:
     def __init__(
         self,
         clock: IReactorTime,
-        router: CoalescingRouter,
+        router: ICoalescingRouter,
         *,
         timeout: float,
         poll_interval: float = 0.25,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any, Protocol
+from typing import Any
 
 from attrs import frozen
 from klein import Klein
@@ -32,9 +32,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from spegel.advertiser import UnparseableImageName, parse_image_name
 from spegel.dht.ids import Provider
-from spegel.dht.routing import RoutingTable, sort_by_distance
-from spegel.mirror import PutAside, Router
+from spegel.dht.routing import sort_by_distance
+from spegel.interfaces import IDebugRouter
 from spegel.oci import OCIError, Unsupported, is_digest
+from spegel.selection import PutAside
 from spegel.registry import write_oci_error
 
 # Long enough for a lookup that asks every one of the k closest nodes of a large cluster (the
@@ -63,28 +64,6 @@ class TooManyLookups(OCIError):
 
 class LookupFailed(OCIError):
     status, code = 502, "LOOKUP_FAILED"
-
-
-class _Node(Protocol):
-    routing: RoutingTable
-
-
-class DebugRouter(Router, Protocol):
-    """
-    What the debug pages read from the DHT (L{spegel.dht.service.DHTService} provides it):
-    lookups as the mirror makes them, and the node's state.
-    """
-
-    node_id: bytes
-    node: _Node
-
-    @property
-    def ready(self) -> bool: ...
-
-    @property
-    def address(self) -> tuple[str, int]: ...
-
-    def provided_keys_count(self) -> int: ...
 
 
 @frozen
@@ -149,7 +128,7 @@ class DebugWeb:
 
     @param clock: times lookups and bounds them.
     @param router: the node's DHT.
-    @param put_aside: the mirror's L{spegel.mirror.PutAside}, read only.
+    @param put_aside: the mirror's L{spegel.selection.PutAside}, read only.
     @param registry_address: the registry's listening address, as configured.
     @param lookup_timeout: how long a lookup may run before its answer is what was found so far.
     """
@@ -162,7 +141,7 @@ class DebugWeb:
     def __init__(
         self,
         clock: IReactorTime,
-        router: DebugRouter,
+        router: IDebugRouter,
         put_aside: PutAside,
         *,
         registry_address: tuple[str, int],

@@ -75,3 +75,12 @@ containerd_errors_total = Counter(
     "spegel_containerd_errors_total",
     "Calls to containerd that failed for a reason other than missing content.",
 )
+peer_failures_total = Counter(
+    "spegel_mirror_peer_failures_total",
+    "Peers that failed a request or a copy, by why: header_deadline (no response headers "
+    "before the deadline), connect (refused, unreachable, or the connection failed before the "
+    "headers), status (an answer other than the 200/206 asked for: a 404 from a stale record, a "
+    "5xx, a wrong range, no usable length), body (the body stalled, was short, too long, or was "
+    "cut mid-way), digest (the bytes, or the digest announced, did not match).",
+    ("reason",),
+)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
@@ -32,14 +32,12 @@ from spegel import metrics
 from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
 from spegel.oci import (
     BlobUnknown,
-    ByteRange,
     HeadersTooLarge,
     MalformedRequest,
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
     OCIError,
-    RangeNotSatisfiable,
     Reference,
     Unsupported,
     parse_digest,
@@ -51,9 +49,26 @@ from spegel.oci import (
     RequestTimeout,
     TooManyConnections,
 )
-from spegel.content import LocalContent
+from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
+from spegel.responses import (
+    abort_response,
+    request_header as _header,
+    set_blob_headers,
+    write_oci_error,
+    write_upstream,
+)
 
-MIRRORED_HEADER = "X-Spegel-Mirrored"
+# Importers of these from here predate spegel.responses and spegel.interfaces.
+__all__ = [
+    "MIRRORED_HEADER",
+    "RegistryFilter",
+    "RegistryResource",
+    "abort_response",
+    "ask_mirror",
+    "make_site",
+    "set_blob_headers",
+    "write_oci_error",
+]
 
 
 @frozen
@@ -85,20 +100,20 @@ class RegistryFilter:
                 raise NameUnknown("repository is filtered", {"name": subject})
 
 
-class Mirror(Protocol):
+async def ask_mirror(mirror: IMirror, request: Request, ref: Reference, kind: str) -> bytes | None:
     """
-    Where a request goes that this node cannot answer from its own containerd.
+    Answer C{request} for the manifest or blob (C{kind}) C{ref} with what C{mirror} gets from
+    the cluster.
+
+    @raise ManifestUnknown: (or L{BlobUnknown}) no peer served it.
     """
-
-    async def serve_manifest(self, request: Request, reference: Reference) -> bytes | None:
-        """
-        Answer from a peer, or raise L{ManifestUnknown}.
-        """
-
-    async def serve_blob(self, request: Request, reference: Reference) -> bytes | None:
-        """
-        Answer from a peer, or raise L{BlobUnknown}.
-        """
+    method = request.method.decode("ascii")
+    if kind == "manifest":
+        upstream = await mirror.manifest(ref, method=method, accept=_header(request, "Accept"))
+    else:
+        byte_range = range_to_honour(_header(request, "Range"), _header(request, "If-Range"), ref.digest)  # type: ignore[arg-type]
+        upstream = await mirror.blob(ref, method=method, byte_range=byte_range)
+    return await write_upstream(request, upstream)
 
 
 def _observed(handler: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -155,11 +170,11 @@ class RegistryResource:
     def __init__(
         self,
         clock: IReactorTime,
-        content: LocalContent,
+        content: ILocalContent,
         registry_filter: RegistryFilter = RegistryFilter(),
         *,
         ready: Callable[[], bool] = lambda: True,
-        mirror: Mirror | None = None,
+        mirror: IMirror | None = None,
     ):
         self._clock = clock
         self._content = content
@@ -307,10 +322,7 @@ class RegistryResource:
         """
         if self._mirror is not None and _header(request, MIRRORED_HEADER) != "true":
             try:
-                if kind == "manifest":
-                    result = await self._mirror.serve_manifest(request, ref)
-                else:
-                    result = await self._mirror.serve_blob(request, ref)
+                result = await ask_mirror(self._mirror, request, ref, kind)
             except (ManifestUnknown, BlobUnknown):
                 pass
             except CancelledError:
@@ -336,54 +348,6 @@ class RegistryResource:
         # Only containerd's own requests count; a peer's request is part of another node's.
         if _header(request, MIRRORED_HEADER) != "true":
             metrics.mirror_requests_total.labels(ref.registry or "", cache).inc()
-
-
-def _header(request: Request, name: str) -> str | None:
-    value = request.getHeader(name)
-    if value is None:
-        return None
-    return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-def set_blob_headers(
-    request: Request, digest: str, size: int, byte_range: ByteRange | None
-) -> None:
-    request.setHeader("Content-Type", "application/octet-stream")
-    request.setHeader("Accept-Ranges", "bytes")
-    request.setHeader("Docker-Content-Digest", digest)
-    request.setHeader("ETag", f'"{digest}"')
-    if byte_range is None:
-        request.setHeader("Content-Length", str(size))
-    else:
-        request.setResponseCode(http.PARTIAL_CONTENT)
-        request.setHeader("Content-Range", byte_range.content_range)
-        request.setHeader("Content-Length", str(byte_range.length))
-
-
-def write_oci_error(request: Request, error: OCIError) -> bytes:
-    """
-    Turn C{error} into the response: status, JSON body, and for a 416 the size of the content.
-    """
-    body = error.to_json()
-    request.setResponseCode(error.status)
-    # Headers of a response that was being prepared must not survive into the error.
-    for name in (b"content-range", b"accept-ranges", b"docker-content-digest", b"etag"):
-        request.responseHeaders.removeHeader(name)
-    if isinstance(error, RangeNotSatisfiable) and error.size is not None:
-        request.setHeader("Content-Range", f"bytes */{error.size}")
-    request.setHeader("Content-Type", "application/json")
-    request.setHeader("Content-Length", str(len(body)))
-    return body
-
-
-def abort_response(request: Request) -> None:
-    """
-    End a response whose body cannot be completed. Closing the connection before the
-    announced length is the only way HTTP/1.1 has to tell the client the body is not whole.
-    """
-    transport = getattr(request.channel, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
 
 
 class UTF8Only(Resource):

@@ -12,11 +12,14 @@ from typing import Any, Callable, Iterable
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from spegel import metrics, oci
 from spegel.coalesce import BUCKET_SECONDS, PullCoalescer, marker_key
 from spegel.dht.ids import Provider
+from spegel.interfaces import ICoalescingRouter
 from spegel.mirror import Mirror
+from spegel.registry import ask_mirror
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
 from tests.test_mirror import REGISTRY, ClientRequest, FakeHTTP, digest_of, provider
 
@@ -25,6 +28,7 @@ TAG_KEY = f"{REGISTRY}/team/app:v1"
 NOW = 1_800_000_030.0
 
 
+@implementer(ICoalescingRouter)
 class ScriptedRouter:
     """
     A DHT whose lookups answer at once from C{providers} (key -> providers), or never, for the
@@ -126,7 +130,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
         return {name: _outcome(name) - before for name, before in self.outcomes.items()}
 
     def manifest_by_tag(self) -> Deferred[Any]:
-        return ensureDeferred(self.mirror.serve_manifest(ClientRequest(), Reference(REGISTRY, "team/app", tag="v1")))
+        return ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
 
     def test_nobody_pulling_goes_upstream_at_once_and_says_so(self) -> None:
         d = self.manifest_by_tag()
@@ -172,7 +176,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
     def test_blobs_never_wait(self) -> None:
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
         digest = digest_of(b"layer")
-        d = ensureDeferred(self.mirror.serve_blob(ClientRequest(), Reference(REGISTRY, "team/app", digest=digest)))
+        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", digest=digest), "blob"))
         self.failureResultOf(d, BlobUnknown)
         self.assertEqual([key for key, _ in self.router.lookups], [digest])
         self.assertEqual(self.router.provided, [])
@@ -180,7 +184,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
     def test_off_without_a_coalescer(self) -> None:
         mirror = Mirror(self.clock, self.router, self.http, resolve_timeout=0.02)
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
-        d = ensureDeferred(mirror.serve_manifest(ClientRequest(), Reference(REGISTRY, "team/app", tag="v1")))
+        d = ensureDeferred(ask_mirror(mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
         self.failureResultOf(d, ManifestUnknown)
         self.assertEqual([key for key, _ in self.router.lookups], [TAG_KEY])
         self.assertEqual(self.router.provided, [])

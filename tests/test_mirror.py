@@ -21,12 +21,15 @@ from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from spegel import metrics, oci
 from spegel.dht.ids import Provider
+from spegel.interfaces import IRouter
 from spegel.mirror import LatencyTracker, Mirror
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
-from spegel.registry import RegistryFilter, RegistryResource
+from spegel.peerresponse import PEER_FAILURE_REASONS
+from spegel.registry import RegistryFilter, RegistryResource, ask_mirror
 from tests.test_registry import MemoryContent
 
 REGISTRY = "127.0.0.1:5000"
@@ -40,6 +43,7 @@ def provider(n: int) -> Provider:
     return Provider(bytes([n]) * 32, f"127.0.0.{n}", 5000 + n)
 
 
+@implementer(IRouter)
 class FakeRouter:
     """
     A DHT whose lookups the test drives; announcing providers also lets the clock's zero-delay
@@ -167,18 +171,22 @@ class MirrorTestCase(SynchronousTestCase):
         self.router = FakeRouter(self.clock)
         self.http = FakeHTTP()
         self.latency = LatencyTracker(initial=0.05)
-        self.mirror = Mirror(
-            self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
-            idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
-            spool_dir=self.mktemp(), pick=lambda n: 0,
-        )
-        os.makedirs(self.mirror._spool_dir)
+        self.spool_dir = self.mktemp()
+        os.makedirs(self.spool_dir)
+        self.mirror = self.build_mirror()
         self.data = os.urandom(100_000)
         self.digest = digest_of(self.data)
         self.ref = Reference(REGISTRY, "team/app", digest=self.digest)
 
+    def build_mirror(self, pick: Callable[[int], int] = lambda n: 0) -> Mirror:
+        return Mirror(
+            self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
+            idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
+            spool_dir=self.spool_dir, pick=pick,
+        )
+
     def blob(self, request: ClientRequest) -> Deferred[Any]:
-        return ensureDeferred(self.mirror.serve_blob(request, self.ref))
+        return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))
 
 
 class ResolveTests(MirrorTestCase):
@@ -424,7 +432,7 @@ class SpoolTests(MirrorTestCase):
         self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
         self.assertEqual(metrics.digest_mismatches_total._value.get() - mismatches, 1)
         self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
-        self.assertEqual(os.listdir(self.mirror._spool_dir), [], "spools are unlinked")
+        self.assertEqual(os.listdir(self.spool_dir), [], "spools are unlinked")
 
     def test_short_copy_is_fetched_again_elsewhere(self) -> None:
         request = ClientRequest()
@@ -451,7 +459,7 @@ class SpoolTests(MirrorTestCase):
 class HedgingTests(MirrorTestCase):
     def test_load_spreads_over_holders(self) -> None:
         picks: list[int] = []
-        self.mirror._pick = lambda n: picks.append(n) or n - 1
+        self.mirror = self.build_mirror(pick=lambda n: picks.append(n) or n - 1)
         self.blob(ClientRequest())
         self.router.announce(provider(1), provider(2), provider(3))
         self.assertIn("127.0.0.3:5003", self.http.requests[0][1])
@@ -516,7 +524,7 @@ class ManifestTests(MirrorTestCase):
     def test_corrupt_manifest_is_fetched_again_elsewhere(self) -> None:
         request = ClientRequest()
         ref = Reference(REGISTRY, "team/app", digest=self.manifest_digest)
-        d = ensureDeferred(self.mirror.serve_manifest(request, ref))
+        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))
         self.router.announce(provider(1), provider(2))
         bad = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST)
         bad.send(self.manifest.replace(b"2", b"3"))
@@ -532,7 +540,7 @@ class ManifestTests(MirrorTestCase):
     def test_tag_resolves_through_tag_key_and_checks_announced_digest(self) -> None:
         request = ClientRequest()
         ref = Reference(REGISTRY, "team/app", tag="v1")
-        d = ensureDeferred(self.mirror.serve_manifest(request, ref))
+        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))
         self.assertEqual(self.router.lookups[0][0], f"{REGISTRY}/team/app:v1")
         self.router.announce(provider(1))
         self.assertIn("/v2/team/app/manifests/v1?ns=", self.http.requests[0][1])
@@ -544,7 +552,7 @@ class ManifestTests(MirrorTestCase):
 
     def test_unknown_everywhere(self) -> None:
         ref = Reference(REGISTRY, "team/app", tag="v1")
-        d = ensureDeferred(self.mirror.serve_manifest(ClientRequest(), ref))
+        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), ref, "manifest"))
         self.router.announce(provider(1), end=True)
         self.http.answer(0, 404, 0)
         self.failureResultOf(d, ManifestUnknown)
@@ -607,7 +615,8 @@ class HedgeLoserCancelledTests(MirrorTestCase):
     spool_max = 1_000_000  # the 100 kB blob is spooled, as small blobs are in real nodes
 
     def check(self, cancelled: Exception) -> None:
-        self.http = self.mirror._http = CancellingHTTP(cancelled)
+        self.http = CancellingHTTP(cancelled)
+        self.mirror = self.build_mirror()
         request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1), provider(2), end=True)  # a cached lookup ends at once
@@ -738,3 +747,75 @@ class MisbehavingPeerTests(MirrorTestCase):
         response.end()
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
+
+
+class PeerFailureReasonTests(MirrorTestCase):
+    """
+    Every peer that fails is counted in spegel_mirror_peer_failures_total by why, once.
+    """
+
+    def counts(self) -> dict[str, float]:
+        return {
+            reason: metrics.peer_failures_total.labels(reason)._value.get()
+            for reason in PEER_FAILURE_REASONS
+        }
+
+    def assertCounted(self, before: dict[str, float], reason: str) -> None:
+        after = self.counts()
+        expected = {r: 1 if r == reason else 0 for r in PEER_FAILURE_REASONS}
+        self.assertEqual({r: after[r] - before[r] for r in after}, expected)
+
+    def test_header_deadline(self) -> None:
+        before = self.counts()
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertCounted(before, "header_deadline")
+
+    def test_connect(self) -> None:
+        before = self.counts()
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.http.requests[0][3].errback(ConnectionRefusedError("refused"))
+        self.failureResultOf(d, BlobUnknown)
+        self.assertCounted(before, "connect")
+
+    def test_status(self) -> None:
+        before = self.counts()
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.http.answer(0, 500, 0)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertCounted(before, "status")
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_body(self) -> None:
+        before = self.counts()
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2))
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:10])
+        self.clock.advance(5.1)  # the idle timeout: the peer went silent
+        second = self.http.answer(
+            len(self.http.requests) - 1, 206, len(self.data) - 10,
+            content_range=f"bytes 10-{len(self.data) - 1}/{len(self.data)}",
+        )
+        second.send(self.data[10:])
+        second.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertCounted(before, "body")
+
+    def test_digest(self) -> None:
+        before = self.counts()
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        response = self.http.answer(0, 200, len(self.data))
+        response.send(self.data[:-1] + b"!")
+        response.end()
+        self.successResultOf(d)
+        self.assertTrue(request.aborted)
+        self.assertCounted(before, "digest")

@@ -19,9 +19,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from spegel import metrics, oci
 from spegel.content import BlobContent, ManifestContent, TagTarget
+from spegel.interfaces import ILocalContent, IMirror, Upstream
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
 from spegel.registry import OCIHTTPChannel, RegistryFilter, RegistryResource, make_site
 
@@ -33,6 +35,7 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+@implementer(ILocalContent)
 class MemoryContent:
     """
     L{spegel.content.LocalContent} in memory; blobs optionally backed by files on disk.
@@ -90,18 +93,18 @@ class MemoryContent:
         return succeed(self.blobs[digest][offset : offset + size])
 
 
+@implementer(IMirror)
 class RecordingMirror:
     def __init__(self) -> None:
         self.asked: list[tuple[str, Reference]] = []
 
-    async def serve_manifest(self, request: Any, reference: Reference) -> bytes:
+    async def manifest(self, reference: Reference, *, method: str, accept: str | None) -> Upstream:
         self.asked.append(("manifest", reference))
         raise ManifestUnknown("nobody has it")
 
-    async def serve_blob(self, request: Any, reference: Reference) -> bytes:
+    async def blob(self, reference: Reference, *, method: str, byte_range: str | None) -> Upstream:
         self.asked.append(("blob", reference))
-        request.setHeader("Content-Length", "4")
-        return b"peer"
+        return Upstream(200, ((b"content-length", b"4"),), b"peer")
 
 
 class RegistryTestsMixin:

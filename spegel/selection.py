@@ -1,0 +1,516 @@
+# -*- test-case-name: tests.test_mirror -*-
+"""
+Which peer to ask, and when to ask another.
+
+  - L{PutAside}: peers that failed or lied, not asked for a while.
+  - L{LatencyTracker}: how long peers take to send response headers; from that, when to hedge
+    with a second peer and when a silent one has failed (the response-header deadline).
+  - L{lookup}: a DHT lookup whose providers arrive in a L{ProviderQueue} as they are found.
+  - L{HedgedRace}: one peer asked at once, another when the first is slower than observed
+    latency says it should be; the first good answer wins and the others are cancelled.
+  - L{PeerSession}: the providers of one request, for a copy that resumes elsewhere.
+
+Every failed peer is counted in C{spegel_mirror_peer_failures_total} by its reason (the reasons
+are in L{spegel.peerresponse}).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from spegel import metrics
+from spegel.dht.ids import Provider
+from spegel.interfaces import MIRRORED_HEADER, IRouter
+from spegel.oci import OCIError
+from spegel.peerresponse import (
+    CONNECT,
+    HEADER_DEADLINE,
+    STATUS,
+    HTTPClient,
+    PeerFailed,
+    PeerResponse,
+    describe,
+    discard,
+    peer_url,
+)
+
+
+@define
+class LatencyTracker:
+    """
+    Learns how long peers take to answer (time to response headers) and from that how long to
+    wait before hedging with a second peer: a generous percentile of what was seen, clamped.
+    """
+
+    window: deque[float] = field(factory=lambda: deque(maxlen=200))
+    percentile: float = 0.95
+    factor: float = 1.5
+    minimum: float = 0.005
+    maximum: float = 2.0
+    initial: float = 0.1
+
+    # How long to wait for a peer's response headers: a multiple of what peers usually take,
+    # never less than half a second (a busy peer in a rollout) nor more than a few (containerd
+    # is waiting, and a 404 sends it upstream at once).
+    header_deadline_factor: float = 4.0
+    header_deadline_minimum: float = 0.5
+    header_deadline_maximum: float = 3.0
+    header_deadline_initial: float = 2.0
+
+    def observe(self, seconds: float) -> None:
+        self.window.append(seconds)
+
+    def header_deadline(self) -> float:
+        """
+        How long a peer may take to send response headers before it counts as failed: a peer
+        that accepts the connection and then says nothing (a tarpit, a wedged process) costs
+        this, not the minutes of a TCP timeout.
+        """
+        if len(self.window) < 5:
+            return self.header_deadline_initial
+        ordered = sorted(self.window)
+        seen = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
+        return min(self.header_deadline_maximum, max(self.header_deadline_minimum, seen * self.header_deadline_factor))
+
+    def hedge_delay(self) -> float:
+        if len(self.window) < 5:
+            return self.initial
+        ordered = sorted(self.window)
+        seen = ordered[min(len(ordered) - 1, int(len(ordered) * self.percentile))]
+        return min(self.maximum, max(self.minimum, seen * self.factor))
+
+
+@define
+class PutAside:
+    """
+    Peers not to ask for a while, after they failed or lied.
+    """
+
+    clock: IReactorTime
+    duration: float = 60.0
+    _until: dict[tuple[str, int], float] = field(factory=dict)
+
+    def put_aside(self, provider: Provider) -> None:
+        self._until[(provider.host, provider.registry_port)] = self.clock.seconds() + self.duration
+
+    def lift(self, host: str, registry_port: int | None = None) -> None:
+        """
+        The peer at C{host} (at C{registry_port}, or any port) showed it is back: it announced
+        content or pinged us as a (re)starting node does.  Ask it again at once.
+        """
+        if registry_port is not None:
+            self._until.pop((host, registry_port), None)
+            return
+        for key in [key for key in self._until if key[0] == host]:
+            del self._until[key]
+
+    def listing(self) -> list[tuple[str, int, float]]:
+        """
+        The peers put aside now, as (host, registry port, seconds left), soonest back first.
+        Read-only: expired entries are left for L{is_aside} to drop.
+        """
+        now = self.clock.seconds()
+        aside = [(host, port, until - now) for (host, port), until in self._until.items() if until > now]
+        return sorted(aside, key=lambda entry: entry[2])
+
+    def is_aside(self, provider: Provider) -> bool:
+        key = (provider.host, provider.registry_port)
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= self.clock.seconds():
+            del self._until[key]
+            return False
+        return True
+
+
+class ProviderQueue:
+    """
+    Providers as the DHT lookup finds them, less the ones put aside and duplicates.
+    L{next} waits for the next one; it fires L{None} when the lookup has ended and none is left.
+    """
+
+    def __init__(self, put_aside: PutAside, pick: Callable[[int], int]):
+        self._put_aside = put_aside
+        self._pick = pick
+        self._ready: list[Provider] = []
+        self._seen: set[tuple[str, int]] = set()
+        self._waiting: list[Deferred[Provider | None]] = []
+        self.finished = False
+        self.skipped_aside = 0
+        self.found_any = Deferred[None]()
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def add(self, provider: Provider) -> None:
+        key = (provider.host, provider.registry_port)
+        if key in self._seen:
+            return
+        if self._put_aside.is_aside(provider):
+            self.skipped_aside += 1
+            return
+        self._seen.add(key)
+        if not self.found_any.called:
+            self.found_any.callback(None)
+        if self._waiting:
+            self._waiting.pop(0).callback(provider)
+        else:
+            self._ready.append(provider)
+
+    def finish(self) -> None:
+        self.finished = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def next(self) -> Deferred[Provider | None]:
+        if self._ready:
+            # Of the providers at hand, any one: holders of popular content share the load.
+            return succeed(self._ready.pop(self._pick(len(self._ready))))
+        if self.finished:
+            return succeed(None)
+        d: Deferred[Provider | None] = Deferred(self._forget)
+        self._waiting.append(d)
+        return d
+
+    def _forget(self, d: Deferred[Provider | None]) -> None:
+        if d in self._waiting:
+            self._waiting.remove(d)
+
+
+@define
+class Budget:
+    """
+    How many more peers one request may ask.
+    """
+
+    left: int
+
+
+def _cancel_then_pass(result: object, call: IDelayedCall) -> object:
+    if call.active():
+        call.cancel()
+    return result
+
+
+@define(eq=False)
+class PeerClient:
+    """
+    Asks peers, each within the response-header deadline, and keeps the record of how they did:
+    their latency, the ones put aside, the failures by reason.
+    """
+
+    clock: IReactorTime
+    http: HTTPClient
+    put_aside: PutAside
+    latency: LatencyTracker
+
+    def ask(self, provider: Provider, method: str, path: str, headers: dict[str, str]) -> Deferred[Any]:
+        """
+        Send a request to C{provider}; cancel it if its response headers are not in by the
+        latency tracker's deadline.
+
+        @return: a L{Deferred} of the response (its body not read), failing with L{PeerFailed}
+            (reason C{header_deadline}) when the deadline passed.
+        """
+        asked_at = self.clock.seconds()
+        expired = False
+        d = self.http.request(
+            method, peer_url(provider, path), headers={MIRRORED_HEADER: "true", **headers}, unbuffered=True
+        )
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            d.cancel()
+
+        deadline = self.clock.callLater(self.latency.header_deadline(), expire)
+
+        def late(failure: Failure) -> Failure:
+            if expired:
+                raise PeerFailed(
+                    f"sent no response headers in {self.clock.seconds() - asked_at:.2f}s", HEADER_DEADLINE
+                )
+            return failure
+
+        return d.addBoth(_cancel_then_pass, deadline).addErrback(late)
+
+    def failed(self, provider: Provider, reason: str) -> None:
+        """
+        C{provider} failed for C{reason}: count it, and do not ask it again for a while.
+        """
+        metrics.peer_failures_total.labels(reason).inc()
+        self.put_aside.put_aside(provider)
+
+
+async def lookup(
+    clock: IReactorTime,
+    router: IRouter,
+    key: str,
+    queue: ProviderQueue,
+    *,
+    resolve_timeout: float,
+    limit: int,
+    unknown: type[OCIError],
+    fresh: bool = False,
+) -> ProviderQueue:
+    """
+    Start a lookup of C{key} filling C{queue}; wait (at most C{resolve_timeout}) for its first
+    provider. C{fresh}: ask the cluster, not the cache of recent lookups (which may hold a miss).
+
+    @raise unknown: no provider was found in time.
+    """
+    started = clock.seconds()
+    first = queue.found_any
+    lookups: list[Deferred[Any]] = []
+
+    def look(use_cache: bool) -> None:
+        found = router.find_providers(key, on_provider=queue.add, limit=limit, use_cache=use_cache)
+        lookups.append(found)
+
+        def ended(result: object) -> None:
+            if use_cache and not first.called and queue.skipped_aside:
+                # A cached answer may name only peers put aside since then, while another holder
+                # has appeared: ask the cluster afresh, once.
+                look(use_cache=False)
+                return
+            queue.finish()
+            if not first.called:
+                first.cancel()
+
+        found.addBoth(ended)
+
+    timer = clock.callLater(resolve_timeout, first.cancel)
+    look(use_cache=not fresh)
+    try:
+        await first
+    except CancelledError:
+        # Before the lookup is cancelled, which finishes the queue.
+        reason = "not_found" if queue.finished else "timeout"
+        lookups[-1].cancel()
+        metrics.unresolved_total.labels(reason).inc()
+        _log.debug(
+            "No provider of {key} ({reason}, after {ms:.0f} ms)",
+            key=key, reason=reason, ms=(clock.seconds() - started) * 1000,
+        )
+        raise unknown("not found in the cluster", {"key": key})
+    finally:
+        if timer.active():
+            timer.cancel()
+    metrics.resolve_duration_seconds.labels("dht").observe(clock.seconds() - started)
+    # The first provider usually arrives with others in the same reply: let them all land before
+    # choosing, or the first one listed would always be asked.
+    await deferLater(clock, 0)
+    return queue
+
+
+_log = Logger()
+
+
+class RaceState(enum.Enum):
+    """
+    Where a L{HedgedRace} stands.
+
+      - C{ASKING}: attempts are in flight and no provider is wanted; the hedge timer may be
+        armed to want one.
+      - C{WANTING}: a provider was asked of the queue (maybe with attempts in flight too); a
+        provider starts an attempt, the end of the lookup settles the race if nothing is in
+        flight.
+      - C{OVERDUE}: wanting, and no provider came within the resolve timeout of being wanted:
+        once no attempt is in flight the race is lost (containerd goes upstream) rather than
+        waiting for the lookup to end.
+      - C{SETTLED}: a peer won, or the race was lost; late answers are dropped.
+    """
+
+    ASKING = "asking"
+    WANTING = "wanting"
+    OVERDUE = "overdue"
+    SETTLED = "settled"
+
+
+class HedgedRace:
+    """
+    Ask providers for C{path}, hedging, until one answers 200/206 with an C{acceptable} response:
+    that one wins and every other attempt is cancelled. The race is lost (L{None}) when no
+    provider answered well before C{budget} ran out, or the providers did.
+
+    Events: L{_provider_came} (the queue answered), L{_overdue} (the resolve timeout passed while
+    wanting), L{_hedge_due} (the current attempts are slow), L{_answered} and L{_attempt_failed}
+    (an attempt ended). Each moves the race between the states of L{RaceState}.
+    """
+
+    def __init__(
+        self,
+        peers: PeerClient,
+        providers: ProviderQueue,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        budget: Budget,
+        *,
+        resolve_timeout: float,
+        acceptable: Callable[[Any], bool] = lambda response: True,
+    ):
+        self._peers = peers
+        self._clock = peers.clock
+        self._providers = providers
+        self._method = method
+        self._path = path
+        self._headers = headers
+        self._budget = budget
+        self._resolve_timeout = resolve_timeout
+        self._acceptable = acceptable
+        self.state = RaceState.ASKING
+        self._pending: dict[Deferred[Any], Provider] = {}
+        self._wanted: Deferred[Provider | None] | None = None
+        self._hedge: IDelayedCall | None = None
+        self._result: Deferred[PeerResponse | None] = Deferred()
+
+    def run(self) -> Deferred[PeerResponse | None]:
+        self._want_provider()
+        return self._result
+
+    # Transitions -----------------------------------------------------------------------------
+
+    def _settle(self, winner: PeerResponse | None) -> None:
+        if self.state is RaceState.SETTLED:
+            if winner is not None:
+                discard(winner.response)
+            return
+        # Cancelling the losers below fails them at once: they must see the race settled.
+        self.state = RaceState.SETTLED
+        if self._hedge is not None and self._hedge.active():
+            self._hedge.cancel()
+        wanted, self._wanted = self._wanted, None
+        if wanted is not None and not wanted.called:
+            wanted.cancel()
+        for attempt in list(self._pending):
+            attempt.cancel()
+        self._result.callback(winner)
+
+    def _settle_or_go_on(self) -> None:
+        """
+        An attempt ended badly, or the queue ran dry: decide what comes next.
+        """
+        if self._pending or self.state is RaceState.SETTLED:
+            return
+        if self.state is RaceState.OVERDUE:
+            self._settle(None)
+            return
+        if self.state is RaceState.WANTING:
+            return
+        if self._budget.left <= 0 or (self._providers.finished and not self._providers.has_ready()):
+            self._settle(None)
+        else:
+            self._want_provider()
+
+    def _want_provider(self) -> None:
+        if self.state is not RaceState.ASKING or self._budget.left <= 0:
+            return
+        wanted = self._wanted = self._providers.next()
+        self.state = RaceState.WANTING
+        if not wanted.called:
+            timer = self._clock.callLater(self._resolve_timeout, self._overdue, wanted)
+            wanted.addBoth(_cancel_then_pass, timer)
+        wanted.addCallbacks(self._provider_came, lambda failure: failure.trap(CancelledError))
+
+    # Events ----------------------------------------------------------------------------------
+
+    def _provider_came(self, provider: Provider | None) -> None:
+        self._wanted = None
+        if self.state is RaceState.SETTLED:
+            return
+        self.state = RaceState.ASKING
+        if provider is None:
+            self._settle_or_go_on()
+            return
+        self._attempt(provider)
+
+    def _overdue(self, wanted: Deferred[Provider | None]) -> None:
+        if self._wanted is not wanted or self.state is not RaceState.WANTING:
+            return
+        self.state = RaceState.OVERDUE
+        self._settle_or_go_on()
+
+    def _hedge_due(self) -> None:
+        self._want_provider()
+
+    def _attempt(self, provider: Provider) -> None:
+        self._budget.left -= 1
+        asked_at = self._clock.seconds()
+        attempt = self._peers.ask(provider, self._method, self._path, self._headers)
+        self._pending[attempt] = provider
+        if self._hedge is not None and self._hedge.active():
+            self._hedge.cancel()
+        if self._budget.left > 0:
+            self._hedge = self._clock.callLater(self._peers.latency.hedge_delay(), self._hedge_due)
+        attempt.addCallbacks(
+            lambda response: self._answered(attempt, provider, asked_at, response),
+            lambda failure: self._attempt_failed(attempt, provider, failure),
+        )
+
+    def _answered(self, attempt: Deferred[Any], provider: Provider, asked_at: float, response: Any) -> None:
+        self._pending.pop(attempt, None)
+        self._peers.latency.observe(self._clock.seconds() - asked_at)
+        if response.code in (200, 206) and self._acceptable(response):
+            self._settle(PeerResponse(provider, response))
+            return
+        discard(response)
+        if response.code in (404, 416):
+            # A stale record, or a range it cannot serve: no reason to distrust the peer.
+            metrics.peer_failures_total.labels(STATUS).inc()
+        else:
+            self._peers.failed(provider, STATUS)
+        self._settle_or_go_on()
+
+    def _attempt_failed(self, attempt: Deferred[Any], provider: Provider, failure: Failure) -> None:
+        self._pending.pop(attempt, None)
+        # A cancelled attempt fails with CancelledError, ConnectingCancelledError or
+        # ResponseNeverReceived([CancelledError]): none of them is the peer's fault, unless it
+        # was cancelled because the peer sent no headers in time (a PeerFailed).
+        if self.state is RaceState.SETTLED:
+            return
+        if failure.check(PeerFailed):
+            _log.info("peer {peer} {e}", peer=describe(provider), e=failure.value)
+            self._peers.failed(provider, failure.value.reason)  # type: ignore[union-attr]
+            self._settle_or_go_on()
+            return
+        if failure.check(CancelledError):
+            return
+        _log.info("peer {peer} failed: {e}", peer=describe(provider), e=failure.value)
+        self._peers.failed(provider, CONNECT)
+        self._settle_or_go_on()
+
+
+@define(eq=False)
+class PeerSession:
+    """
+    The providers of one request and how to reach them: what a resuming copy needs
+    (L{spegel.streaming.PeerSource}).
+    """
+
+    peers: PeerClient
+    providers: ProviderQueue
+    path: str
+
+    def next_provider(self) -> Deferred[Provider | None]:
+        return self.providers.next()
+
+    def open_range(self, provider: Provider, first: int, last: int) -> Deferred[Any]:
+        return self.peers.ask(provider, "GET", self.path, {"Range": f"bytes={first}-{last}"})
+
+    def failed(self, provider: Provider, reason: str) -> None:
+        self.peers.failed(provider, reason)
+
+    def done(self) -> None:
+        self.providers.finish()
