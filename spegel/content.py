@@ -1,18 +1,14 @@
 # -*- test-case-name: tests.test_registry -*-
 """
-The registry's view of this node's own content: tags resolved to digests, manifests with
-their media types, blobs with their size and place on disk. L{spegel.store.ContainerdContent}
-implements it over containerd; tests use an in-memory one.
+The values of the registry's view of this node's own content (L{spegel.interfaces.ILocalContent}):
+tags resolved to digests, manifests with their media types, blobs with their size and place on
+disk. L{spegel.store.ContainerdContent} provides them from containerd; tests use an in-memory
+store.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from attrs import frozen
-from twisted.internet.defer import Deferred
-
-from spegel.oci import Reference
 
 
 @frozen
@@ -38,25 +34,3 @@ class BlobContent:
 class TagTarget:
     digest: str
     media_type: str | None
-
-
-class LocalContent(Protocol):
-    async def resolve_tag(self, reference: Reference) -> TagTarget:
-        """
-        @raise ManifestUnknown: the tag is not known here.
-        """
-
-    async def manifest(self, digest: str, media_type: str | None = None) -> ManifestContent:
-        """
-        @raise ManifestUnknown: no such manifest here.
-        """
-
-    async def blob(self, digest: str) -> BlobContent:
-        """
-        @raise BlobUnknown: no such blob here.
-        """
-
-    def read(self, digest: str, offset: int, size: int) -> Deferred[bytes]:
-        """
-        Read at most C{size} bytes of a blob from C{offset}, through containerd.
-        """

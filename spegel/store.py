@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_store -*-
 """
-L{spegel.content.LocalContent} over containerd: its image store for tags, its content store
+L{spegel.interfaces.ILocalContent} over containerd: its image store for tags, its content store
 (on disk, or through its Read API) for bytes.
 """
 
@@ -32,7 +32,7 @@ from spegel.oci import (
 
 class ContainerdContent:
     """
-    L{LocalContent} over containerd: its image store for tags, its content store for bytes.
+    L{ILocalContent} over containerd: its image store for tags, its content store for bytes.
 
     When containerd cannot be reached, every lookup reports "not here": a 404 sends the client
     on to the next mirror or the upstream registry, whereas an error would stall the pull.

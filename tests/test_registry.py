@@ -38,7 +38,7 @@ def digest_of(data: bytes) -> str:
 @implementer(ILocalContent)
 class MemoryContent:
     """
-    L{spegel.content.LocalContent} in memory; blobs optionally backed by files on disk.
+    L{spegel.interfaces.ILocalContent} in memory; blobs optionally backed by files on disk.
     """
 
     def __init__(self, tmpdir: str):
