@@ -25,7 +25,6 @@ an operation started is taken out of its result.  So a slow resync never undoes 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
@@ -53,19 +52,19 @@ from spegel.containerd.client import (
 from spegel.containerd.events import ContentEvent, ImageEvent
 from spegel.interfaces import IAnnouncer
 from spegel.oci import (
-    INDEX_MEDIA_TYPES,
-    MANIFEST_MEDIA_TYPES,
     MAX_MANIFEST_SIZE,
+    InvalidManifest,
+    ManifestReferences,
     NameUnknown,
     OCIError,
     Reference,
+    UnparseableImageName,
     digest_matches,
     is_digest,
-    parse_digest,
+    manifest_references,
+    parse_image_name,
     parse_registry_host,
     parse_repository,
-    parse_tag,
-    sniff_manifest_media_type,
 )
 from spegel.registry import RegistryFilter
 
@@ -111,19 +110,6 @@ _LOOSE = "\x00loose:"
 MAX_INDEX_DEPTH = 4
 
 
-class UnparseableImageName(ValueError):
-    """
-    An image name that does not look like C{registry/repository[:tag][@digest]}, such as the
-    C{sha256:...} image ids the CRI plugin also stores as names.
-    """
-
-
-class InvalidManifest(ValueError):
-    """
-    Content that should be a manifest or index but is not one spegel can read.
-    """
-
-
 class ContentChanged(ValueError):
     """
     Bytes read for a digest did not hash to it: the content is being rewritten or removed.
@@ -134,100 +120,6 @@ def _without_port(registry: str) -> str:
     if registry.startswith("["):
         return registry[: registry.find("]") + 1]
     return registry.partition(":")[0]
-
-
-def parse_image_name(name: str) -> Reference:
-    """
-    Split a containerd image name into registry (the first path component), repository, tag
-    (after the last C{:} of the last component) and digest (after C{@}).
-
-    @raise UnparseableImageName: for anything that is not such a name.
-    """
-    rest, at, digest_text = name.partition("@")
-    registry, slash, path = rest.partition("/")
-    if not slash:
-        raise UnparseableImageName(f"no registry in image name {name!r}")
-    tag = None
-    colon = path.rfind(":")
-    if colon > path.rfind("/"):
-        path, tag = path[:colon], path[colon + 1 :]
-    try:
-        parse_registry_host(registry)
-        parse_repository(path)
-        if tag is not None:
-            parse_tag(tag)
-        digest = parse_digest(digest_text) if at else None
-    except OCIError as e:
-        raise UnparseableImageName(f"{e.message} in image name {name!r}") from None
-    return Reference(registry, path, tag=tag, digest=digest)
-
-
-@frozen
-class ManifestReferences:
-    """
-    What one manifest or index refers to.
-
-    @ivar manifests: an index's children, as C{(digest, media type or None)}.
-    @ivar blobs: a manifest's config and layers.
-    @ivar skipped: descriptors left out because they carried no valid digest.
-    """
-
-    manifests: tuple[tuple[str, str | None], ...] = ()
-    blobs: tuple[str, ...] = ()
-    skipped: int = 0
-
-
-def _descriptor_digest(entry: object) -> str | None:
-    if isinstance(entry, dict):
-        digest = entry.get("digest")
-        if isinstance(digest, str) and is_digest(digest):
-            return digest
-    return None
-
-
-def manifest_references(data: bytes, media_type: str | None) -> ManifestReferences:
-    """
-    The digests an index or image manifest refers to.
-
-    @param media_type: the descriptor's media type; when it is not a manifest type (containerd
-        may store none), the document's own shape decides.
-    @raise InvalidManifest: when C{data} is not a JSON index or manifest.
-    """
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise InvalidManifest(f"not JSON: {e}") from None
-    if not isinstance(document, dict):
-        raise InvalidManifest("not a JSON object")
-    kind = media_type if media_type in MANIFEST_MEDIA_TYPES else sniff_manifest_media_type(data)
-    if kind is None:
-        raise InvalidManifest("neither an index nor an image manifest")
-    skipped = 0
-    if kind in INDEX_MEDIA_TYPES:
-        entries = document.get("manifests")
-        if not isinstance(entries, list):
-            raise InvalidManifest("index without a manifests list")
-        manifests = []
-        for entry in entries:
-            digest = _descriptor_digest(entry)
-            if digest is None:
-                skipped += 1
-                continue
-            child_type = entry.get("mediaType")
-            manifests.append((digest, child_type if isinstance(child_type, str) else None))
-        return ManifestReferences(manifests=tuple(manifests), skipped=skipped)
-    layers = document.get("layers")
-    if not isinstance(layers, list):
-        raise InvalidManifest("manifest without a layers list")
-    blobs = []
-    for entry in [document.get("config"), *layers]:
-        digest = _descriptor_digest(entry)
-        if digest is None:
-            skipped += 1
-        else:
-            blobs.append(digest)
-    return ManifestReferences(blobs=tuple(blobs), skipped=skipped)
-
 
 
 @frozen

@@ -30,11 +30,10 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from spegel.advertiser import UnparseableImageName, parse_image_name
 from spegel.dht.ids import Provider
 from spegel.dht.routing import sort_by_distance
 from spegel.interfaces import IDebugRouter
-from spegel.oci import OCIError, Unsupported, is_digest
+from spegel.oci import OCIError, UnparseableImageName, Unsupported, is_digest, parse_image_name
 from spegel.selection import PutAside
 from spegel.registry import write_oci_error
 
