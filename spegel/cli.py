@@ -45,10 +45,9 @@ from spegel.hostsconfig import (
     InvalidMirrorConfiguration,
     InvalidRegistryURL,
     MirrorConfiguration,
-    cleanup,
-    configure,
     parse_registry_url,
 )
+from spegel.hostsfiles import cleanup, configure
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import hostsconfig
+from spegel import hostsconfig, hostsfiles
 from spegel.hostsconfig import (
     BACKUP_DIR,
     MARKER,
@@ -30,14 +30,13 @@ from spegel.hostsconfig import (
     InvalidRegistryURL,
     MirrorConfiguration,
     RegistryURL,
-    cleanup,
-    configure,
     parse_existing_hosts,
     parse_registry_url,
     plan_configuration,
     render_hosts_toml,
     toml_string,
 )
+from spegel.hostsfiles import cleanup, configure
 
 GOLDEN = Path(__file__).parent / "golden"
 EMPTY_MARKER = ".empty"
@@ -526,12 +525,12 @@ class GoldenTests(GoldenTestMixin, SynchronousTestCase):
         root = self.config_path("backup-then-cleanup")
         configure(root, configuration(["https://docker.io"]))
         cleanup(root)
-        self.assertEqual(cleanup(root), hostsconfig.CleanupResult(removed=(), restored=()))
+        self.assertEqual(cleanup(root), hostsfiles.CleanupResult(removed=(), restored=()))
         self.assertMatchesGolden(root, GOLDEN / "backup-then-cleanup" / "input")
 
     def test_cleanup_nothing_there(self) -> None:
         root = Path(self.mktemp())
-        self.assertEqual(cleanup(root), hostsconfig.CleanupResult(removed=(), restored=()))
+        self.assertEqual(cleanup(root), hostsfiles.CleanupResult(removed=(), restored=()))
         self.assertFalse(root.exists())
 
     def test_cleanup_of_empty_configuration(self) -> None:
@@ -636,10 +635,10 @@ class InterruptionTests(GoldenTestMixin, SynchronousTestCase):
         configure(root, configuration(["https://docker.io"]))
         before = snapshot(root)
         (root / STAGING_DIR).write_bytes(b"in the way")  # mkdir of the staging area fails
-        original = hostsconfig._remove
-        self.patch(hostsconfig, "_remove", lambda path: None)
+        original = hostsfiles._remove
+        self.patch(hostsfiles, "_remove", lambda path: None)
         self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"], ["http://10.0.0.5:30021"]))
-        self.patch(hostsconfig, "_remove", original)
+        self.patch(hostsfiles, "_remove", original)
         self.assertEqual(snapshot(root), {**before, STAGING_DIR: b"in the way"})
         configure(root, configuration(["https://docker.io"]))
         self.assertEqual(snapshot(root), before)
@@ -695,7 +694,7 @@ class FailureTests(GoldenTestMixin, SynchronousTestCase):
         def read_only(path: Path, content: FileContent) -> None:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-        self.patch(hostsconfig, "_write_synced", read_only)
+        self.patch(hostsfiles, "_write_synced", read_only)
         e = self.assertRaises(HostsConfigError, configure, root, configuration(["https://docker.io"]))
         self.assertIn(str(root), str(e))
         self.assertIn("Read-only file system", str(e))
