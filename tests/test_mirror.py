@@ -455,6 +455,20 @@ class SpoolTests(MirrorTestCase):
         bad.end()
         self.failureResultOf(d, BlobUnknown)
 
+    def test_retry_budget_spent_on_wrong_copies_is_unknown(self) -> None:
+        """
+        Once as many peers as the retry budget allows have sent wrong copies, the answer is a
+        404 at once, though more providers are known (it once waited forever here).
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), provider(3), provider(4))
+        for attempt in range(3):
+            bad = self.http.answer(attempt, 200, len(self.data))
+            bad.send(b"x" * len(self.data))
+            bad.end()
+        self.failureResultOf(d, BlobUnknown)
+        self.assertEqual(len(self.http.requests), 3)
+
 
 class HedgingTests(MirrorTestCase):
     def test_load_spreads_over_holders(self) -> None:
