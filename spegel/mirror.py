@@ -2,7 +2,7 @@
 """
 The P2P mirror: what the registry does with a request this node cannot answer itself.
 
-It finds providers of the content in the DHT and asks them, hedging (L{spegel.selection}); the
+It finds providers of the content in the DHT and asks them, hedging (L{spegel.selection}, L{spegel.hedging}); the
 winner's answer goes back to the registry as an L{Upstream} (status, headers, and a body that
 verifies itself as it goes: L{spegel.peerresponse} for small ones, L{spegel.streaming} for large
 ones), which the registry writes. The mirror never sees the client's request:
@@ -54,9 +54,9 @@ from spegel.peerresponse import (
     response_header,
     spool,
 )
+from spegel.hedging import HedgedRace
 from spegel.selection import (
     Budget,
-    HedgedRace,
     LatencyTracker,
     PeerClient,
     PeerSession,

@@ -6,8 +6,8 @@ Which peer to ask, and when to ask another.
   - L{LatencyTracker}: how long peers take to send response headers; from that, when to hedge
     with a second peer and when a silent one has failed (the response-header deadline).
   - L{lookup}: a DHT lookup whose providers arrive in a L{ProviderQueue} as they are found.
-  - L{HedgedRace}: one peer asked at once, another when the first is slower than observed
-    latency says it should be; the first good answer wins and the others are cancelled.
+  - L{PeerClient}: asks one peer within the response-header deadline, and records how it did;
+    L{spegel.hedging} races several.
   - L{PeerSession}: the providers of one request, for a copy that resumes elsewhere.
 
 Every failed peer is counted in C{spegel_mirror_peer_failures_total} by its reason (the reasons
@@ -17,10 +17,9 @@ are in L{spegel.peerresponse}).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Protocol as TypingProtocol
+from typing import Any, Callable
 
 from attrs import define, field
-from automat import TypeMachineBuilder
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
@@ -31,17 +30,9 @@ from spegel import metrics
 from spegel.dht.ids import Provider
 from spegel.interfaces import MIRRORED_HEADER, IRouter
 from spegel.oci import OCIError
-from spegel.peerresponse import (
-    CONNECT,
-    HEADER_DEADLINE,
-    STATUS,
-    HTTPClient,
-    PeerFailed,
-    PeerResponse,
-    describe,
-    discard,
-    peer_url,
-)
+from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url
+
+_log = Logger()
 
 
 @define
@@ -197,7 +188,7 @@ class Budget:
     left: int
 
 
-def _cancel_then_pass(result: object, call: IDelayedCall) -> object:
+def cancel_then_pass(result: object, call: IDelayedCall) -> object:
     if call.active():
         call.cancel()
     return result
@@ -243,7 +234,7 @@ class PeerClient:
                 )
             return failure
 
-        return d.addBoth(_cancel_then_pass, deadline).addErrback(late)
+        return d.addBoth(cancel_then_pass, deadline).addErrback(late)
 
     def failed(self, provider: Provider, reason: str) -> None:
         """
@@ -312,249 +303,6 @@ async def lookup(
     # choosing, or the first one listed would always be asked.
     await deferLater(clock, 0)
     return queue
-
-
-_log = Logger()
-
-
-class _RaceInputs(TypingProtocol):
-    """
-    What happens to a L{HedgedRace}; each moves it between its states (see L{HedgedRace}).
-    """
-
-    def want(self) -> None:
-        "Another provider is wanted: at the start, when the hedge is due, or after a loss."
-
-    def provider_came(self, provider: Provider) -> None:
-        "The queue named the provider wanted."
-
-    def ran_out(self) -> None:
-        "The queue has no provider left: the lookup ended."
-
-    def overdue(self) -> None:
-        "The provider wanted did not come within the resolve timeout."
-
-    def attempt_lost(self) -> None:
-        "An attempt failed, or answered with something other than what was asked."
-
-    def won(self, winner: PeerResponse) -> None:
-        "An attempt answered well."
-
-    def give_up(self) -> None:
-        "No attempt is in flight, and none may be made."
-
-
-@define(eq=False)
-class _Race:
-    """
-    What a L{HedgedRace} knows and does; the machine built below decides when.
-    """
-
-    peers: PeerClient
-    providers: ProviderQueue
-    method: str
-    path: str
-    headers: dict[str, str]
-    budget: Budget
-    resolve_timeout: float
-    acceptable: Callable[[Any], bool]
-    pending: dict[Deferred[Any], Provider] = field(factory=dict)
-    wanted: Deferred[Provider | None] | None = None
-    hedge: IDelayedCall | None = None
-    # Set with the result: attempts failing after it were cancelled, not the peers' fault.
-    settled: bool = False
-    result: Deferred[PeerResponse | None] = field(factory=Deferred)
-
-    def ask_queue(self, inputs: _RaceInputs) -> None:
-        wanted = self.wanted = self.providers.next()
-        if not wanted.called:
-            timer = self.peers.clock.callLater(self.resolve_timeout, self._overdue, inputs, wanted)
-            wanted.addBoth(_cancel_then_pass, timer)
-
-        def came(provider: Provider | None) -> None:
-            self.wanted = None
-            if provider is None:
-                inputs.ran_out()
-            else:
-                inputs.provider_came(provider)
-
-        wanted.addCallbacks(came, lambda failure: failure.trap(CancelledError))
-
-    def _overdue(self, inputs: _RaceInputs, wanted: Deferred[Provider | None]) -> None:
-        if self.wanted is wanted:
-            inputs.overdue()
-
-    def attempt(self, inputs: _RaceInputs, provider: Provider) -> None:
-        self.budget.left -= 1
-        clock = self.peers.clock
-        asked_at = clock.seconds()
-        attempt = self.peers.ask(provider, self.method, self.path, self.headers)
-        self.pending[attempt] = provider
-        if self.hedge is not None and self.hedge.active():
-            self.hedge.cancel()
-        if self.budget.left > 0:
-            self.hedge = clock.callLater(self.peers.latency.hedge_delay(), inputs.want)
-
-        def answered(response: Any) -> None:
-            self.pending.pop(attempt, None)
-            self.peers.latency.observe(clock.seconds() - asked_at)
-            if response.code in (200, 206) and self.acceptable(response):
-                inputs.won(PeerResponse(provider, response))
-                return
-            discard(response)
-            if response.code in (404, 416):
-                # A stale record, or a range it cannot serve: no reason to distrust the peer.
-                metrics.peer_failures_total.labels(STATUS).inc()
-            else:
-                self.peers.failed(provider, STATUS)
-            inputs.attempt_lost()
-
-        def failed(failure: Failure) -> None:
-            self.pending.pop(attempt, None)
-            # A cancelled attempt fails with CancelledError, ConnectingCancelledError or
-            # ResponseNeverReceived([CancelledError]): none of them is the peer's fault, unless
-            # it was cancelled because the peer sent no headers in time (a PeerFailed).
-            if self.settled:
-                return
-            if failure.check(PeerFailed):
-                _log.info("peer {peer} {e}", peer=describe(provider), e=failure.value)
-                self.peers.failed(provider, failure.value.reason)  # type: ignore[union-attr]
-            elif failure.check(CancelledError):
-                return
-            else:
-                _log.info("peer {peer} failed: {e}", peer=describe(provider), e=failure.value)
-                self.peers.failed(provider, CONNECT)
-            inputs.attempt_lost()
-
-        attempt.addCallbacks(answered, failed)
-
-    def next_step(self, inputs: _RaceInputs) -> None:
-        """
-        Nothing is wanted of the queue: wait for the attempts in flight, or want another
-        provider, or give up.
-        """
-        if self.pending:
-            return
-        if self.budget.left <= 0 or (self.providers.finished and not self.providers.has_ready()):
-            inputs.give_up()
-        else:
-            inputs.want()
-
-    def settle(self, winner: PeerResponse | None) -> None:
-        # Cancelling the losers below fails them at once: they must see the race settled.
-        self.settled = True
-        if self.hedge is not None and self.hedge.active():
-            self.hedge.cancel()
-        wanted, self.wanted = self.wanted, None
-        if wanted is not None and not wanted.called:
-            wanted.cancel()
-        for attempt in list(self.pending):
-            attempt.cancel()
-        self.result.callback(winner)
-
-
-_race = TypeMachineBuilder(_RaceInputs, _Race)
-# Attempts may be in flight; no provider is wanted (the hedge timer may be armed to want one).
-_asking = _race.state("asking")
-# A provider was asked of the queue, maybe with attempts in flight.
-_wanting = _race.state("wanting")
-# Wanting, and none came within the resolve timeout: once nothing is in flight the race is
-# lost (containerd goes upstream) rather than waiting for the lookup to end.
-_overdue = _race.state("overdue")
-# A peer won, or the race was lost; late answers are dropped.
-_settled = _race.state("settled")
-
-
-@_asking.upon(_RaceInputs.want).to(_wanting)
-def _ask_queue(inputs: _RaceInputs, race: _Race) -> None:
-    race.ask_queue(inputs)
-
-
-@_wanting.upon(_RaceInputs.provider_came).to(_asking)
-@_overdue.upon(_RaceInputs.provider_came).to(_asking)
-def _attempt(inputs: _RaceInputs, race: _Race, provider: Provider) -> None:
-    race.attempt(inputs, provider)
-
-
-@_asking.upon(_RaceInputs.attempt_lost).loop()
-@_wanting.upon(_RaceInputs.ran_out).to(_asking)
-@_overdue.upon(_RaceInputs.ran_out).to(_asking)
-def _next_step(inputs: _RaceInputs, race: _Race) -> None:
-    race.next_step(inputs)
-
-
-@_wanting.upon(_RaceInputs.overdue).to(_overdue)
-@_overdue.upon(_RaceInputs.attempt_lost).loop()
-def _give_up_if_idle(inputs: _RaceInputs, race: _Race) -> None:
-    if not race.pending:
-        inputs.give_up()
-
-
-@_asking.upon(_RaceInputs.won).to(_settled)
-@_wanting.upon(_RaceInputs.won).to(_settled)
-@_overdue.upon(_RaceInputs.won).to(_settled)
-def _win(inputs: _RaceInputs, race: _Race, winner: PeerResponse) -> None:
-    race.settle(winner)
-
-
-@_asking.upon(_RaceInputs.give_up).to(_settled)
-@_wanting.upon(_RaceInputs.give_up).to(_settled)
-@_overdue.upon(_RaceInputs.give_up).to(_settled)
-def _lose(inputs: _RaceInputs, race: _Race) -> None:
-    race.settle(None)
-
-
-@_settled.upon(_RaceInputs.won).loop()
-def _drop_late_winner(inputs: _RaceInputs, race: _Race, winner: PeerResponse) -> None:
-    discard(winner.response)
-
-
-# Wanting already, or over: a hedge falling due changes nothing.
-_wanting.upon(_RaceInputs.want).loop().returns(None)
-_overdue.upon(_RaceInputs.want).loop().returns(None)
-_settled.upon(_RaceInputs.want).loop().returns(None)
-# An attempt lost while a provider is wanted: the provider's coming decides.
-_wanting.upon(_RaceInputs.attempt_lost).loop().returns(None)
-# Losers cancelled at the settling, and a give-up queued behind the settling.
-_settled.upon(_RaceInputs.attempt_lost).loop().returns(None)
-_settled.upon(_RaceInputs.give_up).loop().returns(None)
-
-_RaceMachine = _race.build()
-
-
-class HedgedRace:
-    """
-    Ask providers for C{path}, hedging, until one answers 200/206 with an C{acceptable} response:
-    that one wins and every other attempt is cancelled. The race is lost (L{None}) when no
-    provider answered well before C{budget} ran out, or the providers did.
-
-    An automat machine with four states: C{asking} (attempts in flight, no provider wanted; the
-    hedge timer, when it falls due, wants one), C{wanting} (a provider asked of the queue),
-    C{overdue} (wanted for longer than the resolve timeout: lost once nothing is in flight) and
-    C{settled}.
-    """
-
-    def __init__(
-        self,
-        peers: PeerClient,
-        providers: ProviderQueue,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        budget: Budget,
-        *,
-        resolve_timeout: float,
-        acceptable: Callable[[Any], bool] = lambda response: True,
-    ):
-        self._race = _Race(peers, providers, method, path, headers, budget, resolve_timeout, acceptable)
-        self._inputs = _RaceMachine(self._race)
-
-    def run(self) -> Deferred[PeerResponse | None]:
-        if self._race.budget.left > 0:
-            self._inputs.want()
-        else:
-            self._inputs.give_up()
-        return self._race.result
 
 
 @define(eq=False)

@@ -1,6 +1,6 @@
 """
-The request path's imports go one way: registry -> mirror -> selection / streaming ->
-peerresponse, with the shared declarations in spegel.interfaces. A lower layer importing a higher
+The request path's imports go one way: registry -> mirror -> hedging -> selection, and
+mirror -> streaming -> peerresponse, with the shared declarations in spegel.interfaces. A lower layer importing a higher
 one (the mirror importing the registry, as it once did) fails here.
 """
 
@@ -16,7 +16,8 @@ _HIGHER = {
     "spegel.interfaces": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.selection", "spegel.streaming", "spegel.peerresponse"},
     "spegel.peerresponse": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.selection", "spegel.streaming"},
     "spegel.streaming": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.selection"},
-    "spegel.selection": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.streaming"},
+    "spegel.selection": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.streaming", "spegel.hedging"},
+    "spegel.hedging": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.streaming"},
     "spegel.mirror": {"spegel.registry", "spegel.responses"},
     "spegel.coalesce": {"spegel.registry", "spegel.mirror"},
     "spegel.responses": {"spegel.registry", "spegel.mirror"},
