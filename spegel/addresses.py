@@ -166,6 +166,23 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
         raise InvalidAddress(f"{text!r}: {why}") from None
 
 
+def parse_netloc(text: str) -> str:
+    """
+    Validate C{host[:port]} (a registry as containerd names it in C{?ns=} and as its
+    C{hosts.toml} directory) and return it normalised as L{RegistryURL.netloc} is.
+
+    @raise InvalidAddress: naming C{text} and what is wrong with it.
+    """
+    try:
+        if text.count(":") > 1 and not text.startswith("["):
+            raise _Why("write an IPv6 address in brackets, [address] or [address]:port")
+        host, port = _host_port(text)
+        host = _host(host, empty_ok=False)
+    except _Why as why:
+        raise InvalidAddress(f"{text!r}: {why}") from None
+    return join_host_port(host, port) if port is not None else _bracketed(host)
+
+
 def parse_listen_address(text: str) -> ListenAddress:
     """
     Parse C{:5000}, C{127.0.0.1:5000} or C{[::1]:5000}.

@@ -31,6 +31,10 @@ What it cannot read it says it could not check, rather than guess.
 `check_configuration` and `check_containerd` are pure; `read_containerd_config` and
 `probe_containerd` do the I/O (blocking: the C{spegel configuration} command calls them
 directly, the node from a thread).
+
+About 580 lines, on purpose in one module: the checks, the two readers whose facts they
+compare (file and running containerd) and the two callers (command, node service) change
+together whenever containerd moves a setting; split, each change would touch three modules.
 """
 
 from __future__ import annotations

@@ -43,6 +43,18 @@ class RegistryURLTests(SynchronousTestCase):
         self.assertIn("neither an IP address nor a valid host name", str(e))
 
 
+class NetlocTests(SynchronousTestCase):
+    def test_same_as_a_registry_url(self) -> None:
+        for netloc in ("docker.io", "Registry.Example:443", "127.0.0.1:5000", "[FD00::1]:5000", "[::1]"):
+            self.assertEqual(
+                addresses.parse_netloc(netloc), addresses.parse_registry_url(f"http://{netloc}").netloc
+            )
+
+    def test_refused(self) -> None:
+        for text in ("", "docker.io:0", "docker.io/", "::1", "a b", "docker.io:"):
+            self.assertRaises(InvalidAddress, addresses.parse_netloc, text)
+
+
 class HTTPURLTests(SynchronousTestCase):
     def test_path_allowed(self) -> None:
         url = "http://spegel-bootstrap.spegel.svc:5002/"

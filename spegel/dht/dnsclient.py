@@ -34,6 +34,8 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dnsError
 
+from spegel.addresses import ip_literal
+
 EDNS_PAYLOAD = 4096
 DEFAULT_TIMEOUTS = (1, 3, 5)
 _log = Logger()
@@ -52,10 +54,9 @@ def nameservers(resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
             for line in f:
                 words = line.split()
                 if len(words) >= 2 and words[0] == "nameserver":
-                    try:
-                        servers.append((str(ipaddress.ip_address(words[1].split("%")[0])), 53))
-                    except ValueError:
-                        continue
+                    address = ip_literal(words[1].split("%")[0])
+                    if address is not None:
+                        servers.append((address, 53))
     except OSError:
         pass
     return servers or [("127.0.0.1", 53)]
