@@ -52,7 +52,7 @@ async def measure(reactor, n: int, processes: int, keys: int, lookups: int, rng:
         for _ in range(lookups):
             key = rng.choice(names)
             asker = rng.choice([s for s in cluster.local if s is not holders[key].service])
-            asker._cache.clear()  # measure lookups, not the cache
+            asker.clear_provider_cache()  # measure lookups, not the cache
             started = now()
             first: list[float] = []
             providers = await asker.find_providers(

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import NODE_ID_FILE
-from spegel.dht.service import DHTService
+from spegel.dht.service import PROVIDER_CACHE_REFRESH, DHTService
 from spegel.dht.simulation import MemoryNetwork, SimulatedClock, SimulatedCluster
 
 CONFIG = RouterConfig(
@@ -58,16 +58,27 @@ class ServiceTests(SynchronousTestCase):
         holder, asker = self.services[2], self.services[5]
         holder.provide(["k"])
         self.clock.advance(0.5)
-        self.find(asker, "k")
+        d = asker.find_providers("k")
+        self.clock.advance(0.1)
+        self.successResultOf(d)
         sent = sum(asker.node.protocol.sent.values())
+        # Within the refresh age: from the cache, nothing sent.
         found = []
         d = asker.find_providers("k", on_provider=found.append)
         self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
         self.assertEqual(len(found), 1)
         self.assertEqual(sum(asker.node.protocol.sent.values()), sent)
-        self.clock.advance(CONFIG.provider_cache_ttl)
-        asker.find_providers("k")
+        # Older: still answered from the cache at once, and looked up again in the background.
+        self.clock.advance(PROVIDER_CACHE_REFRESH)
+        d = asker.find_providers("k")
+        self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
         self.assertGreater(sum(asker.node.protocol.sent.values()), sent)
+        # Past the TTL of the refreshed answer: the lookup must run before an answer.
+        self.clock.advance(CONFIG.provider_cache_ttl + 0.5)
+        d = asker.find_providers("k")
+        self.assertNoResult(d)
+        self.clock.advance(0.5)
+        self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
 
     def test_cache_can_be_bypassed(self) -> None:
         holder, asker = self.services[2], self.services[5]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -21,11 +21,16 @@ from twisted.python.failure import Failure
 
 from spegel.dht import bootstrap, metrics
 from spegel.dht.config import RouterConfig
+from spegel.dht.finder import ProviderFinder
 from spegel.dht.ids import Provider, key_id, load_or_create_node_id
 from spegel.dht.node import AnnounceResult, KademliaNode
 
 Address = tuple[str, int]
 MAX_CACHED_LOOKUPS = 10_000
+# A cached lookup answer older than this is still served, and refreshed in the background: in a
+# rollout new holders appear every second, and the mirror should spread over them (see
+# spegel.dht.finder).
+PROVIDER_CACHE_REFRESH = 1.0
 
 
 MAX_UDP_BYTES_PER_TURN = 16 * 1024
@@ -99,7 +104,13 @@ class DHTService(MultiService):
         self._announce_call: IDelayedCall | None = None
         self._settle_call: IDelayedCall | None = None
         self._announcing: Deferred[AnnounceResult] | None = None
-        self._cache: dict[str, tuple[float, list[Provider]]] = {}
+        self._finder = ProviderFinder(
+            reactor,
+            lambda key, limit, on_provider: node.find_providers(key_id(key), limit=limit, on_provider=on_provider),
+            ttl=config.provider_cache_ttl,
+            refresh_after=PROVIDER_CACHE_REFRESH,
+            max_cached=MAX_CACHED_LOOKUPS,
+        )
         self._loops: list[LoopingCall] = []
         self.bootstrapping: bootstrap.Bootstrapping | None = None
         bootstrapper = bootstrap.bootstrapper_from_config(reactor, config)
@@ -154,6 +165,7 @@ class DHTService(MultiService):
         if self._settle_call is not None and self._settle_call.active():
             self._settle_call.cancel()
         self._settle_call = None
+        self._finder.stop()
         return super().stopService()
 
     @property
@@ -207,9 +219,7 @@ class DHTService(MultiService):
     def _sweep(self) -> None:
         try:
             self.node.store.expire()
-            now = self.reactor.seconds()
-            for key in [k for k, (expires, _) in self._cache.items() if expires <= now]:
-                del self._cache[key]
+            self._finder.expire()
             if len(self.node.routing) == 0 and self.bootstrapping is not None:
                 self.bootstrapping.bootstrap_now()
         except Exception:
@@ -305,26 +315,15 @@ class DHTService(MultiService):
     ) -> Deferred[list[Provider]]:
         """
         Providers of C{key} other than this node.  C{on_provider} is called as each is found;
-        the result fires when the lookup ends; cancelling it stops the lookup.  Non-empty
-        results are cached for C{provider_cache_ttl} seconds; C{use_cache=False} asks the
+        the result fires when the lookup ends; cancelling it stops waiting (and the lookup, once
+        nobody else waits for it).  Callers asking for a key while it is being looked up share
+        that lookup.  Non-empty results are cached for C{provider_cache_ttl} seconds, refreshed
+        in the background once a second old (L{spegel.dht.finder}); C{use_cache=False} asks the
         cluster afresh (for a caller that found every cached provider unusable).
         """
-        now = self.reactor.seconds()
-        cached = self._cache.get(key) if use_cache else None
-        if cached is not None and cached[0] > now:
-            providers = cached[1][:limit]
-            for provider in providers:
-                if on_provider is not None:
-                    on_provider(provider)
-            return succeed(list(providers))
-        d = self.node.find_providers(key_id(key), limit=limit, on_provider=on_provider)
+        return self._finder.find(key, on_provider=on_provider, limit=limit, use_cache=use_cache)
 
-        def remember(providers: list[Provider]) -> list[Provider]:
-            if providers:
-                if len(self._cache) >= MAX_CACHED_LOOKUPS:
-                    self._cache.clear()
-                self._cache[key] = (self.reactor.seconds() + self.config.provider_cache_ttl, providers)
-            return providers
-
-        return d.addCallback(remember)
+    def clear_provider_cache(self) -> None:
+        """Forget cached lookup answers (benchmarks measure lookups, not the cache)."""
+        self._finder.clear()
 
