@@ -19,7 +19,9 @@ figures (50 nodes, mean pull) are printed beside.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -67,7 +69,15 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_case(
-    nodes: int, size_mb: int, *, spegel: bool, mode: str, stagger: float, coalesce: str, node_args: Sequence[str] = ()
+    nodes: int,
+    size_mb: int,
+    *,
+    spegel: bool,
+    mode: str,
+    stagger: float,
+    coalesce: str,
+    node_args: Sequence[str] = (),
+    keep_logs: str | None = None,
 ) -> dict:
     image = build_image(seed=f"rollout-{size_mb}", layer_sizes=layers_for(size_mb))
     node_args = ["--mirror-coalesce-timeout", coalesce, *node_args] if spegel else []
@@ -106,6 +116,10 @@ def run_case(
                 unresolved[reason] = sum(m.total("spegel_mirror_unresolved_total", reason=reason) for m in metrics)
             failures = [peer_failures(n.log_text()) for n in cluster.nodes]
         from_upstream = [b / MiB for b in cluster.upstream_bytes_by_node()]
+        if keep_logs and spegel:
+            os.makedirs(keep_logs, exist_ok=True)
+            for index, node in enumerate(cluster.nodes):
+                shutil.copy(node.log_path, os.path.join(keep_logs, f"node-{index + 1}.log"))
         rollout = [times[i] for i in wave if i in times]
         # Where the slowest pull's time went: how much of the image it took from upstream (at
         # the shared 100 Mbit/s) and from peers, and which providers failed it on the way.
@@ -157,6 +171,7 @@ def main() -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--node-arg", action="append", default=[], help="extra spegel node argument, repeatable")
     parser.add_argument("--runs", type=int, default=1, help="repeat each case (baseline and spegel interleaved)")
+    parser.add_argument("--keep-logs", default=None, help="copy the spegel nodes' logs of each case into this directory")
     args = parser.parse_args()
     print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce}; upstream 100 Mbit/s, 30 ms RTT")
     print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
@@ -167,6 +182,7 @@ def main() -> int:
                     r = run_case(
                         nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce,
                         node_args=args.node_arg,
+                        keep_logs=args.keep_logs and os.path.join(args.keep_logs, f"{nodes}x{size}-{time.strftime('%H%M%S')}"),
                     )
                 except (CommandFailed, ProcessFailed) as e:
                     print(f"{nodes:5d}  {size:7d}  {'spegel' if spegel else 'none':7s}  failed: {str(e).splitlines()[0]}")
