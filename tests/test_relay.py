@@ -204,10 +204,13 @@ class RelayTests(RelayTestCase):
         provider, _ = self.peer(self._file(bytes(corrupt)))
         port = self.node([provider])
         mismatches = metrics.digest_mismatches_total._value.get()
+        spliced_before = self.spliced()
         head, digest, total = await deferToThread(_fetch, port, self.blob_path())
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         self.assertLess(total, self.size)
-        self.assertGreater(total, self.size - relay.PIPE_SIZE - relay.HELD_BACK)
+        # The relay sent all but the bytes held back; the client may see less of it, as the
+        # aborted connection drops what was still in the node's socket buffer.
+        self.assertGreater(self.spliced() - spliced_before, self.size - relay.PIPE_SIZE - relay.HELD_BACK)
         self.assertEqual(metrics.digest_mismatches_total._value.get(), mismatches + 1)
 
     async def test_midway_failure_resumes_on_another_peer(self) -> None:
