@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel import addresses, flags, hostsconfig
-from spegel.addresses import InvalidAddress, ListenAddress, RegistryURL
+from spegel.addresses import InvalidAddress, ListenAddress, RegistryURL, parse_host_port
 from spegel.dht import bootstrap
 
 
@@ -159,3 +160,85 @@ class DriftTests(SynchronousTestCase):
         self.assertEqual(bootstrap.parse_host_port("my_peer.local:5001"), ("my_peer.local", 5001))
         self.assertEqual(hostsconfig.parse_registry_url("http://my_peer.local:5001").netloc, "my_peer.local:5001")
         self.assertEqual(flags.parse_listen_address("my_peer.local:5001").host, "my_peer.local")
+
+
+class ParseHostPortTests(SynchronousTestCase):
+    def test_ipv4(self) -> None:
+        self.assertEqual(parse_host_port("10.0.0.1:5001"), ("10.0.0.1", 5001))
+
+    def test_whitespace_ignored(self) -> None:
+        self.assertEqual(parse_host_port(" 10.0.0.1:5001\n"), ("10.0.0.1", 5001))
+
+    def test_bracketed_ipv6_canonicalised(self) -> None:
+        self.assertEqual(parse_host_port("[::1]:5001"), ("::1", 5001))
+        self.assertEqual(parse_host_port("[2001:DB8:0::1]:80"), ("2001:db8::1", 80))
+
+    def test_hostname(self) -> None:
+        self.assertEqual(
+            parse_host_port("Node-1.spegel.svc.cluster.local:5001"),
+            ("node-1.spegel.svc.cluster.local", 5001),
+        )
+
+    def test_default_port(self) -> None:
+        self.assertEqual(parse_host_port("10.0.0.1", 5001), ("10.0.0.1", 5001))
+        self.assertEqual(parse_host_port("[::1]", 7), ("::1", 7))
+        self.assertEqual(parse_host_port("::1", 7), ("::1", 7))
+        self.assertEqual(parse_host_port("peer", 9), ("peer", 9))
+
+    def test_explicit_port_wins_over_default(self) -> None:
+        self.assertEqual(parse_host_port("10.0.0.1:6000", 5001), ("10.0.0.1", 6000))
+
+    def assertRejected(self, text: str, *words: str, default_port: int | None = None) -> None:
+        with self.assertRaises(ValueError) as raised:
+            parse_host_port(text, default_port)
+        message = str(raised.exception)
+        for word in words:
+            self.assertIn(word, message)
+
+    def test_missing_port(self) -> None:
+        self.assertRejected("10.0.0.1", "'10.0.0.1'", "missing port")
+        self.assertRejected("[::1]", "missing port")
+
+    def test_bare_ipv6_with_port_is_ambiguous(self) -> None:
+        self.assertRejected("::1", "missing port")
+        self.assertRejected("fe80:1:2:5001:zz", "[address]:port")
+
+    def test_bad_ports(self) -> None:
+        for text in ("h:0", "h:65536", "h:abc", "h:", "h:-1", "h:+5", "h: 5", "h:1e3", "h:٣"):
+            self.assertRejected(text, repr(text), "port")
+
+    def test_bad_default_port(self) -> None:
+        self.assertRejected("10.0.0.1", "port", default_port=0)
+
+    def test_bad_hosts(self) -> None:
+        self.assertRejected("", "empty")
+        self.assertRejected(":5001", "missing host")
+        self.assertRejected("bad_host!:5001", "'bad_host!'", "neither")
+        self.assertRejected("1.2.3.999:5001", "neither")
+        self.assertRejected("-peer:5001", "neither")
+
+    def test_bad_brackets(self) -> None:
+        self.assertRejected("[::1:5001", "missing ']'")
+        self.assertRejected("[10.0.0.1]:5001", "not an IPv6 address")
+        self.assertRejected("[::1]5001", "after ']'")
+
+
+
+class ParseHostPortPropertyTests(SynchronousTestCase):
+    """Whatever the input, parse_host_port answers with a value or its documented error."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=80))
+    def test_parse_host_port_never_crashes(self, text: str) -> None:
+        try:
+            host, port = parse_host_port(text)
+        except ValueError:
+            return
+        self.assertTrue(1 <= port <= 65535)
+        self.assertTrue(host)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), st.integers(1, 65535))
+    def test_parse_host_port_round_trip(self, address: Any, port: int) -> None:
+        text = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        self.assertEqual(parse_host_port(text), (str(address), port))

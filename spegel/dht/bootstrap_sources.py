@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_bootstrap -*-
+# -*- test-case-name: tests.test_dht_bootstrap_sources -*-
 """
 Where a node that knows nobody finds candidate peers (see L{spegel.dht.bootstrap}): a
 L{Bootstrapper} yields addresses, which may include this node itself.
