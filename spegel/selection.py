@@ -56,6 +56,13 @@ class LatencyTracker:
     header_deadline_minimum: float = 0.5
     header_deadline_maximum: float = 3.0
     header_deadline_initial: float = 2.0
+    # The deadline for a peer that answered this node within the last PROVEN_FOR seconds: the
+    # same patience as for a peer silent mid-body (the idle timeout).  Such a peer is busy, not a
+    # tarpit, and giving up on it costs a whole layer from upstream: measured in rollouts on
+    # the multi-host rig (benchmarks/README.md, rollout.py), every provider failure was a busy
+    # first holder missing the short deadline, and one such miss put a 400 MB layer on the
+    # upstream link (45 s).  Hedging still asks another provider meanwhile, when there is one.
+    proven_header_deadline: float = 10.0
 
     def observe(self, seconds: float) -> None:
         self.window.append(seconds)
@@ -194,22 +201,43 @@ def cancel_then_pass(result: object, call: IDelayedCall) -> object:
     return result
 
 
+# How long a peer that sent response headers counts as proven alive: it gets the patient
+# response-header deadline (LatencyTracker.proven_header_deadline) for this long after.
+PROVEN_FOR = 60.0
+MAX_PROVEN_PEERS = 4096
+
+
 @define(eq=False)
 class PeerClient:
     """
     Asks peers, each within the response-header deadline, and keeps the record of how they did:
     their latency, the ones put aside, the failures by reason.
+
+    A peer that has sent this node response headers recently (any status: it is alive and
+    answering) is given the longer C{proven_header_deadline}: in a rollout the holder everyone
+    asks is slow to answer because it is busy, and a 404 for it sends containerd upstream for
+    the whole layer.  A tarpit never answers, so it keeps the short deadline; one that answers
+    once and then stalls costs the longer deadline once, and is put aside.
     """
 
     clock: IReactorTime
     http: HTTPClient
     put_aside: PutAside
     latency: LatencyTracker
+    _answered_at: dict[tuple[str, int], float] = field(factory=dict)
+
+    def deadline_for(self, provider: Provider) -> float:
+        """The response-header deadline for C{provider} now."""
+        short = self.latency.header_deadline()
+        answered_at = self._answered_at.get((provider.host, provider.registry_port))
+        if answered_at is not None and self.clock.seconds() - answered_at < PROVEN_FOR:
+            return max(short, self.latency.proven_header_deadline)
+        return short
 
     def ask(self, provider: Provider, method: str, path: str, headers: dict[str, str]) -> Deferred[Any]:
         """
-        Send a request to C{provider}; cancel it if its response headers are not in by the
-        latency tracker's deadline.
+        Send a request to C{provider}; cancel it if its response headers are not in by its
+        deadline (L{deadline_for}).
 
         @return: a L{Deferred} of the response (its body not read), failing with L{PeerFailed}
             (reason C{header_deadline}) when the deadline passed.
@@ -225,7 +253,18 @@ class PeerClient:
             expired = True
             d.cancel()
 
-        deadline = self.clock.callLater(self.latency.header_deadline(), expire)
+        deadline = self.clock.callLater(self.deadline_for(provider), expire)
+
+        def answered(response: Any) -> Any:
+            now = self.clock.seconds()
+            if len(self._answered_at) >= MAX_PROVEN_PEERS:
+                # Bounded however many addresses answer: the stale entries go first.
+                for peer in [peer for peer, at in self._answered_at.items() if now - at >= PROVEN_FOR]:
+                    del self._answered_at[peer]
+                if len(self._answered_at) >= MAX_PROVEN_PEERS:
+                    self._answered_at.clear()
+            self._answered_at[(provider.host, provider.registry_port)] = now
+            return response
 
         def late(failure: Failure) -> Failure:
             if expired:
@@ -234,7 +273,7 @@ class PeerClient:
                 )
             return failure
 
-        return d.addBoth(cancel_then_pass, deadline).addErrback(late)
+        return d.addBoth(cancel_then_pass, deadline).addCallbacks(answered, late)
 
     def failed(self, provider: Provider, reason: str) -> None:
         """
@@ -242,6 +281,8 @@ class PeerClient:
         """
         metrics.peer_failures_total.labels(reason).inc()
         self.put_aside.put_aside(provider)
+        # Proven no longer: asked again after the put-aside, it gets the short deadline.
+        self._answered_at.pop((provider.host, provider.registry_port), None)
 
 
 async def lookup(

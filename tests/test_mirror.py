@@ -29,6 +29,7 @@ from spegel.interfaces import IRouter
 from spegel.mirror import LatencyTracker, Mirror
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
 from spegel.peerresponse import PEER_FAILURE_REASONS
+from spegel.selection import PROVEN_FOR
 from spegel.registry import RegistryFilter, RegistryResource, ask_mirror
 from tests.test_registry import MemoryContent
 
@@ -761,6 +762,79 @@ class MisbehavingPeerTests(MirrorTestCase):
         response.end()
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
+
+
+class BusyPeerTests(MirrorTestCase):
+    """
+    A peer that answered this node recently is busy when it is slow, not a tarpit: it gets the
+    patient response-header deadline (a 404 would send containerd upstream for the whole layer).
+    """
+
+    def serve_once(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        response = self.http.answer(len(self.http.requests) - 1, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+
+    def test_a_peer_that_answered_gets_the_patient_deadline(self) -> None:
+        self.serve_once()
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.5)
+        self.assertNoResult(d)
+        self.assertFalse(self.http.requests[1][3].called, "the busy peer's request was cancelled")
+        response = self.http.answer(1, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_silent_past_the_patient_deadline_it_fails(self) -> None:
+        self.serve_once()
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.proven_header_deadline - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+        # Back after the put-aside, it has to prove itself again: the short deadline.
+        self.mirror.put_aside.lift(provider(1).host)
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_a_404_proves_the_peer_alive_too(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.http.answer(0, 404, 0)
+        self.failureResultOf(d, BlobUnknown)
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.5)
+        self.assertNoResult(d)
+        self.clock.advance(self.latency.proven_header_deadline)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_the_proof_lapses(self) -> None:
+        self.serve_once()
+        self.clock.advance(PROVEN_FOR)
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.failureResultOf(d, BlobUnknown)
+
+    def test_a_tarpit_never_gets_it(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.failureResultOf(d, BlobUnknown)
 
 
 class PeerFailureReasonTests(MirrorTestCase):
