@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_addresses -*-
+# -*- test-case-name: tests.unit.test_addresses -*-
 """
 The one grammar for hosts, ports and URLs, used by every entry point: the node's flags
 (L{spegel.tap}), the C{spegel} command (L{spegel.cli}, L{spegel.hostsconfig}) and the DHT

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_advertiser -*-
+# -*- test-case-name: tests.unit.test_advertiser -*-
 """
 Tell the cluster what this node's containerd holds.
 

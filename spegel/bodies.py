@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bodies -*-
+# -*- test-case-name: tests.unit.test_bodies, tests.e2e.test_bodies_real -*-
 """
 Response bodies that stream content to an HTTP request without holding it in memory.
 

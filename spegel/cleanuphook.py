@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.unit.test_cli -*-
 """
 The two halves of the chart's post-delete hook, which restores every node's containerd
 configuration on C{helm uninstall} and makes Helm wait until all of them are clean.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.unit.test_cli -*-
 """
 The ``spegel`` console script: one-shot commands run next to the long-running node (which is
 ``twistd spegel``, see spegel.tap).

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_coalesce -*-
+# -*- test-case-name: tests.unit.test_coalesce -*-
 """
 Cold pulls that wait for another node's instead of all going upstream.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.unit.test_registry -*-
 """
 The values of the registry's view of this node's own content (L{spegel.interfaces.ILocalContent}):
 tags resolved to digests, manifests with their media types, blobs with their size and place on

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_debugweb -*-
+# -*- test-case-name: tests.unit.test_debugweb -*-
 """
 Read-only debug pages for an operator, mounted at C{/debug/} on the metrics address when the
 node runs with C{--debug-web-enabled} (the reference serves its debug page beside its metrics

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_flags -*-
+# -*- test-case-name: tests.unit.test_flags -*-
 """
 spegel's command lines: one set of converters for flag values, and L{CommandOptions}, the
 C{usage.Options} both the node (C{twistd spegel}, L{spegel.tap}) and the C{spegel} command's

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mirror -*-
+# -*- test-case-name: tests.unit.test_mirror -*-
 """
 The hedged race: one peer asked at once, another when the first is slower than observed latency
 says it should be (L{spegel.selection.LatencyTracker}); the first good answer wins and every other

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostsconfig -*-
+# -*- test-case-name: tests.unit.test_hostsconfig -*-
 """
 containerd registry host configuration: the ``hosts.toml`` files that make containerd on a node
 try spegel first for every mirrored registry.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostsconfig -*-
+# -*- test-case-name: tests.unit.test_hostsconfig -*-
 """
 The I/O layer of containerd's registry host configuration (L{spegel.hostsconfig} renders
 what is written): `configure` and `cleanup`. Blocking on purpose: it runs in a one-shot

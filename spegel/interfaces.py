@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_interfaces -*-
+# -*- test-case-name: tests.unit.test_interfaces -*-
 """
 The collaborators several modules share, each declared once.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.unit.test_registry -*-
 """
 The node's Prometheus metrics, under the names operators' dashboards already use.
 

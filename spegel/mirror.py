@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mirror -*-
+# -*- test-case-name: tests.unit.test_mirror -*-
 """
 The P2P mirror: what the registry does with a request this node cannot answer itself.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_oci -*-
+# -*- test-case-name: tests.unit.test_oci -*-
 """
 The OCI distribution vocabulary spegel speaks: digests, repository names, tags, byte ranges,
 manifest media types, image names as containerd stores them, what a manifest or index refers

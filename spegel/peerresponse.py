@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mirror -*-
+# -*- test-case-name: tests.unit.test_mirror -*-
 """
 A peer's response as the mirror reads it: why a peer failed (L{PeerFailed}, counted by reason),
 which bytes an answer carries (L{span}), the headers a client gets (L{forwarded_headers}), and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_peers -*-
+# -*- test-case-name: tests.unit.test_peers, tests.e2e.test_peers_real -*-
 """
 The HTTP client a node uses to talk to its peers.
 

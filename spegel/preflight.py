@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_preflight -*-
+# -*- test-case-name: tests.unit.test_preflight, tests.e2e.test_preflight_real -*-
 """
 Can this node's containerd work with spegel?  A preflight that says what is wrong, one line
 each, with the fix.

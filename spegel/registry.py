@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.unit.test_registry -*-
 """
 The pull-only OCI registry every node serves to its own containerd and to its peers.
 

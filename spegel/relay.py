@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.e2e.test_relay, tests.test_relay_unit -*-
 """
 Relaying a blob from a peer's socket to a client's socket through kernel pipes.
 

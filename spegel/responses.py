@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_registry -*-
+# -*- test-case-name: tests.unit.test_registry -*-
 """
 Writing the registry's responses: blob headers, OCI error bodies, answers from the mirror, and
 cutting short a body that cannot be completed.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mirror -*-
+# -*- test-case-name: tests.unit.test_mirror -*-
 """
 Which peer to ask, and when to ask another.
 

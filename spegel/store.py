@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.unit.test_store -*-
 """
 L{spegel.interfaces.ILocalContent} over containerd: its image store for tags, its content store
 (on disk, or through its Read API) for bytes.

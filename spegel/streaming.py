@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mirror -*-
+# -*- test-case-name: tests.unit.test_mirror -*-
 """
 A large blob from peers to a client, never all in memory, never unverified: L{BlobCopy}.
 

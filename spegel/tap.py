@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.unit.test_tap -*-
 """
 The spegel node as a twistd application: C{twistd -n spegel [options]}.
 

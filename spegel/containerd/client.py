@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_containerd_client -*-
+# -*- test-case-name: tests.unit.test_containerd_client -*-
 """
 A Twisted-friendly client for the parts of containerd's gRPC API spegel uses.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_containerd_events -*-
+# -*- test-case-name: tests.unit.test_containerd_events -*-
 """
 containerd's image and content events, delivered to the reactor, across containerd restarts.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_containerd_protos -*-
+# -*- test-case-name: tests.unit.test_containerd_protos -*-
 """
 Regenerate the checked-in gRPC/protobuf stubs in C{spegel/containerd/api/} from our .proto subset.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_bootstrap -*-
+# -*- test-case-name: tests.unit.test_dht_bootstrap -*-
 """
 Bootstrap: how a node that knows nobody finds its first peers.
 

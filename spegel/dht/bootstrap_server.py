@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_bootstrap_server -*-
+# -*- test-case-name: tests.unit.test_dht_bootstrap_server, tests.e2e.test_dht_bootstrap_server_real -*-
 """
 The HTTP bootstrap server (C{--http-bootstrap-addr}): serves this node's L{BootstrapInfo} so
 that peers configured with C{--http-bootstrap-kind http} can join through it.

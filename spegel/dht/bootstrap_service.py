@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_bootstrap_service -*-
+# -*- test-case-name: tests.unit.test_dht_bootstrap_service -*-
 """
 L{Bootstrapping}: the service that keeps a node joined, calling a bootstrapper
 (L{spegel.dht.bootstrap_sources}) and the node's C{join} with backoff until the join works,

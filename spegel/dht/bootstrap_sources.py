@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_bootstrap_sources -*-
+# -*- test-case-name: tests.unit.test_dht_bootstrap_sources, tests.e2e.test_dht_bootstrap_sources_real -*-
 """
 Where a node that knows nobody finds candidate peers (see L{spegel.dht.bootstrap}): a
 L{Bootstrapper} yields addresses, which may include this node itself.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_service -*-
+# -*- test-case-name: tests.unit.test_dht_service -*-
 """
 The DHT's configuration, built by the node wiring from the command line.
 """

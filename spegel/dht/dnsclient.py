@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_dnsclient -*-
+# -*- test-case-name: tests.unit.test_dht_dnsclient, tests.e2e.test_dht_dnsclient_real -*-
 """
 The DNS client of DNS bootstrap, built for a headless Service with hundreds of nodes.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_finder -*-
+# -*- test-case-name: tests.unit.test_dht_finder -*-
 """
 Provider lookups as the mirror asks for them: one lookup in flight per key, and a short cache
 that does not hide new holders.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_ids -*-
+# -*- test-case-name: tests.unit.test_dht_ids -*-
 """
 Node ids, keys and the XOR metric of Kademlia (Maymounkov & Mazières, section 2.1).
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_lookup -*-
+# -*- test-case-name: tests.unit.test_dht_lookup -*-
 """
 Iterative lookups (paper, section 2.3): find the k nodes closest to a target, asking up to
 alpha of them at a time, each reply bringing closer contacts.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_protocol -*-
+# -*- test-case-name: tests.unit.test_dht_protocol -*-
 """
 Prometheus metrics of the DHT, on prometheus_client's default registry.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_node -*-
+# -*- test-case-name: tests.unit.test_dht_node -*-
 """
 A Kademlia node: the routing table, the provider store and the protocol, tied together.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_protocol -*-
+# -*- test-case-name: tests.unit.test_dht_protocol -*-
 """
 The DHT's request/reply protocol over UDP, modelled on Twisted's C{DNSDatagramProtocol}.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_providers -*-
+# -*- test-case-name: tests.unit.test_dht_providers -*-
 """
 The provider records a node stores for others: key id -> providers, each until it expires.
 

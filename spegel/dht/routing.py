@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_routing -*-
+# -*- test-case-name: tests.unit.test_dht_routing -*-
 """
 The Kademlia routing table: k-buckets indexed by shared id prefix length (paper, section 2.2).
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_service -*-
+# -*- test-case-name: tests.unit.test_dht_service -*-
 """
 The DHT as a Twisted service: what the rest of spegel uses.
 

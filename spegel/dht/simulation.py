@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_simulation -*-
+# -*- test-case-name: tests.unit.test_dht_simulation -*-
 """
 An in-memory UDP network on a simulated clock, for running hundreds of DHT nodes in one
 process, deterministically and much faster than real time.

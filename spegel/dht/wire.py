@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dht_wire -*-
+# -*- test-case-name: tests.unit.test_dht_wire -*-
 """
 The DHT's wire format: one msgpack array per datagram, optionally followed by an HMAC.
 

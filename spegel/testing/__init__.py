@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 Real-component test rig: docker-registry, containerd daemons and spegel nodes on loopback.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_debugweb_browser -*-
+# -*- test-case-name: tests.e2e.test_debugweb_browser -*-
 """
 A real headless browser for end-to-end tests: Debian's C{chromium-headless-shell}, driven from
 the reactor over the DevTools protocol on a pipe (C{--remote-debugging-pipe}: commands go to the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_node -*-
+# -*- test-case-name: tests.e2e.test_e2e_node -*-
 """
 A whole loopback cluster for end-to-end tests: one upstream registry, and per node a containerd
 and a spegel node bound to it.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 A real containerd daemon for tests: own root, state, socket and hosts directory (certs.d).
 

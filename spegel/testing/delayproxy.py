@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 A TCP proxy that adds latency: what puts the rig's upstream registry "across the internet".
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_node -*-
+# -*- test-case-name: tests.e2e.test_e2e_node -*-
 """
 The README demo: a cluster shares an image peer to peer, upstream gone.
 

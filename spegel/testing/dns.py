@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 A real DNS server for the rig's clusters: what a cluster's DNS is to spegel's bootstrap, the
 headless Service's name answered with the address of every node.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 A stand-in for a spegel node, to test the rig's process handling without the real node.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 Minimal blocking HTTP for the test rig: one request, one connection, the raw answer.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_image -*-
+# -*- test-case-name: tests.e2e.test_e2e_image -*-
 """
 Build spegel's image offline: the root C{Containerfile}, with C{buildah}, on a Debian bookworm
 base made by C{debootstrap} from Debian's packages (no container registry is reachable here),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.unit.test_rig, tests.e2e.test_rig_real -*-
 """
 Test images built from random bytes: OCI or Docker media types, one platform or an index.
 

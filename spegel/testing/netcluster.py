@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_rollout -*-
+# -*- test-case-name: tests.e2e.test_e2e_rollout -*-
 """
 A cluster on one machine in which every node is a host of its own, as in Kubernetes: its own
 network namespace and address (L{spegel.testing.netns}), its own containerd, and a spegel node

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 Hosts of their own on one machine: network namespaces on a bridge, each with its own address,
 so several nodes listen on the same ports as in a cluster (5000, 5001, 9090) and see each other

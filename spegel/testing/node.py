@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 A real spegel node process for end-to-end tests, bound to one L{ContainerdDaemon}.
 

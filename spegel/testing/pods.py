@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_e2e_pods -*-
+# -*- test-case-name: tests.e2e.test_e2e_pods -*-
 """
 Pods started the way the kubelet starts them: a Kubernetes pod spec, as the chart renders it,
 turned into the CRI calls the kubelet makes (C{PullImage}, C{RunPodSandbox}, then

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 Free loopback TCP port picking for the real-component test rig.
 

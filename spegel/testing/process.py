@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 Child processes of the test rig: each in its own process group, output to a log file, always
 killed at the end.

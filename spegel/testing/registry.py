@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 An upstream registry for tests: the distribution project's C{docker-registry} on loopback.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_rig -*-
+# -*- test-case-name: tests.e2e.test_rig_real -*-
 """
 The Go-built tools the end-to-end tests and benchmarks run against: containerd 2.x (with its
 C{ctr}) and C{crictl}, built from the Go module proxy at pinned versions and cached by version.
