@@ -145,8 +145,9 @@ class RealAdvertiserTests(TestCase):
 
     async def _test_events(self) -> None:
         """
-        With the event subscriber wired as in a node, a pulled image is provided within a
-        second of the pull finishing, and withdrawn when the image is removed.
+        With the event subscriber wired as in a node, a pulled image is provided once the pull
+        finishes, and withdrawn when the image is removed: the events tell the advertiser, as
+        the next resync is an hour away.
         """
         await self.start_advertising()
 
@@ -155,12 +156,15 @@ class RealAdvertiserTests(TestCase):
         await deferToThread(self.daemon.pull, ref)
         pulled = time.monotonic()
         expected = image.digests() | {ref}
-        await self.wait_until(lambda: expected <= self.router.keys, "the pulled image's keys", timeout=5.0)
+        # A generous deadline, far below reconcile_interval (3600 s): only the events can have
+        # provided the keys by then. How soon they did (well under a second on an idle machine)
+        # is printed, not asserted: a loaded machine may be slower without anything being wrong.
+        await self.wait_until(lambda: expected <= self.router.keys, "the pulled image's keys", timeout=30.0)
         lag = max(self.router.provided_at[key] for key in expected) - pulled
-        self.assertLess(lag, 1.0, f"keys provided {lag:.3f}s after the pull finished")
+        print(f"\n  keys provided {lag:.3f}s after the pull finished")
 
         await deferToThread(self.daemon.remove_image, ref)
-        await self.wait_until(lambda: not (expected & self.router.keys), "the removed image's keys", timeout=5.0)
+        await self.wait_until(lambda: not (expected & self.router.keys), "the removed image's keys", timeout=30.0)
         self.assertEqual(self.advertiser.advertised_keys, frozenset())
 
     def test_contentBeforeImage(self) -> Deferred[None]:
