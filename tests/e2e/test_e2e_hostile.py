@@ -4,8 +4,9 @@ A real node (twistd spegel beside a real containerd) against a hostile pod netwo
 sockets: peers that accept a request and never answer (tarpits) or refuse connections, fake
 providers announced to its DHT without a cluster key, and bursts of connections from many
 clients and from one.  Each answer must be a quick, well-formed 404 or success, never a stall
-or a 5xx.  The printed times are the closing note's figures; the assertions leave room for a
-loaded machine.
+or a 5xx.  The printed times are the closing note's figures; what the node did is read from its
+metrics and from what the fake peers saw, so the one time bound left (the header deadline, which
+is the behaviour under test) leaves room for a loaded machine.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from spegel.testing.ports import free_port
 
 DIGEST = "sha256:" + "cd" * 32
 # The mirror's response-header deadline before it has learned peers' latency
-# (spegel.mirror.LatencyTracker.header_deadline_initial), and slack for a loaded machine.
+# (spegel.mirror.LatencyTracker.header_deadline_initial), and slack for a loaded machine: short
+# of the 10 s a peer heard from recently gets, so the bound still tells the two apart.
 HEADER_DEADLINE = 2.0
-SLACK = 3.0
+SLACK = 6.0
+PEER_FAILURES = "spegel_mirror_peer_failures_total"
 
 
 class Tarpit:
@@ -81,29 +84,44 @@ class HostileNetworkTests(TestCase):
         response = self.node.request("GET", f"/v2/team/app/blobs/{DIGEST}?ns={self.cluster.registry.host}", timeout=60)
         return response.status, time.monotonic() - started
 
+    def failures(self) -> dict[str, float]:
+        """The node's peer failures so far, by reason."""
+        metrics = self.node.metrics()
+        return {reason: metrics.total(PEER_FAILURES, reason=reason) for reason in ("header_deadline", "connect")}
+
     def test_tarpit_peer_gives_404_within_the_header_deadline(self) -> None:
         tarpit = Tarpit()
         self.addCleanup(tarpit.close)
         self.announce(tarpit.port)
+        before = self.failures()
         status, seconds = self.blob()
         print(f"\n  404 with a tarpit as the only provider after {seconds * 1000:.0f} ms")
         self.assertEqual(status, 404)
         self.assertTrue(tarpit.accepted, "the node did ask the tarpit")
+        # It gave up on the tarpit for its header deadline, and (the behaviour under test, so
+        # bounded, with slack) that deadline was the short one of a peer never heard from.
+        self.assertGreater(self.failures()["header_deadline"], before["header_deadline"])
         self.assertLess(seconds, HEADER_DEADLINE + SLACK)
-        # Put aside: the next request does not wait for it again.
+        # Put aside: the next request does not ask it again, so waits for no deadline.
+        asked = len(tarpit.accepted)
+        before = self.failures()
         status, seconds = self.blob()
         print(f"  then, with the tarpit put aside, after {seconds * 1000:.0f} ms")
         self.assertEqual(status, 404)
-        self.assertLess(seconds, 1.0)
+        self.assertEqual(len(tarpit.accepted), asked, "the node asked the tarpit again")
+        self.assertEqual(self.failures(), before)
 
     def test_refusing_peer_gives_404_at_once(self) -> None:
         closed = free_port()
         self.announce(closed)
+        before = self.failures()
         status, seconds = self.blob()
         print(f"\n  404 with a refusing provider after {seconds * 1000:.0f} ms")
         self.assertEqual(status, 404)
-        # The resolve timeout (20 ms) and one refused connect; half a second on a loaded machine.
-        self.assertLess(seconds, 0.5)
+        # At once: the refused connection ended the wait, no deadline did.
+        after = self.failures()
+        self.assertGreater(after["connect"], before["connect"], after)
+        self.assertEqual(after["header_deadline"], before["header_deadline"], after)
 
     def test_burst_of_connections(self) -> None:
         """
