@@ -194,7 +194,7 @@ class RealAdvertiserTests(TestCase):
         try:
             await self.wait_until(mirror.holding.is_set, "the mirror to be asked for the last layer")
             if self.containerd_build.publishes_content_create:
-                await self.wait_until(lambda: early <= self.router.keys, "the blobs committed so far", timeout=10.0)
+                await self.wait_until(lambda: early <= self.router.keys, "the blobs committed so far", timeout=30.0)
             else:
                 # Nothing tells a 1.6 node of blobs without an image: wait as long as the
                 # 2.1+ branch may, then check nothing was advertised.
@@ -205,7 +205,7 @@ class RealAdvertiserTests(TestCase):
         finally:
             mirror.release()
         await pull
-        await self.wait_until(lambda: image.digests() | {ref} <= self.router.keys, "the whole image", timeout=10.0)
+        await self.wait_until(lambda: image.digests() | {ref} <= self.router.keys, "the whole image", timeout=30.0)
 
 
 class _HoldingMirror:

@@ -171,8 +171,8 @@ class RealContainerdTests(TestCase):
         with self.assertRaises(ContainerdUnavailable):
             await self.client.version()
         await deferToThread(self.daemon.start)
-        # grpc reconnects by itself once the socket is back.
-        for _ in range(100):
+        # grpc reconnects by itself once the socket is back (its backoff, up to 30 s here).
+        for _ in range(600):
             try:
                 version = await self.client.version()
             except ContainerdUnavailable:

@@ -28,6 +28,7 @@ _log = Logger()
 
 COALESCE_TIMEOUT = "30s"
 COALESCING = "spegel_pull_coalescing_total"
+PROVIDER_RECORDS = "spegel_dht_provider_records"
 # The layer of the first test: large enough that the first node's pull, straight from the
 # upstream registry on loopback, is still running when the second node starts its own.
 LARGE_LAYER = 192 * MiB
@@ -132,18 +133,25 @@ class CoalescingTests(_P2PTestCase):
             ref = cluster.registry.push_image(repo, "v1", image)
             before = {i: self.coalescing(i) for i in range(3)}
             served = cluster.served()
+            records = cluster.nodes[1].metrics().total(PROVIDER_RECORDS)
 
             started = time.monotonic()
             first = _BackgroundPull(cluster, 0, ref)
             try:
                 wait_for(
                     lambda: self.coalescing(0)["upstream"] > before[0]["upstream"],
-                    timeout=10,
+                    timeout=30,
                     what="node 0 marking its upstream pull",
                 )
                 marked = time.monotonic() - started
-                # The marker is provided to the nodes closest to its key: let it get there.
-                time.sleep(0.3)
+                # The marker is provided to the nodes closest to its key, node 1 among them in a
+                # cluster of three: wait until node 0's first announcement since (the marker's,
+                # perhaps with the first blobs') is stored there.
+                wait_for(
+                    lambda: cluster.nodes[1].metrics().total(PROVIDER_RECORDS) > records,
+                    timeout=30,
+                    what="node 0's marker to reach node 1",
+                )
                 if not first.running:
                     self.fail(
                         f"node 0's pull of a {layer.size}-byte layer ended {time.monotonic() - started:.2f}s "
@@ -226,8 +234,8 @@ class CoalescingTests(_P2PTestCase):
             self.assertNotRegex(cluster.nodes[2].log_text(), WAITING)
             # Nothing came from peers: there were none to come from.
             self.assertEqual(delta[2].peer, 0, delta)
-            # Far below the 30 s a wait would cost; generous for this shared machine.
-            self.assertLess(seconds, 10, "a lone pull was held back")
+            # Not held back: the counters and the log above say so without a clock (how long
+            # the pull took is logged; it depends on the machine's load).
 
 
 globals().update(per_containerd(CoalescingTests))

@@ -38,7 +38,8 @@ from tests.unit.test_hostsconfig import snapshot
 
 MiB = 1 << 20
 
-FINDABLE_WITHIN = 10.0
+# Generous: findable takes well under a second on an idle machine (benchmarks/ measures it).
+FINDABLE_WITHIN = 60.0
 
 
 class _CRITestCase(TestCase):

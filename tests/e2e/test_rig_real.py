@@ -205,7 +205,7 @@ class RegistryAndContainerdTests(TestCase):
                 return f.read().rsplit(")", 1)[1].split()[0]
 
         # Signals are delivered asynchronously: a stopped process shows state T soon after.
-        wait_for(lambda: state() == "T", timeout=5, what="ctr to stop")
+        wait_for(lambda: state() == "T", timeout=30, what="ctr to stop")
         pull.resume()
         self.assertEqual(pull.wait(60), 0, pull.log_text())
         self.assertFalse(pull.running)
@@ -382,7 +382,7 @@ class OrphanTests(TestCase):
         completed = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
         self.assertEqual(completed.returncode, -signal.SIGKILL, completed.stderr)
         pid = int(completed.stdout.split()[0])
-        wait_for(lambda: not _isAlive(pid), timeout=10, what=f"orphaned containerd {pid} to die")
+        wait_for(lambda: not _isAlive(pid), timeout=30, what=f"orphaned containerd {pid} to die")
         self.assertFalse(_isAlive(pid))
 
 
@@ -419,7 +419,7 @@ class NetworkNamespaceTests(TestCase):
             process.start()
             self.addCleanup(process.kill)
             # A line of its own: the log's first line, the command, also holds the word.
-            wait_for(lambda p=process: "up" in p.log_text().splitlines()[1:], timeout=10, what="server up")
+            wait_for(lambda p=process: "up" in p.log_text().splitlines()[1:], timeout=30, what="server up")
             servers.append(process)
         client = "import socket,sys; print(socket.create_connection((sys.argv[1], 5000), timeout=5).recv(100).decode())"
         self.assertEqual(first.run([sys.executable, "-c", client, second.address]).strip(), second.name)
@@ -430,7 +430,7 @@ class NetworkNamespaceTests(TestCase):
         network = Network.create()
         host = network.add_host()
         sleeper = subprocess.Popen(host.command(["sleep", "600"]))
-        wait_for(lambda: sleeper.pid in host.pids(), timeout=10, what="sleep in the namespace")
+        wait_for(lambda: sleeper.pid in host.pids(), timeout=30, what="sleep in the namespace")
         network.cleanup()
         self.assertEqual(sleeper.wait(10), -signal.SIGKILL)
         self.assertNotIn(host.name, subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout)
