@@ -13,7 +13,7 @@ the reactor is a L{Clock} that only records the registered reader and writer (th
 C{doRead} itself once it has written bytes, and the digest pipe's C{doWrite} once a hashing job
 has emptied it), hashing jobs wait in a list until the test runs them, and the client's
 transport models Twisted's write buffer (what it holds, and pausing its producer when that
-exceeds C{bufferSize}). L{tests.test_relay} covers the same relay over real TCP connections.
+exceeds C{bufferSize}). L{tests.e2e.test_relay} covers the same relay over real TCP connections.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import select
 import struct
 import termios
 from typing import Any, Callable
@@ -213,6 +214,8 @@ class FakeReactor(Clock):
 
 class SpliceRelayTests(SynchronousTestCase):
     def setUp(self) -> None:
+        # Jobs run on the test's thread, where nothing could fill the pipe while one waits.
+        self.patch(relay, "HASH_JOB_LINGER", 0)
         self.reactor = FakeReactor()
         self.peer = _Pipe(self)
         self.client = FakeClient(_Pipe(self))
@@ -390,6 +393,36 @@ class SpliceRelayTests(SynchronousTestCase):
         done = self.start(len(data), digest=None, hasher=_TeeingMeanwhile(self, data[100_000:]))
         self.feed(data[:100_000])
         self.run_one_job()
+        self.assertEqual(self.jobs_requested, 1)
+        self.assertEqual(self.successResultOf(done), RelayResult(len(data)))
+        self.assertEqual(self.hashed(), hashlib.sha256(data).hexdigest())
+
+    def test_job_lingers_for_more(self) -> None:
+        """
+        A job that finds the digest's pipe empty waits up to L{relay.HASH_JOB_LINGER} for more
+        before it ends, and hashes what the reactor tees meanwhile.
+        """
+        self.patch(relay, "HASH_JOB_LINGER", 0.02)
+        data = os.urandom(300_000)
+        waits: list[int] = []
+        case = self
+
+        class Poll:
+            def register(self, fd: int, events: int) -> None:
+                self.fd = fd
+
+            def poll(self, timeout: int) -> list[tuple[int, int]]:
+                waits.append(timeout)
+                if len(waits) > 1:
+                    return []
+                case.feed(data[100_000:])  # the reactor tees more while the worker waits
+                return [(self.fd, select.POLLIN)]
+
+        self.patch(relay.select, "poll", Poll)
+        done = self.start(len(data), digest=None)
+        self.feed(data[:100_000])
+        self.run_one_job()
+        self.assertEqual(waits, [20, 20])
         self.assertEqual(self.jobs_requested, 1)
         self.assertEqual(self.successResultOf(done), RelayResult(len(data)))
         self.assertEqual(self.hashed(), hashlib.sha256(data).hexdigest())
