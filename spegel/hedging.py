@@ -10,6 +10,7 @@ L{_Race}.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from attrs import define, field
@@ -21,8 +22,8 @@ from twisted.python.failure import Failure
 
 from spegel import metrics
 from spegel.dht.ids import Provider
-from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard
-from spegel.selection import Budget, PeerClient, ProviderQueue, cancel_then_pass
+from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard, response_header
+from spegel.selection import BUSY_RETRY_CAP, Budget, PeerClient, ProviderQueue, cancel_then_pass
 
 _log = Logger()
 
@@ -68,6 +69,7 @@ class _Race:
     budget: Budget
     resolve_timeout: float
     acceptable: Callable[[Any], bool]
+    jitter: Callable[[], float] = random.random
     pending: dict[Deferred[Any], Provider] = field(factory=dict)
     wanted: Deferred[Provider | None] | None = None
     hedge: IDelayedCall | None = None
@@ -91,7 +93,8 @@ class _Race:
         wanted.addCallbacks(came, lambda failure: failure.trap(CancelledError))
 
     def _overdue(self, inputs: _RaceInputs, wanted: Deferred[Provider | None]) -> None:
-        if self.wanted is wanted:
+        # A busy peer coming back later than the resolve timeout is waited for: it has the blob.
+        if self.wanted is wanted and not self.providers.requeued:
             inputs.overdue()
 
     def attempt(self, inputs: _RaceInputs, provider: Provider) -> None:
@@ -112,6 +115,10 @@ class _Race:
                 inputs.won(PeerResponse(provider, response))
                 return
             discard(response)
+            if response.code == 429 and not self.settled:
+                self._busy(provider, response)
+                inputs.attempt_lost()
+                return
             if response.code in (404, 416):
                 # A stale record, or a range it cannot serve: no reason to distrust the peer.
                 metrics.peer_failures_total.labels(STATUS).inc()
@@ -138,6 +145,20 @@ class _Race:
 
         attempt.addCallbacks(answered, failed)
 
+    def _busy(self, provider: Provider, response: Any) -> None:
+        """
+        C{provider} is serving as many peers as it allows (429): not a failure, so not put aside
+        and not charged to the retry budget; it is offered again after its Retry-After (capped,
+        jittered), and meanwhile the queue offers less loaded holders first.
+        """
+        metrics.peers_busy_total.inc()
+        delay = min(retry_after(response), BUSY_RETRY_CAP) * (0.5 + self.jitter())
+        self.peers.load.busy(provider, delay)
+        if self.providers.requeue(provider, delay):
+            self.budget.left += 1
+        else:
+            _log.info("peer {peer} stayed busy: asking no more", peer=describe(provider))
+
     def next_step(self, inputs: _RaceInputs) -> None:
         """
         Nothing is wanted of the queue: wait for the attempts in flight, or want another
@@ -145,7 +166,7 @@ class _Race:
         """
         if self.pending:
             return
-        if self.budget.left <= 0 or (self.providers.finished and not self.providers.has_ready()):
+        if self.budget.left <= 0 or self.providers.exhausted():
             inputs.give_up()
         else:
             inputs.want()
@@ -265,3 +286,11 @@ class HedgedRace:
         else:
             self._inputs.give_up()
         return self._race.result
+
+
+def retry_after(response: Any) -> float:
+    """A busy peer's C{Retry-After} in seconds (1 when absent or not a small number)."""
+    value = response_header(response.headers, b"retry-after")
+    if value is None or not value.isdigit() or len(value) > 4:
+        return 1.0
+    return float(value)

@@ -67,6 +67,19 @@ pull_coalescing_total = Counter(
     "it and said so), waited (another node's pull provided it), timeout (waited in vain).",
     ("outcome",),
 )
+peers_busy_total = Counter(
+    "spegel_mirror_peers_busy_total",
+    "Peer answers of 429 (the peer was at its --max-uploads): another holder was asked, or the "
+    "same one again shortly.",
+)
+uploads_active = Gauge(
+    "spegel_uploads_active",
+    "Blob bodies being served to peers now (bounded by --max-uploads).",
+)
+uploads_refused_total = Counter(
+    "spegel_uploads_refused_total",
+    "Peer blob requests answered 429 because --max-uploads were being served.",
+)
 digest_mismatches_total = Counter(
     "spegel_digest_mismatches_total",
     "Bytes from a peer that did not match their digest; the copy was aborted.",

@@ -155,7 +155,7 @@ class Mirror:
                 metrics.served_bytes_total.labels("peer").inc(len(data))
                 return Upstream(200, forwarded_headers(headers, len(data)), data)
         finally:
-            providers.finish()
+            providers.close()
         self._count_unserved(key)
         raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
 
@@ -194,7 +194,7 @@ class Mirror:
                 return Upstream(response.code, forwarded_headers(response.headers, copy.length), copy)
         finally:
             if not handed_over:
-                providers.finish()
+                providers.close()
 
     # Bodies ----------------------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class Mirror:
 
     async def _providers(self, key: str, unknown: type[OCIError], fresh: bool = False) -> ProviderQueue:
         return await lookup(
-            self._clock, self._router, key, ProviderQueue(self.put_aside, self._pick),
+            self._clock, self._router, key, ProviderQueue(self.put_aside, self._pick, self._peers.load.score, self._clock),
             resolve_timeout=self._resolve_timeout, limit=max(self._retries * 2, 5), unknown=unknown,
             fresh=fresh,
         )

@@ -128,6 +128,12 @@ class TooManyConnections(OCIError):
     status, code = 429, "TOOMANYREQUESTS"
 
 
+class TooManyUploads(OCIError):
+    """This node is serving as many peers as --max-uploads allows: ask another, or again soon."""
+
+    status, code = 429, "TOOMANYREQUESTS"
+
+
 def parse_digest(text: str) -> str:
     """
     Validate a content digest (C{sha256:<64 hex>} or C{sha512:<128 hex>}, lowercase).

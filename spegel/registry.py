@@ -32,6 +32,7 @@ from spegel import metrics
 from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
 from spegel.oci import (
     BlobUnknown,
+    ByteRange,
     HeadersTooLarge,
     MalformedRequest,
     ManifestUnknown,
@@ -48,8 +49,11 @@ from spegel.oci import (
     range_to_honour,
     RequestTimeout,
     TooManyConnections,
+    TooManyUploads,
 )
+from spegel.content import BlobContent
 from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
+from spegel.uploads import RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
 from spegel.responses import (
     abort_response,
     request_header as _header,
@@ -175,12 +179,14 @@ class RegistryResource:
         *,
         ready: Callable[[], bool] = lambda: True,
         mirror: IMirror | None = None,
+        uploads: UploadSlots | None = None,
     ):
         self._clock = clock
         self._content = content
         self._filter = registry_filter
         self._ready = ready
         self._mirror = mirror
+        self._uploads = uploads if uploads is not None else UploadSlots()
 
     def resource(self) -> Any:
         return UTF8Only(self.app.resource())
@@ -239,6 +245,21 @@ class RegistryResource:
             return await self._miss(request, ref, "blob")
         self._count(request, ref, "hit")
         byte_range = parse_range(range_to_honour(_header(request, "Range"), _header(request, "If-Range"), found.digest), found.size)
+        to_peer = _header(request, MIRRORED_HEADER) == "true"
+        if to_peer:
+            request.setHeader(UPLOADS_HEADER, self._uploads.header_value())
+        upload = to_peer and request.method == b"GET"
+        if upload and not self._uploads.take():
+            # At once, before any blob header: the asking mirror tries another holder.
+            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
+            raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
+        try:
+            return await self._send_blob(request, found, byte_range)
+        finally:
+            if upload:
+                self._uploads.give_back()
+
+    async def _send_blob(self, request: Request, found: BlobContent, byte_range: ByteRange | None) -> bytes | None:
         set_blob_headers(request, found.digest, found.size, byte_range)
         if request.method == b"HEAD":
             return b""

@@ -30,7 +30,8 @@ from spegel import metrics
 from spegel.dht.ids import Provider
 from spegel.interfaces import MIRRORED_HEADER, IRouter
 from spegel.oci import OCIError
-from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url
+from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url, response_header
+from spegel.uploads import UPLOADS_HEADER, parse_uploads_header
 
 _log = Logger()
 
@@ -137,15 +138,66 @@ class ProviderQueue:
     L{next} waits for the next one; it fires L{None} when the lookup has ended and none is left.
     """
 
-    def __init__(self, put_aside: PutAside, pick: Callable[[int], int]):
+    def __init__(
+        self,
+        put_aside: PutAside,
+        pick: Callable[[int], int],
+        load: Callable[[Provider], float] = lambda provider: 0.0,
+        clock: IReactorTime | None = None,
+    ):
         self._put_aside = put_aside
         self._pick = pick
+        self._load = load
+        self._clock = clock
         self._ready: list[Provider] = []
         self._seen: set[tuple[str, int]] = set()
         self._waiting: list[Deferred[Provider | None]] = []
+        self._requeues: list[IDelayedCall] = []
+        self._busy_since: float | None = None
         self.finished = False
         self.skipped_aside = 0
         self.found_any = Deferred[None]()
+
+    @property
+    def requeued(self) -> int:
+        """Busy providers to be offered again shortly (L{requeue})."""
+        return len(self._requeues)
+
+    def exhausted(self) -> bool:
+        """Nothing at hand, nothing to come: the lookup ended and no busy peer will be back."""
+        return self.finished and not self._ready and not self._requeues
+
+    def requeue(self, provider: Provider, delay: float) -> bool:
+        """
+        Offer C{provider}, which answered busy, again after C{delay} seconds, as long as this
+        request has not waited out L{BUSY_PATIENCE} on busy peers.
+
+        @return: L{False} when patience is spent (the busy answer is then a loss).
+        """
+        assert self._clock is not None, "requeue needs the queue's clock"
+        now = self._clock.seconds()
+        if self._busy_since is None:
+            self._busy_since = now
+        if now + delay - self._busy_since > BUSY_PATIENCE:
+            return False
+
+        def back() -> None:
+            self._requeues.remove(call)
+            self._offer(provider)
+            if self.finished and not self._requeues:
+                self.finish()  # whoever still waits: nothing more is coming
+
+        call = self._clock.callLater(delay, back)
+        self._requeues.append(call)
+        return True
+
+    def close(self) -> None:
+        """The request is over: no more providers, and busy ones are not offered again."""
+        for call in self._requeues:
+            if call.active():
+                call.cancel()
+        self._requeues = []
+        self.finish()
 
     def has_ready(self) -> bool:
         return bool(self._ready)
@@ -160,22 +212,33 @@ class ProviderQueue:
         self._seen.add(key)
         if not self.found_any.called:
             self.found_any.callback(None)
+        self._offer(provider)
+
+    def _offer(self, provider: Provider) -> None:
         if self._waiting:
             self._waiting.pop(0).callback(provider)
         else:
             self._ready.append(provider)
 
     def finish(self) -> None:
+        """The lookup has ended: no more providers will be found."""
         self.finished = True
+        if self._requeues:
+            return  # waiters wait for the busy peers' return
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
 
     def next(self) -> Deferred[Provider | None]:
         if self._ready:
-            # Of the providers at hand, any one: holders of popular content share the load.
-            return succeed(self._ready.pop(self._pick(len(self._ready))))
-        if self.finished:
+            # Of the providers at hand, the least loaded as far as this node knows (what they
+            # reported, what they answered busy); among equals any one, so holders of popular
+            # content share the load.
+            loads = [self._load(provider) for provider in self._ready]
+            least = min(loads)
+            candidates = [i for i, load in enumerate(loads) if load == least]
+            return succeed(self._ready.pop(candidates[self._pick(len(candidates))]))
+        if self.finished and not self._requeues:
             return succeed(None)
         d: Deferred[Provider | None] = Deferred(self._forget)
         self._waiting.append(d)
@@ -201,6 +264,55 @@ def cancel_then_pass(result: object, call: IDelayedCall) -> object:
     return result
 
 
+# A peer that answers busy (429, at its --max-uploads) is offered again after its Retry-After,
+# capped at this and jittered, so the nodes it turned away do not all come back at once.
+BUSY_RETRY_CAP = 2.0
+# One request waits out busy peers this long in all; after that a busy answer is a loss (and
+# without another provider the request ends in a 404: containerd goes upstream).
+BUSY_PATIENCE = 10.0
+# A peer's reported load (its Spegel-Uploads header) is believed this long.
+REPORTED_LOAD_FRESH = 5.0
+MAX_TRACKED_PEERS = 4096
+
+
+@define(eq=False)
+class PeerLoad:
+    """
+    How busy each peer is, as this node last heard: the uploads it said it was serving (the
+    C{Spegel-Uploads} header on its answers) and whether it answered busy.  Used to offer the
+    least loaded holder first (L{ProviderQueue.next}); only advice, so a peer lying about it can
+    attract or repel requests, nothing more.
+    """
+
+    clock: IReactorTime
+    _reported: dict[tuple[str, int], tuple[int, float]] = field(factory=dict)
+    _busy_until: dict[tuple[str, int], float] = field(factory=dict)
+
+    def reported(self, provider: Provider, active: int) -> None:
+        _bounded(self._reported)
+        self._reported[(provider.host, provider.registry_port)] = (active, self.clock.seconds())
+
+    def busy(self, provider: Provider, seconds: float) -> None:
+        _bounded(self._busy_until)
+        self._busy_until[(provider.host, provider.registry_port)] = self.clock.seconds() + seconds
+
+    def score(self, provider: Provider) -> float:
+        key = (provider.host, provider.registry_port)
+        now = self.clock.seconds()
+        score = 0.0
+        reported = self._reported.get(key)
+        if reported is not None and now - reported[1] < REPORTED_LOAD_FRESH:
+            score += reported[0]
+        if self._busy_until.get(key, 0.0) > now:
+            score += 1_000_000  # after every holder that did not just turn us away
+        return score
+
+
+def _bounded(table: dict[Any, Any]) -> None:
+    if len(table) >= MAX_TRACKED_PEERS:
+        table.clear()  # rare (thousands of peers answered): forgetting loads is harmless
+
+
 # How long a peer that sent response headers counts as proven alive: it gets the patient
 # response-header deadline (LatencyTracker.proven_header_deadline) for this long after.
 PROVEN_FOR = 60.0
@@ -224,7 +336,12 @@ class PeerClient:
     http: HTTPClient
     put_aside: PutAside
     latency: LatencyTracker
+    load: PeerLoad = field(default=None)
     _answered_at: dict[tuple[str, int], float] = field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.load is None:
+            self.load = PeerLoad(self.clock)
 
     def deadline_for(self, provider: Provider) -> float:
         """The response-header deadline for C{provider} now."""
@@ -264,6 +381,9 @@ class PeerClient:
                 if len(self._answered_at) >= MAX_PROVEN_PEERS:
                     self._answered_at.clear()
             self._answered_at[(provider.host, provider.registry_port)] = now
+            reported = parse_uploads_header(response_header(response.headers, UPLOADS_HEADER.encode()))
+            if reported is not None:
+                self.load.reported(provider, reported[0])
             return response
 
         def late(failure: Failure) -> Failure:
@@ -367,4 +487,4 @@ class PeerSession:
         self.peers.failed(provider, reason)
 
     def done(self) -> None:
-        self.providers.finish()
+        self.providers.close()

