@@ -154,6 +154,12 @@ class ProviderQueue:
         self._waiting: list[Deferred[Provider | None]] = []
         self._requeues: list[IDelayedCall] = []
         self._busy_since: float | None = None
+        # Set by L{lookup}: looks the key up again (through the DHT's short cache), adding what
+        # it finds.  A busy answer calls it: holders that appeared since the first lookup (a
+        # rollout makes new ones every second) are then offered before the busy one returns.
+        self.look_again: Callable[[], Deferred[Any]] | None = None
+        self._looked_again_at: float | None = None
+        self._lookups_again: list[Deferred[Any]] = []
         self.finished = False
         self.skipped_aside = 0
         self.found_any = Deferred[None]()
@@ -189,7 +195,19 @@ class ProviderQueue:
 
         call = self._clock.callLater(delay, back)
         self._requeues.append(call)
+        if self.look_again is not None and (
+            self._looked_again_at is None or now - self._looked_again_at >= LOOK_AGAIN_INTERVAL
+        ):
+            self._looked_again_at = now
+            again = self.look_again()
+            self._lookups_again.append(again)
+            again.addBoth(self._looked_again, again)
         return True
+
+    def _looked_again(self, result: object, again: Deferred[Any]) -> None:
+        self._lookups_again.remove(again)
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            _log.failure("Looking for more providers failed", result)
 
     def close(self) -> None:
         """The request is over: no more providers, and busy ones are not offered again."""
@@ -197,6 +215,8 @@ class ProviderQueue:
             if call.active():
                 call.cancel()
         self._requeues = []
+        for again in list(self._lookups_again):
+            again.cancel()
         self.finish()
 
     def has_ready(self) -> bool:
@@ -270,6 +290,8 @@ BUSY_RETRY_CAP = 2.0
 # One request waits out busy peers this long in all; after that a busy answer is a loss (and
 # without another provider the request ends in a 404: containerd goes upstream).
 BUSY_PATIENCE = 10.0
+# While peers answer busy, a request looks for new holders at most this often.
+LOOK_AGAIN_INTERVAL = 1.0
 # A peer's reported load (its Spegel-Uploads header) is believed this long.
 REPORTED_LOAD_FRESH = 5.0
 MAX_TRACKED_PEERS = 4096
@@ -444,6 +466,7 @@ async def lookup(
 
     timer = clock.callLater(resolve_timeout, first.cancel)
     look(use_cache=not fresh)
+    queue.look_again = lambda: router.find_providers(key, on_provider=queue.add, limit=limit)
     try:
         await first
     except CancelledError:

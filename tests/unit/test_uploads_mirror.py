@@ -51,6 +51,34 @@ class BusyPeerTests(MirrorTestCase):
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
+    def test_a_busy_answer_looks_for_new_holders(self) -> None:
+        """
+        In a rollout new holders appear every second: while the only holder found is busy, the
+        key is looked up again and a holder found since is asked at once.
+        """
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        lookups = len(self.router.lookups)
+        self.http.answer(0, 429, 0, retry_after="1")
+        self.assertEqual(len(self.router.lookups), lookups + 1, "no second lookup")
+        self.router.announce(provider(2), end=True)
+        self.assertEqual(len(self.http.requests), 2)
+        self.assertIn(provider(2).host, self.http.requests[1][1])
+        self.serve(1, request)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_looking_again_at_most_once_a_second(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), provider(3), end=True)
+        lookups = len(self.router.lookups)
+        for index in range(3):  # three busy answers within the same second
+            self.http.answer(index, 429, 0, retry_after="1")
+        self.assertEqual(len(self.router.lookups), lookups + 1)
+        d.cancel()  # containerd gave up: the request ends
+        self.failureResultOf(d)
+
     def test_busy_answers_do_not_spend_the_retry_budget(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
