@@ -248,11 +248,15 @@ class SpliceRelay(TimeoutMixin):
         self._idle_timeout = idle_timeout
         self._on_bytes = on_bytes
         # Bytes go: peer socket -> pipe (received) -> teed into the digest's pipe (teed) ->
-        # client (sent), and from the digest's pipe into the hasher (hashed). The last
+        # passed on to the outgoing pipe (passed) -> client (sent), and from the digest's pipe
+        # into the hasher (hashed). tee copies from the head of a pipe, so bytes leave the first
+        # pipe once teed, and the next can be teed whatever the client's pace. Unhashed bytes
+        # go to the client straight from the first pipe (passed = received). The last
         # HELD_BACK bytes of a whole blob are never teed: they wait here (held), and the reactor
         # hashes them itself once the worker has hashed the rest.
         self._received = 0
         self._teed = 0
+        self._passed = 0
         self._sent = 0
         self._hashed = 0
         self._held = bytearray()
@@ -267,6 +271,7 @@ class SpliceRelay(TimeoutMixin):
         self._done: Deferred[RelayResult] = Deferred()
         self._outcome: Failure | RelayResult | None = None
         self._pipe_r = self._pipe_w = -1
+        self._out_r = self._out_w = -1
         self._pipe_size = PIPE_SIZE
         self.bytes_spliced = 0
         # Made here, so that a caller whose relay cannot be built still has the connection.
@@ -275,6 +280,7 @@ class SpliceRelay(TimeoutMixin):
             self._pipe_size = fcntl.fcntl(self._pipe_w, _F_GETPIPE_SZ)
             if self._hasher is not None:
                 self._copy = _CopyPipe.open(self, self._pipe_size)
+                self._out_r, self._out_w = _pipe()
         except OSError:
             self._close_pipes()
             raise
@@ -315,7 +321,7 @@ class SpliceRelay(TimeoutMixin):
         if not self._may_read():
             self._stop_reading()
             return
-        in_pipe = self._received - self._sent - len(self._held)
+        in_pipe = self._in_pipe()
         try:
             moved = os.splice(
                 self._peer_fd, self._pipe_w, min(self._pipe_size - in_pipe, self._count - self._received),
@@ -336,6 +342,8 @@ class SpliceRelay(TimeoutMixin):
             self._peer_failed("it closed the connection")
             return
         self._received += moved
+        if self._copy is None:
+            self._passed = self._received
         # Silence is counted afresh from each read.
         self.resetTimeout()
         self._step()
@@ -354,14 +362,10 @@ class SpliceRelay(TimeoutMixin):
 
     def _step_until_waiting(self) -> None:
         while self._outcome is None:
-            if self._sent < self._teed_end():
-                if self._paused:
-                    break
-                self._send(self._teed_end() - self._sent)
-                continue
-            if self._tee() or self._hold_back():
-                continue
-            break
+            if self._sent < self._passed and not self._paused:
+                self._send(self._passed - self._sent)
+            elif not (self._pass_on() or self._tee() or self._hold_back()):
+                break
         if self._outcome is not None:
             return
         self._hash_next()
@@ -369,7 +373,7 @@ class SpliceRelay(TimeoutMixin):
             self._start_reading()
         else:
             self._stop_reading()
-        if self._hashing_pending() or self._sent + len(self._held) < self._received:
+        if self._hashing_pending() or self._sent < self._passed or self._passed + len(self._held) < self._received:
             return
         if self._peer_error is not None:
             # Report how far the peer got only once the digest has every byte it sent.
@@ -379,21 +383,41 @@ class SpliceRelay(TimeoutMixin):
         elif self._received == self._count:
             self._finish()
 
-    def _teed_end(self) -> int:
+    def _in_pipe(self) -> int:
         """
-        How far the bytes may go to the client: those the digest has a copy of.
+        How many bytes are in the first pipe.
         """
-        return self._received if self._copy is None else self._teed
+        left = self._sent if self._copy is None else self._passed
+        return self._received - left - len(self._held)
+
+    def _pass_on(self) -> bool:
+        """
+        Move the bytes teed from the first pipe to the outgoing one (page references, not
+        copies), as many as it has room for.
+
+        @return: whether any moved.
+        """
+        if self._copy is None or self._passed >= self._teed:
+            return False
+        try:
+            moved = os.splice(self._pipe_r, self._out_w, self._teed - self._passed, flags=_SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            # Full: the client taking some of it steps again.
+            return False
+        if moved == 0:
+            raise OSError(errno.EIO, "the relay's pipe ran dry")
+        self._passed += moved
+        return True
 
     def _tee(self) -> bool:
         """
-        Duplicate the bytes at the head of the pipe, as many as the digest's pipe takes, for
-        the worker thread to hash: only once every byte teed before has gone out (tee copies
-        from the head of the pipe).
+        Duplicate the bytes at the head of the first pipe, as many as the digest's pipe takes,
+        for the worker thread to hash: only once every byte teed before has been passed on (tee
+        copies from the head of the pipe).
 
         @return: whether anything was teed.
         """
-        if self._copy is None or self._sent != self._teed:
+        if self._copy is None or self._passed != self._teed:
             return False
         # The final bytes of a whole blob stay out of it (see _hold_back).
         end = min(self._received, self._tee_limit)
@@ -410,16 +434,16 @@ class SpliceRelay(TimeoutMixin):
 
     def _hold_back(self) -> bool:
         """
-        Take the final bytes of a whole blob out of the pipe as they come, once every byte
-        before them has gone out: at most L{HELD_BACK} bytes, kept here until the digest is
+        Take the final bytes of a whole blob out of the first pipe as they come, once every
+        byte before them has been passed on: at most L{HELD_BACK} bytes, kept here until the digest is
         checked, so that they never fill the pipe (which counts its room in pages: bytes in
         tiny pieces fill it long before its size) while more must be read.
 
         @return: whether any were taken.
         """
-        if self._tee_limit == self._count or self._sent < self._tee_limit:
+        if self._tee_limit == self._count or self._passed < self._tee_limit:
             return False
-        pending = self._received - self._sent - len(self._held)
+        pending = self._received - self._passed - len(self._held)
         if pending <= 0:
             return False
         chunk = os.read(self._pipe_r, pending)
@@ -453,7 +477,7 @@ class SpliceRelay(TimeoutMixin):
             and self._peer_error is None
             and not self._paused
             and self._received < self._count
-            and self._received - self._sent - len(self._held) < self._pipe_size
+            and self._in_pipe() < self._pipe_size
         )
 
     def _send(self, sendable: int) -> None:
@@ -463,9 +487,10 @@ class SpliceRelay(TimeoutMixin):
         transport, a little more than its buffer holds, so that it pauses the relay and resumes
         it once the socket drains: the wake-up the next splice needs.
         """
+        outgoing = self._pipe_r if self._copy is None else self._out_r
         if transport_buffer_empty(self._client):
             try:
-                moved = os.splice(self._pipe_r, self._client_fd, sendable, flags=_SPLICE_F_NONBLOCK)
+                moved = os.splice(outgoing, self._client_fd, sendable, flags=_SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 moved = 0
             except OSError as e:
@@ -480,7 +505,7 @@ class SpliceRelay(TimeoutMixin):
                 self._request.sentLength += moved
                 self._advance(moved)
                 return
-        chunk = os.read(self._pipe_r, min(sendable, getattr(self._client, "bufferSize", 65536) + 1))
+        chunk = os.read(outgoing, min(sendable, getattr(self._client, "bufferSize", 65536) + 1))
         if not chunk:
             raise OSError(errno.EIO, "the relay's pipe ran dry")
         self._advance(len(chunk))
@@ -606,7 +631,7 @@ class SpliceRelay(TimeoutMixin):
             self._done.callback(outcome)
 
     def _close_pipes(self) -> None:
-        for name in ("_pipe_r", "_pipe_w"):
+        for name in ("_pipe_r", "_pipe_w", "_out_r", "_out_w"):
             fd = getattr(self, name)
             if fd >= 0:
                 os.close(fd)

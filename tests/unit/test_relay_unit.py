@@ -330,7 +330,7 @@ class SpliceRelayTests(SynchronousTestCase):
             self.pump()
 
     def assert_pipes_closed(self) -> None:
-        self.assertEqual((self.relay._pipe_r, self.relay._pipe_w), (-1, -1))
+        self.assertEqual((self.relay._pipe_r, self.relay._pipe_w, self.relay._out_r, self.relay._out_w), (-1,) * 4)
         if self.relay._copy is not None:
             self.assertEqual((self.relay._copy.read_end, self.relay._copy.write_end), (-1, -1))
 
@@ -468,6 +468,27 @@ class SpliceRelayTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(done), RelayResult(len(data)))
         self.assertEqual(bytes(self.client.received), data)
         self.assert_waits_for_nothing()
+
+    def test_hashing_goes_on_while_paused(self) -> None:
+        """
+        Bytes read before the client paused the relay are still teed for the digest and passed
+        on to the outgoing pipe while it is paused: hashing does not wait for the client.
+        """
+        data = os.urandom(MiB + 600_000)
+        done = self.start(len(data) + MiB, digest=sha256(data))
+        self.feed(data[:MiB])
+        self.feed(data[MiB:])
+        self.assertEqual(self.relay._in_pipe(), 600_000, "the digest's pipe is full")
+        self.relay.pauseProducing()
+        self.run_one_job()
+        self.assertEqual(self.relay._in_pipe(), 0)
+        self.assertEqual(bytes(self.client.received), data[:MiB])
+        self.run_jobs()
+        self.assertEqual(self.hashed(), hashlib.sha256(data).hexdigest())
+        self.relay.resumeProducing()
+        self.client.drain()
+        self.assertEqual(bytes(self.client.received), data)
+        self.assertNoResult(done)
 
     def test_copy_room_before_the_job_ends(self) -> None:
         """
@@ -700,7 +721,7 @@ class SpliceRelayTests(SynchronousTestCase):
         data = os.urandom(MiB + 100_000)
         done = self.start(len(data), digest=sha256(data))
         self.stream(data[: len(data) - 1000], MiB)
-        self.assertEqual(self.relay._received - self.relay._sent - len(self.relay._held), 0)
+        self.assertEqual(self.relay._in_pipe(), 0)
         self.relay.doRead()  # nothing there: EAGAIN
         self.assertTrue(self.reading())
         for offset in range(len(data) - 1000, len(data), 100):
