@@ -7,13 +7,13 @@ copied into the client's socket, and the reactor thread does all three: on a sma
 caps a relay well below what the disk-serving peer and the client can do. Here the bytes never
 enter Python on their way through:
 
-  - C{splice(2)} moves them from the peer's socket into a pipe, and from that pipe into the
-    client's socket (page references, not copies);
-  - C{tee(2)} duplicates them into a second pipe, from which a worker thread reads them and
+  - C{splice(2)} moves them from the peer's socket into a pipe, from there (once teed) into an
+    outgoing pipe, and from that into the client's socket (page references, not copies);
+  - C{tee(2)} duplicates them into the digest's pipe, from which a worker thread reads them and
     feeds the digest (the one copy left), while the reactor sends the same bytes on; the thread
     empties that pipe for as long as it finds bytes there, and the reactor learns that it has
     room again by watching it, so the two do not hand work to each other chunk by chunk;
-  - the final bytes of a whole blob stay in the pipe until the digest matches, so a client never
+  - the final bytes of a whole blob are held back until the digest matches, so a client never
     receives every byte of wrong content.
 
 The relay takes a peer connection over from Twisted's HTTP client once the response headers and
@@ -435,9 +435,9 @@ class SpliceRelay(TimeoutMixin):
     def _hold_back(self) -> bool:
         """
         Take the final bytes of a whole blob out of the first pipe as they come, once every
-        byte before them has been passed on: at most L{HELD_BACK} bytes, kept here until the digest is
-        checked, so that they never fill the pipe (which counts its room in pages: bytes in
-        tiny pieces fill it long before its size) while more must be read.
+        byte before them has been passed on: at most L{HELD_BACK} bytes, kept here until the
+        digest is checked, so that they never fill the pipe (which counts its room in pages:
+        bytes in tiny pieces fill it long before its size) while more must be read.
 
         @return: whether any were taken.
         """
