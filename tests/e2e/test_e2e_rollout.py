@@ -94,9 +94,10 @@ class ChurnTests(_RigTestCase):
         before = sum(self.served(i) for i in holders)
         with ThreadPoolExecutor(3) as executor:
             pulls = {i: executor.submit(self.cluster.pull, i, ref, 300) for i in (3, 4, 5)}
-            # Mid-rollout: once the holders have started serving the fresh nodes.
+            # Mid-rollout: once the holders are serving the fresh nodes the layers (more than
+            # the manifests and configs, kilobytes; short of the 96 MiB the three need).
             wait_for(
-                lambda: sum(self.served(i) for i in holders) > before,
+                lambda: sum(self.served(i) for i in holders) - before > 4 * MiB,
                 timeout=120,
                 what="the holders to serve the rollout",
             )
@@ -159,9 +160,17 @@ class CutLinkTests(_RigTestCase):
         with ThreadPoolExecutor(1) as executor:
             started = time.monotonic()
             pull = executor.submit(self.cluster.pull, 2, ref, 120)
-            # Into the transfer: once node 0 has sent the first of the layer's bytes.
-            wait_for(lambda: self.served(0) > before, timeout=60, interval=0.02, what="node 0 to start serving")
+            # Into the layer's transfer: once node 0 has sent more than the manifest and config
+            # (kilobytes) and well short of the layer (about 3 s at 200 Mbit/s).
+            sent = [0.0]
+
+            def layer_under_way() -> bool:
+                sent[0] = self.served(0) - before
+                return sent[0] > 4 * MiB
+
+            wait_for(layer_under_way, timeout=60, interval=0.02, what="node 0 to serve the layer")
             self.cluster.hosts[0].cut()
+            self.assertLess(sent[0], image.layers[0].size, "the transfer ended before the cut: make the layer bigger")
             try:
                 pull.result()
                 outcome = "completed"
