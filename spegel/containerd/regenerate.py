@@ -10,7 +10,7 @@ The .proto files live under C{spegel/containerd/proto/spegel/containerd/api/}.  
 the proto root joined with the Python package path, so protoc names every generated module and
 every generated import C{spegel.containerd.api.<name>_pb2}: the stubs import correctly as they
 come out of protoc, with no rewriting.  The output depends only on the .proto files and the
-pinned grpcio-tools version, which is what lets L{tests.test_containerd_protos} detect drift.
+pinned grpcio-tools version, which is what lets L{tests.unit.test_containerd_protos} detect drift.
 """
 
 from __future__ import annotations
