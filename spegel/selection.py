@@ -180,7 +180,8 @@ class ProviderQueue:
 
         @return: L{False} when patience is spent (the busy answer is then a loss).
         """
-        assert self._clock is not None, "requeue needs the queue's clock"
+        if self._clock is None:
+            return False  # a queue without a clock cannot wait: the busy answer is a loss
         now = self._clock.seconds()
         if self._busy_since is None:
             self._busy_since = now
@@ -508,6 +509,10 @@ class PeerSession:
 
     def failed(self, provider: Provider, reason: str) -> None:
         self.peers.failed(provider, reason)
+
+    def busy(self, provider: Provider) -> None:
+        metrics.peers_busy_total.inc()
+        self.peers.load.busy(provider, BUSY_RETRY_CAP)
 
     def done(self) -> None:
         self.providers.close()

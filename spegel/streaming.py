@@ -55,6 +55,9 @@ class PeerSource(TypingProtocol):
 
     def failed(self, provider: Provider, reason: str) -> None: ...
 
+    def busy(self, provider: Provider) -> None:
+        """C{provider} answered 429 (at its upload limit): not a failure, ask it later."""
+
     def done(self) -> None:
         """
         The copy is over: nobody waits for another provider any more.
@@ -343,6 +346,11 @@ class BlobCopy:
             except Exception as e:
                 self._log.info("resume on {peer} failed: {e}", peer=describe(provider), e=e)
                 self._peers.failed(provider, CONNECT)
+                continue
+            if response.code == 429:
+                # Busy, not broken: the next holder continues the copy.
+                discard(response)
+                self._peers.busy(provider)
                 continue
             try:
                 answered = span(response)[:2] if response.code == 206 else None

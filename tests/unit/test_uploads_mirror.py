@@ -6,6 +6,9 @@ same one again shortly; holders that report fewer uploads are asked first.
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+
 from spegel import metrics
 from spegel.oci import BlobUnknown
 from spegel.selection import BUSY_PATIENCE
@@ -78,6 +81,23 @@ class BusyPeerTests(MirrorTestCase):
         self.assertEqual(len(self.router.lookups), lookups + 1)
         d.cancel()  # containerd gave up: the request ends
         self.failureResultOf(d)
+
+    def test_a_copy_resumes_past_a_busy_holder(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), provider(3))
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:40_000])
+        first.end(Failure(ConnectionLost()))
+        self.http.answer(1, 429, 0, retry_after="1")  # the resume's first choice is busy
+        self.assertEqual(len(self.http.requests), 3)
+        size = len(self.data)
+        rest = self.http.answer(2, 206, size - 40_000, content_range=f"bytes 40000-{size - 1}/{size}")
+        rest.send(self.data[40_000:])
+        rest.end()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(2)), "a busy peer is not a broken one")
 
     def test_busy_answers_do_not_spend_the_retry_budget(self) -> None:
         request = ClientRequest()
