@@ -189,6 +189,19 @@ class MirrorTestCase(SynchronousTestCase):
     def blob(self, request: ClientRequest) -> Deferred[Any]:
         return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))
 
+    def serve_whole(self, index: int) -> None:
+        """Peer request C{index} is answered 200 with the whole blob."""
+        response = self.http.answer(index, 200, len(self.data))
+        response.send(self.data)
+        response.end()
+
+    def serve_rest(self, index: int, start: int) -> None:
+        """Peer request C{index} is answered 206 with the blob from C{start} on (a resume)."""
+        size = len(self.data)
+        response = self.http.answer(index, 206, size - start, content_range=f"bytes {start}-{size - 1}/{size}")
+        response.send(self.data[start:])
+        response.end()
+
 
 class ResolveTests(MirrorTestCase):
     def test_no_provider_in_time_is_unknown(self) -> None:
@@ -503,9 +516,7 @@ class HedgingTests(MirrorTestCase):
         self.router.announce(provider(1), provider(2))
         self.http.answer(0, 404, 0)
         self.assertEqual(len(self.http.requests), 2)
-        response = self.http.answer(1, 200, len(self.data))
-        response.send(self.data)
-        response.end()
+        self.serve_whole(1)
         self.successResultOf(d)
 
     def test_at_most_retries_peers(self) -> None:
@@ -689,9 +700,7 @@ class MisbehavingPeerTests(MirrorTestCase):
         d = self.blob(request)
         self.router.announce(provider(1), provider(2))
         self.clock.advance(0.06)  # the hedge asks provider 2 as well
-        response = self.http.answer(1, 200, len(self.data))
-        response.send(self.data)
-        response.end()
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
@@ -706,10 +715,7 @@ class MisbehavingPeerTests(MirrorTestCase):
         self.clock.advance(self.latency.header_deadline() + 0.01)
         self.assertTrue(self.http.requests[1][3].called)
         self.assertEqual(len(self.http.requests), 3)
-        size = len(self.data)
-        honest = self.http.answer(2, 206, size - 40_000, content_range=f"bytes 40000-{size - 1}/{size}")
-        honest.send(self.data[40_000:])
-        honest.end()
+        self.serve_rest(2, 40_000)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
@@ -757,9 +763,7 @@ class MisbehavingPeerTests(MirrorTestCase):
         self.http.requests[0][3].errback(Failure(ConnectionLost()))
         self.clock.advance(0.01)
         self.router.announce(provider(2))
-        response = self.http.answer(1, 200, len(self.data))
-        response.send(self.data)
-        response.end()
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
@@ -774,9 +778,7 @@ class BusyPeerTests(MirrorTestCase):
         request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1), end=True)
-        response = self.http.answer(len(self.http.requests) - 1, 200, len(self.data))
-        response.send(self.data)
-        response.end()
+        self.serve_whole(len(self.http.requests) - 1)
         self.successResultOf(d)
 
     def test_a_peer_that_answered_gets_the_patient_deadline(self) -> None:
@@ -787,9 +789,7 @@ class BusyPeerTests(MirrorTestCase):
         self.clock.advance(self.latency.header_deadline() + 0.5)
         self.assertNoResult(d)
         self.assertFalse(self.http.requests[1][3].called, "the busy peer's request was cancelled")
-        response = self.http.answer(1, 200, len(self.data))
-        response.send(self.data)
-        response.end()
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))

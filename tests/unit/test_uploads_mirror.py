@@ -16,11 +16,6 @@ from tests.unit.test_mirror import ClientRequest, MirrorTestCase, provider
 
 
 class BusyPeerTests(MirrorTestCase):
-    def serve(self, index: int, request: ClientRequest) -> None:
-        response = self.http.answer(index, 200, len(self.data))
-        response.send(self.data)
-        response.end()
-
     def test_busy_peer_another_holder_is_asked_at_once(self) -> None:
         busy = metrics.peers_busy_total._value.get()
         request = ClientRequest()
@@ -30,7 +25,7 @@ class BusyPeerTests(MirrorTestCase):
         self.http.answer(0, 429, 0, retry_after="1")
         self.assertEqual(len(self.http.requests), 2, "the other holder was not asked at once")
         self.assertIn(provider(2).host, self.http.requests[1][1])
-        self.serve(1, request)
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
@@ -50,7 +45,7 @@ class BusyPeerTests(MirrorTestCase):
         self.assertEqual(len(self.http.requests), 1)
         self.clock.advance(1.2)  # Retry-After 1 s, jittered to 0.5-1.5 s
         self.assertEqual(len(self.http.requests), 2)
-        self.serve(1, request)
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
@@ -68,7 +63,7 @@ class BusyPeerTests(MirrorTestCase):
         self.router.announce(provider(2), end=True)
         self.assertEqual(len(self.http.requests), 2)
         self.assertIn(provider(2).host, self.http.requests[1][1])
-        self.serve(1, request)
+        self.serve_whole(1)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
 
@@ -91,10 +86,7 @@ class BusyPeerTests(MirrorTestCase):
         first.end(Failure(ConnectionLost()))
         self.http.answer(1, 429, 0, retry_after="1")  # the resume's first choice is busy
         self.assertEqual(len(self.http.requests), 3)
-        size = len(self.data)
-        rest = self.http.answer(2, 206, size - 40_000, content_range=f"bytes 40000-{size - 1}/{size}")
-        rest.send(self.data[40_000:])
-        rest.end()
+        self.serve_rest(2, 40_000)
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(2)), "a busy peer is not a broken one")
@@ -106,7 +98,7 @@ class BusyPeerTests(MirrorTestCase):
         for attempt in range(5):  # more than the 3 retries
             self.http.answer(attempt, 429, 0, retry_after="1")
             self.clock.advance(1.6)
-        self.serve(5, request)
+        self.serve_whole(5)
         self.successResultOf(d)
 
     def test_busy_for_too_long_is_a_404(self) -> None:
@@ -130,7 +122,7 @@ class BusyPeerTests(MirrorTestCase):
         d = self.blob(request)
         self.router.announce(provider(1), provider(2), end=True)
         self.assertIn(provider(2).host, self.http.requests[0][1])
-        self.serve(0, request)
+        self.serve_whole(0)
         self.successResultOf(d)
 
     def test_reported_load_is_read_from_answers_and_forgotten(self) -> None:
