@@ -151,9 +151,8 @@ class _Race:
         and not charged to the retry budget; it is offered again after its Retry-After (capped,
         jittered), and meanwhile the queue offers less loaded holders first.
         """
-        metrics.peers_busy_total.inc()
         delay = min(retry_after(response), BUSY_RETRY_CAP) * (0.5 + self.jitter())
-        self.peers.load.busy(provider, delay)
+        self.peers.busy(provider, delay)
         if self.providers.requeue(provider, delay):
             self.budget.left += 1
         else:

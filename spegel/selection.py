@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from attrs import define, field
+from attrs import Factory, define, field
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
@@ -359,12 +359,8 @@ class PeerClient:
     http: HTTPClient
     put_aside: PutAside
     latency: LatencyTracker
-    load: PeerLoad = field(default=None)
+    load: PeerLoad = field(default=Factory(lambda self: PeerLoad(self.clock), takes_self=True))
     _answered_at: dict[tuple[str, int], float] = field(factory=dict)
-
-    def __attrs_post_init__(self) -> None:
-        if self.load is None:
-            self.load = PeerLoad(self.clock)
 
     def deadline_for(self, provider: Provider) -> float:
         """The response-header deadline for C{provider} now."""
@@ -417,6 +413,14 @@ class PeerClient:
             return failure
 
         return d.addBoth(cancel_then_pass, deadline).addCallbacks(answered, late)
+
+    def busy(self, provider: Provider, seconds: float) -> None:
+        """
+        C{provider} answered 429 (at its upload limit): count it, and offer it after less
+        loaded holders for C{seconds}.  Not a failure: it is not put aside.
+        """
+        metrics.peers_busy_total.inc()
+        self.load.busy(provider, seconds)
 
     def failed(self, provider: Provider, reason: str) -> None:
         """
@@ -511,8 +515,7 @@ class PeerSession:
         self.peers.failed(provider, reason)
 
     def busy(self, provider: Provider) -> None:
-        metrics.peers_busy_total.inc()
-        self.peers.load.busy(provider, BUSY_RETRY_CAP)
+        self.peers.busy(provider, BUSY_RETRY_CAP)
 
     def done(self) -> None:
         self.providers.close()
