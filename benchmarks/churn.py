@@ -1,5 +1,5 @@
 """
-Benchmark: churn during a rollout on the multi-host rig (spegel.testing.netcluster).
+Benchmark: churn during a rollout on the multi-host rig (spegel_testing.netcluster).
 
     .venv/bin/python benchmarks/churn.py [--nodes 20] [--holders 10] [--kill 0.3] [--size-mib 32]
 
@@ -28,10 +28,10 @@ import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
-from spegel.testing.httputil import request
-from spegel.testing.images import build_image
-from spegel.testing.netcluster import NetCluster
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel_testing.httputil import request
+from spegel_testing.images import build_image
+from spegel_testing.netcluster import NetCluster
+from spegel_testing.process import CommandFailed, ProcessFailed
 
 MiB = 1 << 20
 # How often a node announces what it holds again (the reference's republish interval, ours too):

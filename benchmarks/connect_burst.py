@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from spegel.testing.ports import free_port
+from spegel_testing.ports import free_port
 
 SERVER = """
 import sys

@@ -64,11 +64,11 @@ from serve_blob import (  # type: ignore[import-not-found]
     fetch_with_socket,
     memory_kib,
 )
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.images import build_image
-from spegel.testing.node import SpegelNode
-from spegel.testing.ports import free_port
-from spegel.testing.process import ManagedProcess, ProcessFailed, wait_for
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.images import build_image
+from spegel_testing.node import SpegelNode
+from spegel_testing.ports import free_port
+from spegel_testing.process import ManagedProcess, ProcessFailed, wait_for
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -40,11 +40,11 @@ from attrs import define, field, frozen
 from p2p_blob import A, B, Stopwatch  # type: ignore[import-not-found]
 from serve_blob import guarded  # type: ignore[import-not-found]
 from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.containerd import ContainerdBuild, containerd_builds
-from spegel.testing.images import TestImage, build_image
-from spegel.testing.node import SpegelNode
-from spegel.testing.process import ProcessFailed
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.containerd import ContainerdBuild, containerd_builds
+from spegel_testing.images import TestImage, build_image
+from spegel_testing.node import SpegelNode
+from spegel_testing.process import ProcessFailed
 
 KiB = 1 << 10
 MiB = 1 << 20

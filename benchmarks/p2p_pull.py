@@ -37,9 +37,9 @@ from attrs import frozen
 from p2p_blob import A, B, FINDABLE_TIMEOUT, NodeCounters, Stopwatch  # type: ignore[import-not-found]
 from serve_blob import guarded  # type: ignore[import-not-found]
 from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.images import TestImage, build_image
-from spegel.testing.process import ProcessFailed
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.images import TestImage, build_image
+from spegel_testing.process import ProcessFailed
 
 MiB = 1 << 20
 REPO = "bench/p2p-pull"

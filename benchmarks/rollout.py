@@ -1,5 +1,5 @@
 """
-Benchmark: a DaemonSet rollout on the multi-host rig (spegel.testing.netcluster): N nodes, each
+Benchmark: a DaemonSet rollout on the multi-host rig (spegel_testing.netcluster): N nodes, each
 a host of its own (own address, the chart's ports, DNS bootstrap), pull the same image, with
 upstream behind a 100 Mbit/s link with 30 ms of round trip, against the same pulls with no
 spegel at all (every node straight from upstream).
@@ -28,9 +28,9 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from spegel.testing.images import build_image
-from spegel.testing.netcluster import NetCluster
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel_testing.images import build_image
+from spegel_testing.netcluster import NetCluster
+from spegel_testing.process import CommandFailed, ProcessFailed
 
 MiB = 1 << 20
 # The reference's README: 50 nodes, mean pull time without / with it, milliseconds.

@@ -39,10 +39,10 @@ from collections.abc import Callable, Sequence
 
 from attrs import frozen
 
-from spegel.testing.cluster import Cluster
-from spegel.testing.containerd import ContainerdDaemon
-from spegel.testing.images import Blob, build_image
-from spegel.testing.process import CommandFailed, ProcessFailed, failure_line
+from spegel_testing.cluster import Cluster
+from spegel_testing.containerd import ContainerdDaemon
+from spegel_testing.images import Blob, build_image
+from spegel_testing.process import CommandFailed, ProcessFailed, failure_line
 
 MiB = 1 << 20
 GiB = 1 << 30

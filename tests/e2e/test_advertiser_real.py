@@ -24,9 +24,9 @@ from spegel.advertiser import Advertiser
 from spegel.containerd.client import ContainerdClient
 from spegel.containerd.events import EventSubscriber
 from spegel.registry import RegistryFilter
-from spegel.testing.containerd import ContainerdDaemon, per_containerd
-from spegel.testing.images import LINUX_ARM64, MediaFormat, build_image, build_index
-from spegel.testing.registry import UpstreamRegistry
+from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.images import LINUX_ARM64, MediaFormat, build_image, build_index
+from spegel_testing.registry import UpstreamRegistry
 
 NAMESPACE = "k8s.io"
 

@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.e2e.test_containerd_real -*-
 """
 L{spegel.containerd} against a real containerd (the Debian package, 1.6): each test starts its
-own daemon on a socket in a short temporary directory, through L{spegel.testing.containerd}, and
+own daemon on a socket in a short temporary directory, through L{spegel_testing.containerd}, and
 kills it in cleanup whatever happens.
 
-Images are built from random bytes (L{spegel.testing.images}), written as an OCI image-layout
+Images are built from random bytes (L{spegel_testing.images}), written as an OCI image-layout
 tar and loaded with C{ctr images import --no-unpack}, so no registry and no snapshotter is
 involved.  Blocking rig calls (starting containerd, running ctr) go to the reactor's thread pool
 so the reactor keeps delivering events meanwhile.
@@ -34,8 +34,8 @@ from spegel.containerd.client import (
     content_path_for,
 )
 from spegel.containerd.events import ContentEvent, EventSubscriber, ImageEvent
-from spegel.testing.containerd import ContainerdDaemon, per_containerd
-from spegel.testing.images import TestImage, build_image
+from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.images import TestImage, build_image
 
 NAMESPACE = "k8s.io"
 

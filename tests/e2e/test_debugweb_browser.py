@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.e2e.test_debugweb_browser -*-
 """
 End-to-end: the debug pages of a real node, opened in a real headless browser (Debian's
-C{chromium-headless-shell}, L{spegel.testing.browser}).
+C{chromium-headless-shell}, L{spegel_testing.browser}).
 
 Two nodes with C{--debug-web-enabled} bootstrap from each other (static), each beside its own
-containerd, with one upstream registry (L{spegel.testing.cluster.Cluster}).  Node 1's containerd
+containerd, with one upstream registry (L{spegel_testing.cluster.Cluster}).  Node 1's containerd
 pulls an image, so node 1 advertises its digests; once node 0 finds them, the browser loads node
 0's page and the test reads what the browser shows: node 0's id and router address, node 1 in the
 routing table; then it types a digest into the page's lookup form, clicks "Look up", and reads
@@ -32,10 +32,10 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from spegel.dht.ids import NODE_ID_FILE
-from spegel.testing.browser import BrowserFailed, BrowserMissing, HeadlessBrowser, Page
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.images import build_image
-from spegel.testing.process import CommandFailed, ProcessFailed
+from spegel_testing.browser import BrowserFailed, BrowserMissing, HeadlessBrowser, Page
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.images import build_image
+from spegel_testing.process import CommandFailed, ProcessFailed
 
 REPO = "e2e/debugweb"
 IMAGE = build_image(seed="e2e-debugweb", layer_sizes=(32 * 1024,))

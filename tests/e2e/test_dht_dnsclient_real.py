@@ -16,8 +16,8 @@ from twisted.trial.unittest import TestCase
 
 from spegel.dht.bootstrap import _answer_addresses
 from spegel.dht.dnsclient import BootstrapResolver
-from spegel.testing.dns import DNSServer
-from spegel.testing.ports import free_port
+from spegel_testing.dns import DNSServer
+from spegel_testing.ports import free_port
 
 NAME = "spegel-bootstrap.spegel.svc.cluster.local"
 

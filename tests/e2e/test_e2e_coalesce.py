@@ -18,10 +18,10 @@ import time
 
 from twisted.logger import Logger
 
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.containerd import per_containerd
-from spegel.testing.images import build_image
-from spegel.testing.process import wait_for
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.containerd import per_containerd
+from spegel_testing.images import build_image
+from spegel_testing.process import wait_for
 from tests.e2e.test_e2e_p2p import MiB, _delta, _P2PTestCase
 
 _log = Logger()

@@ -28,11 +28,11 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from spegel import preflight
-from spegel.testing.cluster import Cluster, spegel_cli, static_bootstrap
-from spegel.testing.containerd import per_containerd
-from spegel.testing.images import TestImage, build_image
-from spegel.testing.process import CommandFailed, ProcessFailed
-from spegel.testing.registry import UpstreamRegistry
+from spegel_testing.cluster import Cluster, spegel_cli, static_bootstrap
+from spegel_testing.containerd import per_containerd
+from spegel_testing.images import TestImage, build_image
+from spegel_testing.process import CommandFailed, ProcessFailed
+from spegel_testing.registry import UpstreamRegistry
 from tests.e2e.test_containerd_real import write_oci_archive
 from tests.unit.test_hostsconfig import snapshot
 

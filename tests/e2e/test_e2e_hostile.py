@@ -22,8 +22,8 @@ from twisted.trial.unittest import TestCase
 from spegel.dht import wire
 from spegel.dht.ids import key_id
 from spegel.dht.wire import Message
-from spegel.testing.cluster import Cluster
-from spegel.testing.ports import free_port
+from spegel_testing.cluster import Cluster
+from spegel_testing.ports import free_port
 
 DIGEST = "sha256:" + "cd" * 32
 # The mirror's response-header deadline before it has learned peers' latency

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.e2e.test_e2e_image -*-
 """
 End-to-end tests of spegel's image, built offline from the root Containerfile
-(L{spegel.testing.image}: debootstrap'ed Debian bases, buildah, a wheelhouse), pushed to a real
+(L{spegel_testing.image}: debootstrap'ed Debian bases, buildah, a wheelhouse), pushed to a real
 registry and run by each containerd with a read-only root file system, as the chart runs it.
 
 The image is built once per test run (its bases and wheels are cached across runs).
@@ -15,12 +15,12 @@ import urllib.request
 from twisted.trial.unittest import TestCase
 
 import spegel
-from spegel.testing import image
-from spegel.testing.containerd import ContainerdDaemon, per_containerd
-from spegel.testing.ports import free_port
-from spegel.testing.process import CommandFailed, wait_for
-from spegel.testing.registry import UpstreamRegistry
-from spegel.testing.shared import Shared
+from spegel_testing import image
+from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.ports import free_port
+from spegel_testing.process import CommandFailed, wait_for
+from spegel_testing.registry import UpstreamRegistry
+from spegel_testing.shared import Shared
 
 _built = Shared(lambda: image.build(), lambda tag: None)
 
@@ -57,7 +57,7 @@ class ImageTests(TestCase):
         self.assertEqual(self.run_in_image("version", "spegel", "version").strip(), spegel.__version__)
         usage = self.run_in_image("help", "twistd", "spegel", "--help")
         self.assertIn("--registry-addr", usage)
-        for module in ("pip", "setuptools", "spegel.testing"):
+        for module in ("pip", "setuptools", "spegel_testing"):
             e = self.assertRaises(CommandFailed, self.run_in_image, "no-" + module.replace(".", "-"), "python3", "-c", f"import {module}")
             self.assertIn("ModuleNotFoundError", str(e))
 

@@ -19,12 +19,12 @@ import urllib.parse
 
 from twisted.trial.unittest import TestCase
 
-from spegel.testing.cluster import Cluster
-from spegel.testing.images import LINUX_AMD64, MediaFormat, TestImage, build_image, build_index
-from spegel.testing.node import SpegelNode
-from spegel.testing.process import CommandFailed
-from spegel.testing.containerd import ContainerdBuild, per_containerd
-from spegel.testing.shared import Shared
+from spegel_testing.cluster import Cluster
+from spegel_testing.images import LINUX_AMD64, MediaFormat, TestImage, build_image, build_index
+from spegel_testing.node import SpegelNode
+from spegel_testing.process import CommandFailed
+from spegel_testing.containerd import ContainerdBuild, per_containerd
+from spegel_testing.shared import Shared
 
 # Big enough to make ranges and streaming meaningful, small enough to stay fast.
 LAYER_SIZES = (256 * 1024, 64 * 1024)
@@ -353,12 +353,12 @@ class LiveNodeHTTPTests(TestCase):
 
 class DemoTests(TestCase):
     """
-    The README demo, C{python -m spegel.testing.demo}, run as a user would.
+    The README demo, C{python -m spegel_testing.demo}, run as a user would.
     """
 
     def runDemo(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "spegel.testing.demo", "--layers", "2", "--size-mib", "2", *args],
+            [sys.executable, "-m", "spegel_testing.demo", "--layers", "2", "--size-mib", "2", *args],
             capture_output=True,
             text=True,
             timeout=120,

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from spegel.testing.cluster import Cluster, Served, static_bootstrap
-from spegel.testing.images import TestImage, build_image
-from spegel.testing.process import CommandFailed, ProcessFailed, wait_for
-from spegel.testing.containerd import ContainerdBuild, per_containerd
-from spegel.testing.shared import Shared
+from spegel_testing.cluster import Cluster, Served, static_bootstrap
+from spegel_testing.images import TestImage, build_image
+from spegel_testing.process import CommandFailed, ProcessFailed, wait_for
+from spegel_testing.containerd import ContainerdBuild, per_containerd
+from spegel_testing.shared import Shared
 
 _log = Logger()
 

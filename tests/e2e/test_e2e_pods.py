@@ -2,9 +2,9 @@
 """
 The chart's pods, run for real: the image built from the Containerfile, the DaemonSet's pod spec
 as C{helm template} renders it, started on each of three nodes through containerd's CRI as the
-kubelet starts it (L{spegel.testing.pods}), once per containerd.
+kubelet starts it (L{spegel_testing.pods}), once per containerd.
 
-Each node is a host of its own (L{spegel.testing.netns}: a network namespace with its own
+Each node is a host of its own (L{spegel_testing.netns}: a network namespace with its own
 address on a bridge, its own containerd), so every pod listens on the ports the chart gives, and
 finds its peers through real DNS: a DNS server on the bridge answers the bootstrap Service's
 name with every node's address, as a headless Service with C{publishNotReadyAddresses} does.
@@ -36,15 +36,15 @@ from typing import Any
 from twisted.trial.unittest import TestCase
 
 import spegel
-from spegel.testing import image
-from spegel.testing.containerd import ContainerdDaemon, per_containerd
-from spegel.testing.dns import DNSServer
-from spegel.testing.images import build_image
-from spegel.testing.netns import Network
-from spegel.testing.node import Metrics
-from spegel.testing.pods import Kubelet, PodFailed, RunningPod
-from spegel.testing.process import CommandFailed, ProcessFailed
-from spegel.testing.registry import UpstreamRegistry
+from spegel_testing import image
+from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.dns import DNSServer
+from spegel_testing.images import build_image
+from spegel_testing.netns import Network
+from spegel_testing.node import Metrics
+from spegel_testing.pods import Kubelet, PodFailed, RunningPod
+from spegel_testing.process import CommandFailed, ProcessFailed
+from spegel_testing.registry import UpstreamRegistry
 from tests.e2e.test_e2e_image import _built
 from tests.unit.test_hostsconfig import snapshot
 from tests.e2e.test_k8s import documents, find, render

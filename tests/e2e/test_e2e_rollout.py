@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.e2e.test_e2e_rollout -*-
 """
-Rollouts on the multi-host rig (L{spegel.testing.netcluster}): every node a host of its own
+Rollouts on the multi-host rig (L{spegel_testing.netcluster}): every node a host of its own
 with its own address, the chart's ports and DNS bootstrap, upstream behind a 100 Mbit/s link
 with 30 ms of round trip.  The small version of benchmarks/rollout.py, and the churn test.
 
@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from twisted.trial.unittest import TestCase
 
-from spegel.testing.images import TestImage, build_image
-from spegel.testing.netcluster import NetCluster
-from spegel.testing.process import CommandFailed, ProcessFailed, wait_for
+from spegel_testing.images import TestImage, build_image
+from spegel_testing.netcluster import NetCluster
+from spegel_testing.process import CommandFailed, ProcessFailed, wait_for
 
 MiB = 1 << 20
 

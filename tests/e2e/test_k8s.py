@@ -10,7 +10,7 @@ dashboard's queries name metrics the node exports.  Bad values fail at C{helm te
 the values schema's message.
 
 Rendering runs the real C{helm} (built by C{.ci/setup} from the Go module proxy, see
-L{spegel.testing.tools}); the YAML is read with PyYAML.
+L{spegel_testing.tools}); the YAML is read with PyYAML.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.cli import UsageError, parse_command_line
-from spegel.testing import tools
+from spegel_testing import tools
 
 ROOT = Path(__file__).parent.parent.parent
 CHART = ROOT / "charts" / "spegel"

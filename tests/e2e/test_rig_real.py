@@ -19,17 +19,17 @@ import sys
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from spegel.testing.cluster import Cluster, static_bootstrap
-from spegel.testing.containerd import ContainerdBuild, ContainerdDaemon, per_containerd, short_tempdir
-from spegel.testing.images import LINUX_ARM64, MediaFormat, TestImage, build_image, build_index
-from spegel.testing import pods
-from spegel.testing.dns import DNSServer
-from spegel.testing.netns import BENCHMARK_RANGE, Network, ensure_neighbour_table, restore_neighbour_table
-from spegel.testing.node import SpegelNode
-from spegel.testing.ports import free_port
-from spegel.testing.process import CommandFailed, ManagedProcess, ProcessFailed, live_processes, wait_for
-from spegel.testing.registry import UpstreamRegistry
-from spegel.testing.shared import Shared
+from spegel_testing.cluster import Cluster, static_bootstrap
+from spegel_testing.containerd import ContainerdBuild, ContainerdDaemon, per_containerd, short_tempdir
+from spegel_testing.images import LINUX_ARM64, MediaFormat, TestImage, build_image, build_index
+from spegel_testing import pods
+from spegel_testing.dns import DNSServer
+from spegel_testing.netns import BENCHMARK_RANGE, Network, ensure_neighbour_table, restore_neighbour_table
+from spegel_testing.node import SpegelNode
+from spegel_testing.ports import free_port
+from spegel_testing.process import CommandFailed, ManagedProcess, ProcessFailed, live_processes, wait_for
+from spegel_testing.registry import UpstreamRegistry
+from spegel_testing.shared import Shared
 
 
 class ContainerdDaemonTests(TestCase):
@@ -236,12 +236,12 @@ class RegistryAndContainerdTests(TestCase):
         self.assertEqual(self.daemon.damaged_content(), {})
 
 
-FAKE_NODE = [sys.executable, "-m", "spegel.testing.fakenode"]
+FAKE_NODE = [sys.executable, "-m", "spegel_testing.fakenode"]
 
 
 class SpegelNodeProcessTests(TestCase):
     """
-    L{SpegelNode}'s process handling, exercised with the L{spegel.testing.fakenode} stand-in
+    L{SpegelNode}'s process handling, exercised with the L{spegel_testing.fakenode} stand-in
     (the real node has its own end-to-end tests).  No containerd is needed: the stand-in never
     connects to it.
     """
@@ -373,7 +373,7 @@ class OrphanTests(TestCase):
         self.addCleanup(shutil.rmtree, base, True)
         script = (
             "import os, signal, sys\n"
-            "from spegel.testing.containerd import ContainerdDaemon\n"
+            "from spegel_testing.containerd import ContainerdDaemon\n"
             f"d = ContainerdDaemon(base_dir={base!r})\n"
             "d.start()\n"
             "print(d.pid, flush=True)\n"
@@ -393,7 +393,7 @@ del _template, ContainerdDaemonTests, RegistryAndContainerdTests
 
 class NetworkNamespaceTests(TestCase):
     """
-    L{spegel.testing.netns}: hosts of their own, each with an address, reaching each other and
+    L{spegel_testing.netns}: hosts of their own, each with an address, reaching each other and
     the host over the bridge, and gone without a trace after clean-up.
     """
 
@@ -442,7 +442,7 @@ class NetworkNamespaceTests(TestCase):
 
 class DNSServerTests(TestCase):
     """
-    L{spegel.testing.dns}: answers from its records file, over UDP and TCP, as a cluster's DNS
+    L{spegel_testing.dns}: answers from its records file, over UDP and TCP, as a cluster's DNS
     answers a headless Service's name.
     """
 
@@ -484,7 +484,7 @@ class DNSServerTests(TestCase):
 
 class PodSpecTranslationTests(SynchronousTestCase):
     """
-    The parts of L{spegel.testing.pods} that follow Kubernetes' rules without a node.
+    The parts of L{spegel_testing.pods} that follow Kubernetes' rules without a node.
     """
 
     def test_expandAsTheKubeletDoes(self) -> None:

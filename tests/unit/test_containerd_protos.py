@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_containerd_protos -*-
 """
-The checked-in containerd stubs match what L{spegel.containerd.regenerate} produces, and they
+The checked-in containerd stubs match what L{spegel_testing.protos} produces, and they
 describe containerd's wire names (packages, methods, field numbers).
 """
 
@@ -10,7 +10,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel.containerd import regenerate
+from spegel_testing import protos
 from spegel.containerd.api import (
     content_events_pb2,
     content_pb2,
@@ -33,22 +33,22 @@ class DriftTests(SynchronousTestCase):
 
     def test_no_drift(self) -> None:
         with tempfile.TemporaryDirectory() as output_root:
-            fresh = regenerate.generate(output_root)
-        current = regenerate.checked_in()
+            fresh = protos.generate(output_root)
+        current = protos.checked_in()
         self.assertEqual(
             sorted(fresh),
             sorted(current),
-            "stub files differ from the .proto files; run .venv/bin/python -m spegel.containerd.regenerate",
+            "stub files differ from the .proto files; run .venv/bin/python -m spegel_testing.protos",
         )
         stale = [name for name in fresh if fresh[name] != current[name]]
         self.assertEqual(
-            stale, [], "stubs drifted from the .proto files; run .venv/bin/python -m spegel.containerd.regenerate"
+            stale, [], "stubs drifted from the .proto files; run .venv/bin/python -m spegel_testing.protos"
         )
 
     def test_every_proto_generates_a_module(self) -> None:
-        names = {name.rsplit("/", 1)[-1].removesuffix(".proto") for name in regenerate.proto_files()}
+        names = {name.rsplit("/", 1)[-1].removesuffix(".proto") for name in protos.proto_files()}
         self.assertEqual(
-            {name.removesuffix("_pb2.py") for name in regenerate.checked_in() if name.endswith("_pb2.py")},
+            {name.removesuffix("_pb2.py") for name in protos.checked_in() if name.endswith("_pb2.py")},
             names,
         )
 
@@ -56,7 +56,7 @@ class DriftTests(SynchronousTestCase):
         """
         Stubs import each other as C{spegel.containerd.api.*}, never by a bare top-level name.
         """
-        for name, data in regenerate.checked_in().items():
+        for name, data in protos.checked_in().items():
             for line in data.decode("utf-8").splitlines():
                 if line.startswith(("import ", "from ")) and "_pb2" in line:
                     self.assertTrue(

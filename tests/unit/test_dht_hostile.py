@@ -5,7 +5,7 @@ honest nodes, announces fake providers of content the cluster holds, replays and
 Honest content must stay findable, routing tables and stores bounded, and replies to the
 attacker no larger than a small multiple of what it sent.
 
-Socket-free and deterministic: 30 nodes on L{spegel.dht.simulation}'s in-memory network and
+Socket-free and deterministic: 30 nodes on L{spegel_testing.dhtsim}'s in-memory network and
 simulated clock.  benchmarks/dht_flood.py measures the same flood against a real node (reactor
 stalls, memory).
 """
@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from spegel.dht import wire
 from spegel.dht.ids import key_id
 from spegel.dht.protocol import AMPLIFICATION_LIMIT
-from spegel.dht.simulation import MemoryNetwork, SimulatedClock, SimulatedCluster
+from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock, SimulatedCluster
 from spegel.dht.wire import Message
 from tests.unit.test_dht_simulation import CONFIG, resolve
 

@@ -12,7 +12,7 @@ from spegel.dht import wire
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import Contact, Provider, common_prefix_bits, distance
 from spegel.dht.node import KEYS_PER_MESSAGE, KademliaNode
-from spegel.dht.simulation import MemoryNetwork, SimulatedClock
+from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock
 from spegel.dht.wire import Message
 from tests.unit.test_dht_protocol import FakeTransport
 

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import NODE_ID_FILE
 from spegel.dht.service import PROVIDER_CACHE_REFRESH, DHTService
-from spegel.dht.simulation import MemoryNetwork, SimulatedClock, SimulatedCluster
+from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock, SimulatedCluster
 
 CONFIG = RouterConfig(
     listen_port=5001,

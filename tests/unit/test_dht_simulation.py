@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import distance, key_id
-from spegel.dht.simulation import MemoryNetwork, SimulatedClock, SimulatedCluster
+from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock, SimulatedCluster
 
 N = 200
 CONFIG = RouterConfig(

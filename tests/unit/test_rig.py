@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_rig -*-
 """
-Tests of the test rig's image builder (L{spegel.testing.images}), socket- and process-free; the
+Tests of the test rig's image builder (L{spegel_testing.images}), socket- and process-free; the
 rest of the rig is tested with real processes in L{tests.e2e.test_rig_real}.
 """
 
@@ -15,7 +15,7 @@ import tarfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel.testing.images import (
+from spegel_testing.images import (
     DOCKER_CONFIG,
     DOCKER_LIST,
     DOCKER_MANIFEST,

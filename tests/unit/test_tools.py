@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_tools -*-
 """
-Tests for L{spegel.testing.tools}: building the Go tools into the cache by version, with a stand-in
+Tests for L{spegel_testing.tools}: building the Go tools into the cache by version, with a stand-in
 C{go} command (a shell script), so nothing is downloaded or compiled.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel.testing import tools
-from spegel.testing.containerd import ContainerdBuild, built_containerd
+from spegel_testing import tools
+from spegel_testing.containerd import ContainerdBuild, built_containerd
 
 # Records its arguments; "go build ... -o DIR/ pkg..." creates one executable per package.
 FAKE_GO = """#!/bin/sh
