@@ -17,7 +17,6 @@ refreshes the routing table with the nodes that answer and caches the providers 
 
 from __future__ import annotations
 
-import html
 import json
 from typing import Any
 
@@ -28,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
+from twisted.web.template import Tag, flattenString, tags
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from spegel.dht.ids import Provider
@@ -201,8 +201,8 @@ class DebugWeb:
     # -- routes -------------------------------------------------------------------------
 
     @app.route("/web/", methods=["GET"])
-    def index(self, request: Request) -> bytes:
-        body = _render_page(self._state()).encode("utf-8")
+    async def index(self, request: Request) -> bytes:
+        body = await render_page(self._state())
         request.setHeader("Content-Type", "text/html; charset=utf-8")
         request.setHeader("Content-Security-Policy", _CONTENT_SECURITY_POLICY)
         _no_store(request)
@@ -298,70 +298,78 @@ code, td { font-family: monospace; font-size: 0.9em; }
 """
 
 
-def _render_page(state: dict[str, Any]) -> str:
-    """
-    The HTML page for C{state} (what L{DebugWeb._state} returns). Every value goes through
-    C{html.escape}: hosts come from the network and a page must not run what it shows.
-    """
-    e = html.escape
-
-    def row(*cells: object, header: bool = False) -> str:
-        tag = "th" if header else "td"
-        return "<tr>" + "".join(f"<{tag}>{e(str(cell))}</{tag}>" for cell in cells) + "</tr>"
-
-    summary = "".join(
-        f"<tr><th>{e(name)}</th><td>{e(str(value))}</td></tr>"
-        for name, value in [
-            ("DHT node id", state["node_id"]),
-            ("Router address", state["router_address"]),
-            ("Registry address", state["registry_address"]),
-            ("DHT ready", "yes" if state["ready"] else "no"),
-            ("Keys provided", state["provided_keys"]),
-            ("Contacts", len(state["contacts"])),
-        ]
+def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> Tag:
+    return tags.table(
+        tags.tr(*(tags.th(name) for name in header)),
+        *(tags.tr(*(tags.td(str(cell)) for cell in row)) for row in rows),
     )
+
+
+def _page(state: dict[str, Any]) -> Tag:
+    """
+    The HTML page for C{state} (what L{DebugWeb._state} returns), as a twisted.web.template tree:
+    the flattener escapes every string it holds (hosts come from the network, and a page must not
+    run what it shows), so no value reaches the page unescaped by omission.
+    """
     contacts = state["contacts"]
-    if contacts:
-        contact_table = (
-            "<table>"
-            + row("bucket", "node id", "host", "router port", header=True)
-            + "".join(row(c["bucket"], c["node_id"], c["host"], c["port"]) for c in contacts)
-            + "</table>"
-        )
-    else:
-        contact_table = '<p class="muted">No contacts: this node knows no other node.</p>'
     aside = state["put_aside"]
-    if not aside:
-        aside_html = '<p class="muted">None.</p>'
-    else:
-        aside_html = (
-            "<table>"
-            + row("host", "registry port", "seconds left", header=True)
-            + "".join(row(p["host"], p["registry_port"], p["seconds_left"]) for p in aside)
-            + "</table>"
+    summary = [
+        ("DHT node id", state["node_id"]),
+        ("Router address", state["router_address"]),
+        ("Registry address", state["registry_address"]),
+        ("DHT ready", "yes" if state["ready"] else "no"),
+        ("Keys provided", state["provided_keys"]),
+        ("Contacts", len(contacts)),
+    ]
+    if contacts:
+        contact_table = _table(
+            ("bucket", "node id", "host", "router port"),
+            [(c["bucket"], c["node_id"], c["host"], c["port"]) for c in contacts],
         )
+    else:
+        contact_table = tags.p("No contacts: this node knows no other node.", class_="muted")
+    if aside:
+        aside_table = _table(
+            ("host", "registry port", "seconds left"),
+            [(p["host"], p["registry_port"], p["seconds_left"]) for p in aside],
+        )
+    else:
+        aside_table = tags.p("None.", class_="muted")
     # Links are relative to /debug/web/, so the page works behind any path prefix.
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>spegel debug: {e(state["node_id"][:16])}</title>
-<style>{_STYLE}</style>
-</head>
-<body>
-<h1>spegel debug</h1>
-<table>{summary}</table>
-<h2>Routing table ({len(contacts)} contacts, closest first)</h2>
-{contact_table}
-<h2>Peers put aside by the mirror</h2>
-{aside_html}
-<h2>Provider lookup</h2>
-<form action="lookup" method="get">
-<input name="key" size="80" placeholder="sha256:&lt;64 hex&gt; or registry/repo:tag">
-<button type="submit">Look up</button>
-</form>
-<p>JSON: <a href="peers">peers</a> (this page's data),
-<code>lookup?key=&lt;key&gt;</code> (the form above).</p>
-</body>
-</html>
-"""
+    return tags.html(
+        tags.head(
+            tags.meta(charset="utf-8"),
+            tags.title("spegel debug: ", state["node_id"][:16]),
+            tags.style(_STYLE),
+        ),
+        tags.body(
+            tags.h1("spegel debug"),
+            tags.table(*(tags.tr(tags.th(name), tags.td(str(value))) for name, value in summary)),
+            tags.h2(f"Routing table ({len(contacts)} contacts, closest first)"),
+            contact_table,
+            tags.h2("Peers put aside by the mirror"),
+            aside_table,
+            tags.h2("Provider lookup"),
+            tags.form(
+                tags.input(name="key", size="80", placeholder="sha256:<64 hex> or registry/repo:tag"),
+                tags.button("Look up", type="submit"),
+                action="lookup",
+                method="get",
+            ),
+            tags.p(
+                "JSON: ",
+                tags.a("peers", href="peers"),
+                " (this page's data), ",
+                tags.code("lookup?key=<key>"),
+                " (the form above).",
+            ),
+        ),
+        lang="en",
+    )
+
+
+async def render_page(state: dict[str, Any]) -> bytes:
+    """
+    The page for C{state}, flattened to UTF-8 HTML with its doctype.
+    """
+    return b"<!DOCTYPE html>\n" + await flattenString(None, _page(state))
