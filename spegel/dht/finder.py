@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Callable
 
 from attrs import define, field
+from cachetools import TTLCache
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -101,8 +102,9 @@ class ProviderFinder:
         self._lookup = lookup
         self._ttl = ttl
         self._refresh_after = min(refresh_after, ttl)
-        self._max_cached = max_cached
-        self._cache: dict[str, _Cached] = {}
+        # Expiry and the size bound (least recently used first) on the injected clock; the age
+        # kept in each entry decides the background refresh, which a TTL cache does not model.
+        self._cache: TTLCache[str, _Cached] = TTLCache(maxsize=max_cached, ttl=ttl, timer=clock.seconds)
         self._flights: dict[str, _Flight] = {}
 
     def find(
@@ -115,7 +117,7 @@ class ProviderFinder:
         """
         now = self._clock.seconds()
         cached = self._cache.get(key) if use_cache else None
-        if cached is not None and now - cached.stored_at < self._ttl:
+        if cached is not None:
             providers = cached.providers[:limit]
             for provider in providers:
                 _offer(on_provider, provider)
@@ -129,9 +131,7 @@ class ProviderFinder:
 
     def expire(self) -> None:
         """Drop cached answers past their TTL (memory only: stale ones are never served)."""
-        now = self._clock.seconds()
-        for key in [k for k, cached in self._cache.items() if now - cached.stored_at >= self._ttl]:
-            del self._cache[key]
+        self._cache.expire()
 
     def clear(self) -> None:
         self._cache.clear()
@@ -187,8 +187,6 @@ class ProviderFinder:
                 waiter.result.errback(outcome)
             return None
         if outcome:
-            if key not in self._cache and len(self._cache) >= self._max_cached:
-                self._cache.clear()
             self._cache[key] = _Cached(self._clock.seconds(), list(outcome))
         else:
             self._cache.pop(key, None)

@@ -203,3 +203,18 @@ class FinderTests(SynchronousTestCase):
         self.clock.advance(5.0)
         self.finder.expire()
         self.assertEqual(self.finder._cache, {})
+
+    def test_a_full_cache_forgets_the_least_recently_used_answer(self) -> None:
+        finder = ProviderFinder(self.clock, self.lookups, ttl=5.0, refresh_after=1.0, max_cached=2)
+        for index, key in enumerate(["a", "b"]):
+            finder.find(key)
+            self.lookups.end(index, provider(index + 1))
+        finder.find("a")  # a is now the more recently used
+        finder.find("c")
+        self.lookups.end(2, provider(3))
+        self.assertEqual(len(self.lookups.calls), 3)
+        # a and c are answered from the cache; b was dropped to make room, so it is looked up.
+        self.assertEqual(self.successResultOf(finder.find("a")), [provider(1)])
+        self.assertEqual(self.successResultOf(finder.find("c")), [provider(3)])
+        finder.find("b")
+        self.assertEqual([call[0] for call in self.lookups.calls], ["a", "b", "c", "b"])
