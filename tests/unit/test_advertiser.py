@@ -19,14 +19,8 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import advertiser
-from spegel.advertiser import (
-    Advertiser,
-    InvalidManifest,
-    UnparseableImageName,
-    manifest_references,
-    parse_image_name,
-)
+from spegel import advertiser, imagewalk
+from spegel.advertiser import Advertiser
 from spegel.containerd.client import (
     ContainerdError,
     ContainerdUnavailable,
@@ -37,7 +31,17 @@ from spegel.containerd.client import (
     ImageNotFound,
 )
 from spegel.containerd.events import ContentEvent, ImageEvent
-from spegel.oci import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, Reference
+from spegel.oci import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    InvalidManifest,
+    Reference,
+    UnparseableImageName,
+    manifest_references,
+    parse_image_name,
+)
 from spegel.registry import RegistryFilter
 
 _T = TypeVar("_T")
@@ -208,7 +212,9 @@ class AdvertiserTestCase(SynchronousTestCase):
         self.containerd = FakeContainerd()
         self.router = RecordingRouter()
         self.log_events: list[dict[str, Any]] = []
-        self.patch(advertiser, "_log", Logger(observer=self.log_events.append))
+        # The walk logs from its own module.
+        for module in (advertiser, imagewalk):
+            self.patch(module, "_log", Logger(observer=self.log_events.append))
 
     def make(self, registry_filter: RegistryFilter = RegistryFilter(), **kwargs: Any) -> Advertiser:
         return Advertiser(self.clock, self.containerd, self.router, registry_filter, **kwargs)  # type: ignore[arg-type]
@@ -477,7 +483,7 @@ class WalkTests(AdvertiserTestCase):
         image = SingleImage(self.containerd, "a")
         digest = image.manifest
         chain = []
-        for i in range(advertiser.MAX_INDEX_DEPTH + 1):
+        for i in range(imagewalk.MAX_INDEX_DEPTH + 1):
             digest = self.containerd.put(index_json([digest], child_type=OCI_INDEX if i else OCI_MANIFEST))
             chain.append(digest)
         self.containerd.tag("docker.io/library/deep:1", digest, OCI_INDEX)
