@@ -24,27 +24,28 @@ anything else (TLS, other kernels, tests' in-memory transports) the caller strea
 Python as before.
 
 This is Linux-specific: C{os.splice} (Python 3.10+) and C{tee} from the C library via ctypes.
-L{available} says whether both work here, once.
+L{available} says whether both work here, once.  The pipes, the digest's pipe with its hashing
+jobs, and the hashing threads are in L{spegel.relaypipes}; its public names are importable from
+here too.
+
+About 560 lines, on purpose in one module: L{SpliceRelay} is one state machine whose every step
+reads the same counters (received >= teed >= passed >= sent, hashed <= teed); split across
+modules, each step would have to be read in two places to check that order holds.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
-import select
 from typing import Any, Callable
 
 from attrs import frozen
-from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor, IWriteDescriptor
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime, IReadDescriptor
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -52,30 +53,32 @@ from spegel import metrics
 from spegel.bodies import BodyInterrupted, transport_buffer_empty
 from spegel.oci import hashed_digest
 
-# One step of the relay moves at most this much: the pipes' capacity. Linux lets an unprivileged
-# process size a pipe up to /proc/sys/fs/pipe-max-size, 1 MiB by default.
-PIPE_SIZE = 1 << 20
+from spegel.relaypipes import (
+    F_GETPIPE_SZ,
+    PIPE_SIZE,
+    SPLICE_F_NONBLOCK,
+    CopyPipe,
+    HashExecutor,
+    HashingPool,
+    available,
+    open_pipe,
+)
+
+# The relay's callers (streaming, the node's wiring, tests) import these from here, including
+# those now defined in relaypipes.
+__all__ = [
+    "HELD_BACK", "PIPE_SIZE", "RELAY_MIN", "DigestMismatch", "HashExecutor", "HashingPool", "RelayResult",
+    "SpliceRelay", "available", "peer_socket",
+]
+
 # Of a whole blob, this many final bytes (all of a smaller one) stay in the pipe until the digest
 # matches, so a client never has every byte of a wrong blob; the reactor hashes them itself.
 HELD_BACK = 64 * 1024
-# One hashing job stops after this many bytes even if there are more, so that relays sharing
-# the hashing threads take turns; a busy relay hands work to the pool once per this many bytes.
-HASH_JOB_LIMIT = 16 * PIPE_SIZE
-# A hashing job that finds the digest's pipe empty waits this long (seconds) for more before it
-# ends: the reactor tees the next bytes within a fraction of that while the relay is busy, and
-# a job that carries on is ready for them at once, where a new one needs the reactor and a
-# thread of the pool to wake up first.
-HASH_JOB_LINGER = 0.02
 # Below this many bytes left, taking a connection over costs more than it saves.
 RELAY_MIN = PIPE_SIZE
 
-_F_SETPIPE_SZ = 1031
-_F_GETPIPE_SZ = 1032
-_SPLICE_F_NONBLOCK = 2
 # The peer's end of a connection failed in one of these ways: the copy resumes elsewhere.
 _PEER_ERRNOS = (errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EIO)
-
-HashExecutor = Callable[[Callable[[], None]], "Deferred[None]"]
 
 
 class DigestMismatch(Exception):
@@ -96,87 +99,6 @@ class RelayResult:
 
     moved: int
     peer_error: str | None = None
-
-
-def _load_tee() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        tee = libc.tee
-    except (OSError, AttributeError):
-        return None
-    tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
-    tee.restype = ctypes.c_ssize_t
-    return tee
-
-
-_tee = _load_tee()
-_available: bool | None = None
-
-
-def available() -> bool:
-    """
-    Whether this process can relay with splice and tee: tried once on a pipe pair.
-    """
-    global _available
-    if _available is None:
-        _available = _try_splice_and_tee()
-    return _available
-
-
-def _try_splice_and_tee() -> bool:
-    if _tee is None or not hasattr(os, "splice"):
-        return False
-    fds: list[int] = []
-    try:
-        for _ in range(3):
-            fds.extend(_pipe())
-        source_r, source_w, copy_r, copy_w, sink_r, sink_w = fds
-        os.write(source_w, b"spegel")
-        if _tee(source_r, copy_w, 6, _SPLICE_F_NONBLOCK) != 6:
-            return False
-        if os.splice(source_r, sink_w, 6, flags=_SPLICE_F_NONBLOCK) != 6:
-            return False
-        return os.read(sink_r, 6) == b"spegel" and os.read(copy_r, 6) == b"spegel"
-    except OSError:
-        return False
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def _pipe() -> tuple[int, int]:
-    # Non-blocking: the relay only reads bytes it knows are there, and a mistake there must
-    # fail loudly rather than block the reactor.
-    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        # A smaller pipe still works, in smaller steps.
-        pass
-    return read_end, write_end
-
-
-class HashingPool(Service):
-    """
-    The worker threads that hash relayed bytes: hashlib lets go of the GIL while it works, so
-    the digest of one chunk is computed while the reactor sends it and reads the next. A node
-    relays few large blobs at once and hashing is bound by CPU, so two threads do.
-    """
-
-    def __init__(self, reactor: Any, size: int = 2):
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=0, maxthreads=size, name="spegel-hashing")
-
-    def startService(self) -> None:
-        super().startService()
-        self._pool.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self._pool.stop()
-
-    def run(self, job: Callable[[], None]) -> Deferred[None]:
-        return deferToThreadPool(self._reactor, self._pool, job)
 
 
 def peer_socket(transport: object) -> tcp.Connection | None:
@@ -262,7 +184,7 @@ class SpliceRelay(TimeoutMixin):
         self._held = bytearray()
         self._tee_limit = count - min(HELD_BACK, count) if self._digest is not None else count
         self._hashing: Deferred[None] | None = None
-        self._copy: _CopyPipe | None = None
+        self._copy: CopyPipe | None = None
         self._waiting_for_copy_room = False
         self._paused = False
         self._reading = False
@@ -276,11 +198,11 @@ class SpliceRelay(TimeoutMixin):
         self.bytes_spliced = 0
         # Made here, so that a caller whose relay cannot be built still has the connection.
         try:
-            self._pipe_r, self._pipe_w = _pipe()
-            self._pipe_size = fcntl.fcntl(self._pipe_w, _F_GETPIPE_SZ)
+            self._pipe_r, self._pipe_w = open_pipe()
+            self._pipe_size = fcntl.fcntl(self._pipe_w, F_GETPIPE_SZ)
             if self._hasher is not None:
-                self._copy = _CopyPipe.open(self, self._pipe_size)
-                self._out_r, self._out_w = _pipe()
+                self._copy = CopyPipe.open(self, self._pipe_size)
+                self._out_r, self._out_w = open_pipe()
         except OSError:
             self._close_pipes()
             raise
@@ -325,7 +247,7 @@ class SpliceRelay(TimeoutMixin):
         try:
             moved = os.splice(
                 self._peer_fd, self._pipe_w, min(self._pipe_size - in_pipe, self._count - self._received),
-                flags=_SPLICE_F_NONBLOCK,
+                flags=SPLICE_F_NONBLOCK,
             )
         except BlockingIOError:
             if in_pipe:
@@ -400,7 +322,7 @@ class SpliceRelay(TimeoutMixin):
         if self._copy is None or self._passed >= self._teed:
             return False
         try:
-            moved = os.splice(self._pipe_r, self._out_w, self._teed - self._passed, flags=_SPLICE_F_NONBLOCK)
+            moved = os.splice(self._pipe_r, self._out_w, self._teed - self._passed, flags=SPLICE_F_NONBLOCK)
         except BlockingIOError:
             # Full: the client taking some of it steps again.
             return False
@@ -490,7 +412,7 @@ class SpliceRelay(TimeoutMixin):
         outgoing = self._pipe_r if self._copy is None else self._out_r
         if transport_buffer_empty(self._client):
             try:
-                moved = os.splice(outgoing, self._client_fd, sendable, flags=_SPLICE_F_NONBLOCK)
+                moved = os.splice(outgoing, self._client_fd, sendable, flags=SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 moved = 0
             except OSError as e:
@@ -638,96 +560,3 @@ class SpliceRelay(TimeoutMixin):
                 setattr(self, name, -1)
         if self._copy is not None:
             self._copy.close()
-
-
-@implementer(IWriteDescriptor)
-class _CopyPipe:
-    """
-    The pipe the relay tees bytes into for the digest, and the buffer a worker thread empties it
-    into. The reactor watches its write end while the relay waits for room in it.
-    """
-
-    def __init__(self, relay: SpliceRelay, read_end: int, write_end: int, size: int):
-        self._relay = relay
-        self.read_end, self.write_end = read_end, write_end
-        self._buffer = memoryview(bytearray(size))
-        # Bytes hashed so far, written by the worker thread only while a job runs: the reactor
-        # reads it once the job has ended.
-        self.hashed = 0
-
-    @classmethod
-    def open(cls, relay: SpliceRelay, size: int) -> "_CopyPipe":
-        """
-        A copy pipe with room for C{size} bytes, as much as the relay's pipe holds.
-        """
-        read_end, write_end = _pipe()
-        if fcntl.fcntl(write_end, _F_GETPIPE_SZ) < size:
-            os.close(read_end)
-            os.close(write_end)
-            raise OSError(errno.ENOMEM, "the pipes for the relay came out of different sizes")
-        return cls(relay, read_end, write_end, size)
-
-    def tee_from(self, source: int, count: int) -> int:
-        """
-        Duplicate up to C{count} bytes from the head of pipe C{source}, as many as there is room
-        for here.
-
-        @return: how many were duplicated; 0 when this pipe is full.
-        """
-        assert _tee is not None
-        copied = _tee(source, self.write_end, count, _SPLICE_F_NONBLOCK)
-        if copied < 0:
-            error = ctypes.get_errno()
-            if error == errno.EAGAIN:
-                return 0
-            raise OSError(error, f"tee failed: {os.strerror(error)}")
-        if copied == 0:
-            # The source holds the bytes (the relay counted them in): failing loudly beats
-            # waiting for room that is there.
-            raise OSError(errno.EIO, "tee found no bytes to copy")
-        return copied
-
-    def hash_job(self, hasher: Any) -> Callable[[], None]:
-        """
-        A job for a worker thread: feed C{hasher} what this pipe holds, until it stays empty
-        for L{HASH_JOB_LINGER} or L{HASH_JOB_LIMIT} bytes have gone by.
-        """
-
-        def job() -> None:
-            read_end, buffer, hashed = self.read_end, self._buffer, 0
-            waiting = select.poll()
-            waiting.register(read_end, select.POLLIN)
-            linger = int(HASH_JOB_LINGER * 1000)
-            while hashed < HASH_JOB_LIMIT:
-                try:
-                    got = os.readv(read_end, [buffer])
-                except BlockingIOError:
-                    if linger > 0 and waiting.poll(linger):
-                        continue
-                    break
-                if got == 0:
-                    break
-                hasher.update(buffer[:got])
-                hashed += got
-            self.hashed += hashed
-
-        return job
-
-    # IWriteDescriptor: the reactor says the pipe has room.
-    def fileno(self) -> int:
-        return self.write_end
-
-    def logPrefix(self) -> str:
-        return "SpliceRelay digest pipe"
-
-    def doWrite(self) -> None:
-        self._relay.copy_room()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._relay.copy_lost(reason)
-
-    def close(self) -> None:
-        if self.read_end >= 0:
-            os.close(self.read_end)
-            os.close(self.write_end)
-            self.read_end = self.write_end = -1

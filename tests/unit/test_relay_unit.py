@@ -38,7 +38,7 @@ from twisted.web._newclient import TransportProxyProducer
 from twisted.web.test.requesthelper import DummyRequest
 
 from spegel.bodies import BodyInterrupted, client_socket
-from spegel import relay
+from spegel import relaypipes
 from spegel.relay import (
     HELD_BACK,
     PIPE_SIZE,
@@ -215,7 +215,7 @@ class FakeReactor(Clock):
 class SpliceRelayTests(SynchronousTestCase):
     def setUp(self) -> None:
         # Jobs run on the test's thread, where nothing could fill the pipe while one waits.
-        self.patch(relay, "HASH_JOB_LINGER", 0)
+        self.patch(relaypipes, "HASH_JOB_LINGER", 0)
         self.reactor = FakeReactor()
         self.peer = _Pipe(self)
         self.client = FakeClient(_Pipe(self))
@@ -399,10 +399,10 @@ class SpliceRelayTests(SynchronousTestCase):
 
     def test_job_lingers_for_more(self) -> None:
         """
-        A job that finds the digest's pipe empty waits up to L{relay.HASH_JOB_LINGER} for more
+        A job that finds the digest's pipe empty waits up to L{relaypipes.HASH_JOB_LINGER} for more
         before it ends, and hashes what the reactor tees meanwhile.
         """
-        self.patch(relay, "HASH_JOB_LINGER", 0.02)
+        self.patch(relaypipes, "HASH_JOB_LINGER", 0.02)
         data = os.urandom(300_000)
         waits: list[int] = []
         case = self
@@ -418,7 +418,7 @@ class SpliceRelayTests(SynchronousTestCase):
                 case.feed(data[100_000:])  # the reactor tees more while the worker waits
                 return [(self.fd, select.POLLIN)]
 
-        self.patch(relay.select, "poll", Poll)
+        self.patch(relaypipes.select, "poll", Poll)
         done = self.start(len(data), digest=None)
         self.feed(data[:100_000])
         self.run_one_job()
@@ -429,10 +429,10 @@ class SpliceRelayTests(SynchronousTestCase):
 
     def test_jobs_take_turns(self) -> None:
         """
-        A job stops after L{relay.HASH_JOB_LIMIT} bytes even when there are more, and the relay
+        A job stops after L{relaypipes.HASH_JOB_LIMIT} bytes even when there are more, and the relay
         asks for the next: relays sharing the hashing threads take turns.
         """
-        self.patch(relay, "HASH_JOB_LIMIT", 1)
+        self.patch(relaypipes, "HASH_JOB_LIMIT", 1)
         data = os.urandom(300_000)
         done = self.start(len(data), digest=None, hasher=_TeeingMeanwhile(self, data[100_000:]))
         self.feed(data[:100_000])
