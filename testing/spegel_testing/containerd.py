@@ -19,263 +19,37 @@ the directory a spegel node is given as C{--containerd-content-path}.
 
 Everything is driven through C{ctr} and C{crictl}, the clients users have, so tests see exactly
 what a user of that containerd would see.
+
+The builds and their versions are in L{spegel_testing.containerd_builds} (their names are
+importable from here too, as the tests and the rig have always imported them), the
+configuration file each version reads in L{spegel_testing.containerd_config}.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import re
 import shutil
 import socket
-import subprocess
 import tempfile
-from typing import TypeVar
 
-from attrs import define, field, frozen
+from attrs import define, field
 
-from spegel_testing import tools
+from spegel_testing import containerd_config
+from spegel_testing.containerd_builds import (
+    ContainerdBuild,
+    built_containerd,
+    containerd_builds,
+    crictl,
+    newest_containerd,
+    per_containerd,
+    system_containerd,
+)
 from spegel_testing.netns import Host
 from spegel_testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, run, wait_for
 
-CONTAINERD = "containerd"
-CTR = "ctr"
-
 # Unix socket paths are limited to 108 bytes (sun_path); stay clear of it.
 MAX_SOCKET_PATH = 100
-
-_VERSION = re.compile(r"\b(\d+)\.(\d+)\.(\d+)")
-
-_DISABLED_PLUGINS = (
-    "io.containerd.internal.v1.opt",
-    "io.containerd.snapshotter.v1.btrfs",
-    "io.containerd.snapshotter.v1.zfs",
-    "io.containerd.snapshotter.v1.devmapper",
-    "io.containerd.snapshotter.v1.aufs",
-    "io.containerd.tracing.processor.v1.otlp",
-    # One socket per machine (/var/run/nri): daemons side by side would fight over it.
-    "io.containerd.nri.v1.nri",
-)
-
-# The CRI plugin of 1.x; of 2.x it is split in three.
-_CRI_PLUGINS = {
-    2: ("io.containerd.grpc.v1.cri",),
-    3: ("io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"),
-}
-
-_COMMON = """\
-version = {config_version}
-root = "{root}"
-state = "{state}"
-disabled_plugins = [{disabled}]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{ttrpc}"
-
-[debug]
-  address = ""
-  level = "{log_level}"
-
-[metrics]
-  address = ""
-"""
-
-# Where the CRI plugin finds registry configuration, and whether it keeps layers. Written also
-# when the plugin is disabled (containerd ignores it then), so the file always says where this
-# daemon's mirrors are configured: `spegel configuration` checks that before writing there.
-_IMAGES_V2 = """
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  discard_unpacked_layers = {discard}
-
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "{hosts_dir}"
-"""
-
-_IMAGES_V3 = """
-[plugins.'io.containerd.cri.v1.images']
-  discard_unpacked_layers = {discard}
-
-[plugins.'io.containerd.cri.v1.images'.registry]
-  config_path = '{hosts_dir}'
-"""
-
-# root lacks CAP_SYS_RESOURCE in this sandbox, so pods need restrict_oom_score_adj. No CNI is
-# configured: pulls and host-network sandboxes need none.
-_RUNTIME_V2 = """
-[plugins."io.containerd.grpc.v1.cri"]
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  restrict_oom_score_adj = true
-{sandbox}
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{cni}/bin"
-  conf_dir = "{cni}/conf"
-"""
-
-_RUNTIME_V3 = """
-[plugins.'io.containerd.cri.v1.runtime']
-  restrict_oom_score_adj = true
-
-[plugins.'io.containerd.cri.v1.runtime'.cni]
-  bin_dirs = ['{cni}/bin']
-  conf_dir = '{cni}/conf'
-
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-"""
-
-# The image of every pod's sandbox ("pause") container, when a test runs pods.
-_SANDBOX_V3 = """
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = '{image}'
-"""
-
-
-@frozen
-class ContainerdBuild:
-    """
-    One containerd to test against: its binaries and the version they are.
-
-    @ivar version: C{major.minor.patch}.
-    @ivar containerd: the daemon's path (or name on C{PATH}).
-    @ivar ctr: its client's.
-    @ivar missing: why the binaries are not there (not built yet), or L{None}.
-    """
-
-    version: str
-    containerd: str = CONTAINERD
-    ctr: str = CTR
-    missing: str | None = None
-
-    @property
-    def major_minor(self) -> tuple[int, int]:
-        major, minor, _ = self.version.split(".", 2)
-        return int(major), int(minor)
-
-    @property
-    def label(self) -> str:
-        """
-        What test names carry: C{containerd_2_4}.
-        """
-        major, minor = self.major_minor
-        return f"containerd_{major}_{minor}"
-
-    @property
-    def config_version(self) -> int:
-        """
-        The configuration format this containerd reads natively.
-        """
-        return 3 if self.major_minor >= (2, 0) else 2
-
-    @property
-    def publishes_content_create(self) -> bool:
-        """
-        containerd 2.1 added C{/content/create} events, sent as each blob is committed.
-        """
-        return self.major_minor >= (2, 1)
-
-    def check(self) -> None:
-        """
-        @raise ProcessFailed: when the binaries are not there, saying how to build them.
-        """
-        if self.missing is not None:
-            raise ProcessFailed(self.missing)
-
-    def __str__(self) -> str:
-        return f"containerd {self.version}"
-
-
-@functools.lru_cache(maxsize=None)
-def system_containerd() -> ContainerdBuild:
-    """
-    The containerd on C{PATH} (Debian's 1.6), asking it for its version.
-    """
-    try:
-        output = subprocess.run(
-            [CONTAINERD, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
-    except OSError as e:
-        return ContainerdBuild("0.0.0", missing=f"no containerd on PATH ({e}): run bash .ci/setup")
-    match = _VERSION.search(output)
-    if match is None:
-        return ContainerdBuild("0.0.0", missing=f"cannot tell the version of containerd: {output!r}")
-    return ContainerdBuild(".".join(match.groups()))
-
-
-def built_containerd(tool: tools.GoTool) -> ContainerdBuild:
-    """
-    A containerd 2.x from the tools cache, or one that says it is missing.
-    """
-    build = ContainerdBuild(
-        tool.version, containerd=tool.binary("containerd"), ctr=tool.binary("ctr")
-    )
-    if not tool.built():
-        return ContainerdBuild(
-            tool.version,
-            containerd=build.containerd,
-            ctr=build.ctr,
-            missing=f"containerd {tool.version} is not built in {tool.path()}: run bash .ci/setup",
-        )
-    return build
-
-
-def containerd_builds() -> tuple[ContainerdBuild, ...]:
-    """
-    Every containerd the end-to-end tests run against: Debian's, then the 2.x builds.
-    """
-    return (system_containerd(), *(built_containerd(t) for t in tools.CONTAINERD_2))
-
-
-def newest_containerd() -> ContainerdBuild:
-    """
-    The newest containerd that is built, for a demo or a benchmark that runs one.
-    """
-    ready = [b for b in containerd_builds() if b.missing is None]
-    if not ready:
-        return system_containerd()
-    return max(ready, key=lambda b: b.major_minor)
-
-
-_T = TypeVar("_T", bound=type)
-
-
-def per_containerd(template: _T) -> dict[str, _T]:
-    """
-    One subclass of the test case C{template} per containerd (L{containerd_builds}), named
-    C{<template>_containerd_<major>_<minor>} and with C{containerd_build} set, so a test's name
-    says which containerd ran it.  Put them in the module and remove the template, so trial
-    collects each once::
-
-        globals().update(per_containerd(PullTests))
-        del PullTests
-
-    A build that is missing makes its tests fail (L{ContainerdBuild.check}), never skip.
-    """
-    classes = {}
-    for build in containerd_builds():
-        name = f"{template.__name__}_{build.label}"
-        classes[name] = type(
-            name,
-            (template,),
-            {"containerd_build": build, "__module__": template.__module__, "__qualname__": name},
-        )
-    return classes
-
-
-def crictl() -> str:
-    """
-    The path of crictl, built by C{.ci/setup}.
-
-    @raise ProcessFailed: when it is not built.
-    """
-    if not tools.CRICTL.built():
-        raise ProcessFailed(f"crictl is not built in {tools.CRICTL.path()}: run bash .ci/setup")
-    return tools.CRICTL.binary("crictl")
 
 
 def short_tempdir(prefix: str = "sp") -> str:
@@ -353,32 +127,9 @@ class ContainerdDaemon(RunsOneProcess):
 
     def config_text(self) -> str:
         """
-        containerd's configuration, in its version's own format.
+        containerd's configuration, in its version's own format (L{containerd_config}).
         """
-        version = self.build.config_version
-        disabled = list(_DISABLED_PLUGINS)
-        if not self.cri:
-            disabled = list(_CRI_PLUGINS[version]) + disabled
-        text = _COMMON.format(
-            config_version=version,
-            root=self.root,
-            state=self.state,
-            disabled=", ".join(f'"{p}"' for p in disabled),
-            socket=self.socket,
-            ttrpc=self.socket + ".ttrpc",
-            log_level=self.log_level,
-        )
-        text += (_IMAGES_V3 if version == 3 else _IMAGES_V2).format(
-            discard="true" if self.discard_unpacked_layers else "false", hosts_dir=self.hosts_dir
-        )
-        if self.cri:
-            sandbox = f'  sandbox_image = "{self.sandbox_image}"\n' if self.sandbox_image else ""
-            text += (_RUNTIME_V3 if version == 3 else _RUNTIME_V2).format(
-                cni=os.path.join(self.base_dir, "cni"), sandbox=sandbox
-            )
-            if self.sandbox_image and version == 3:
-                text += _SANDBOX_V3.format(image=self.sandbox_image)
-        return text
+        return containerd_config.config_text(self)
 
     def start(self, timeout: float = 20.0) -> None:
         """
@@ -655,6 +406,7 @@ __all__ = [
     "ContainerdBuild",
     "ContainerdDaemon",
     "ProcessFailed",
+    "built_containerd",
     "containerd_builds",
     "crictl",
     "newest_containerd",
