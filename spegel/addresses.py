@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.unit.test_addresses -*-
 """
 The one grammar for hosts, ports and URLs, used by every entry point: the node's flags
-(L{spegel.tap}), the C{spegel} command (L{spegel.cli}, L{spegel.hostsconfig}) and the DHT
-bootstrap (L{spegel.dht.bootstrap}).
+(L{spegel.tap}), the C{spegel} command (L{spegel.cli}, L{spegel.hostsconfig}), the DHT
+bootstrap (L{spegel.dht.bootstrap}) and the registry named in a request's C{?ns=} or an image
+name (L{spegel.oci.parse_registry_host}).
 
   - A B{host} is an IP literal (returned in canonical form: that is how UDP transports report
     a datagram's source, so one address written two ways compares equal) or a DNS name (RFC 1123
@@ -174,6 +175,9 @@ def parse_netloc(text: str) -> str:
     @raise InvalidAddress: naming C{text} and what is wrong with it.
     """
     try:
+        if "/" in text:
+            # A URL (https://docker.io/) or a path where containerd sends the host alone.
+            raise _Why("expected host[:port], without a scheme or a path")
         if text.count(":") > 1 and not text.startswith("["):
             raise _Why("write an IPv6 address in brackets, [address] or [address]:port")
         host, port = _host_port(text)

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 from attrs import field, frozen
 
+from spegel.addresses import InvalidAddress, parse_netloc
+
 # Media types a registry hands out for manifests. containerd stores none for content, so the
 # registry sniffs them from the bytes (see sniff_manifest_media_type).
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -39,12 +41,6 @@ _DIGEST_PATTERNS = {
 _REPOSITORY_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_REPOSITORY_COMPONENT}(?:/{_REPOSITORY_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-# A registry host as containerd sends it in ?ns=: a DNS name or IPv4 address, an optional
-# port, or a bracketed IPv6 literal.
-_REGISTRY_HOST = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
-    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
-)
 MAX_REPOSITORY_LENGTH = 255
 
 
@@ -198,12 +194,17 @@ def parse_tag(text: str) -> str:
 
 def parse_registry_host(text: str) -> str:
     """
-    Validate the registry named by C{?ns=}: a host with an optional port, as containerd sends it.
+    Validate the registry named by C{?ns=} (or by an image name): C{host[:port]} as containerd
+    sends it, by the grammar every entry point shares (L{spegel.addresses.parse_netloc}), so the
+    node refuses what C{spegel configuration} and the flags refuse (port 0, a URL).
 
-    @raise NameInvalid: when it is not one.
+    @return: C{text} as given, not normalised: it must match the image names containerd keeps.
+    @raise NameInvalid: when it is not one, saying why.
     """
-    if len(text) > 255 or not _REGISTRY_HOST.fullmatch(text):
-        raise NameInvalid("invalid registry in ns parameter", {"ns": text[:300]})
+    try:
+        parse_netloc(text)
+    except InvalidAddress as e:
+        raise NameInvalid(f"invalid registry in ns parameter: {e}", {"ns": text[:300]}) from None
     return text
 
 

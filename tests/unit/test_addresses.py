@@ -55,6 +55,11 @@ class NetlocTests(SynchronousTestCase):
         for text in ("", "docker.io:0", "docker.io/", "::1", "a b", "docker.io:"):
             self.assertRaises(InvalidAddress, addresses.parse_netloc, text)
 
+    def test_url_refused_saying_why(self) -> None:
+        for text in ("https://docker.io/", "http://127.0.0.1:5000", "docker.io/library"):
+            e = self.assertRaises(InvalidAddress, addresses.parse_netloc, text)
+            self.assertIn("without a scheme or a path", str(e))
+
 
 class HTTPURLTests(SynchronousTestCase):
     def test_path_allowed(self) -> None:

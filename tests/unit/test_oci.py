@@ -6,7 +6,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import oci
+from spegel import addresses, oci
 
 SHA = "sha256:" + "a" * 64
 
@@ -53,11 +53,35 @@ class ReferenceTests(SynchronousTestCase):
         self.assertRaises(oci.DigestInvalid, oci.parse_reference, "r", "a", "sha256:zz")
 
     def test_registry_host(self) -> None:
-        for good in ["docker.io", "127.0.0.1:5000", "[::1]:5000", "my-registry.example.com"]:
+        for good in ["docker.io", "127.0.0.1:5000", "[::1]:5000", "my-registry.example.com", "Registry.Example"]:
+            # As given, not normalised: it must match the image names containerd keeps.
             self.assertEqual(oci.parse_registry_host(good), good)
-        for bad in ["", "a/b", "a:b:c", "../x", "a b", "x" * 300, "-a.com"]:
+        for bad in ["", "a/b", "a:b:c", "../x", "a b", "x" * 300, "-a.com", "docker.io:65536", "1.2.3.999"]:
             with self.subTest(bad=bad):
                 self.assertRaises(oci.NameInvalid, oci.parse_registry_host, bad)
+
+    def test_registry_host_as_every_entry_point_parses_it(self) -> None:
+        """
+        Port 0 and a URL are refused with the reason, as the flags and C{spegel configuration}
+        refuse them (L{spegel.addresses}).
+        """
+        for bad, reason in [
+            ("docker.io:0", "port must be an integer from 1 to 65535, got 0"),
+            ("127.0.0.1:0", "port must be an integer from 1 to 65535, got 0"),
+            ("https://docker.io/", "without a scheme or a path"),
+            ("https://docker.io", "without a scheme or a path"),
+        ]:
+            with self.subTest(bad=bad):
+                error = self.assertRaises(oci.NameInvalid, oci.parse_registry_host, bad)
+                self.assertIn(reason, error.message)
+                self.assertIn(repr(bad), error.message)
+                self.assertEqual(error.detail, {"ns": bad})
+                with self.assertRaises(addresses.InvalidAddress):
+                    addresses.parse_netloc(bad)
+
+    def test_image_name_with_port_zero_refused(self) -> None:
+        error = self.assertRaises(oci.UnparseableImageName, oci.parse_image_name, "docker.io:0/library/nginx:1")
+        self.assertIn("port must be an integer from 1 to 65535, got 0", str(error))
 
 
 class RangeTests(SynchronousTestCase):

@@ -352,6 +352,17 @@ class BadInputTests(RegistryTestsMixin, SynchronousTestCase):
                 self.assertIn(response.code, statuses, body)
                 self.assertIn("errors", json.loads(body))
 
+    def test_ns_port_zero_or_url_refused(self) -> None:
+        """
+        The registry in C{?ns=} follows the grammar of the flags and C{spegel configuration}:
+        port 0 and a URL get 400 NAME_INVALID saying why.
+        """
+        for ns, reason in (("127.0.0.1%3A0", "from 1 to 65535"), ("https%3A%2F%2Fdocker.io%2F", "without a scheme")):
+            with self.subTest(ns=ns):
+                response, body = self.request("GET", f"/v2/team/app/blobs/{self.blob_digest}?ns={ns}")
+                self.assertOCIError(response, body, 400, "NAME_INVALID")
+                self.assertIn(reason, json.loads(body)["errors"][0]["message"])
+
     def test_unknown_ns_is_filtered(self) -> None:
         response, body = self.request("GET", f"{'/v2/team/app/blobs/'}{self.blob_digest}?ns=quay.io")
         self.assertOCIError(response, body, 404, "NAME_UNKNOWN")
