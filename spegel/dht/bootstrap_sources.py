@@ -35,7 +35,8 @@ from twisted.names import error as dnsError
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from spegel.addresses import InvalidAddress, check_port, ip_literal, is_hostname, parse_http_url
+from spegel.addresses import InvalidAddress, check_port, ip_literal, is_hostname, parse_host, parse_http_url
+from spegel.peerresponse import PeerFailed, discard, read_capped
 
 Address = tuple[str, int]
 """A router's UDP address: (IP literal, port)."""
@@ -209,15 +210,13 @@ class StaticBootstrapper:
             host, port = peer
             what = f"static peer {peer!r}"
             port = _check_port(port, what)
-            canonical = ip_literal(host)
-            if canonical is None:
-                if not is_hostname(host):
-                    raise ValueError(f"{what}: {host!r} is neither an IP address nor a host name")
-                if resolver is None:
-                    raise ValueError(f"{what}: host name {host!r} needs a resolver")
-                checked.append((host.lower(), port))
-            else:
-                checked.append((canonical, port))
+            try:
+                host = parse_host(host)
+            except InvalidAddress as e:
+                raise ValueError(f"{what}: {e}") from None
+            if ip_literal(host) is None and resolver is None:
+                raise ValueError(f"{what}: host name {host!r} needs a resolver")
+            checked.append((host, port))
         self._peers: tuple[Address, ...] = tuple(checked)
         self._resolver = resolver
         self._timeout = timeout
@@ -430,24 +429,18 @@ class HTTPBootstrapper:
         )
         if response.code != 200:
             # The body is not read: close the connection rather than wait for it.
-            response.deliverBody(_Discard())
+            discard(response)
             raise BootstrapHTTPError(
                 f"GET {self._url} answered {response.code}, expected 200", status=response.code
             )
-        chunks: list[bytes] = []
-        received = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal received
-            received += len(data)
-            if received > MAX_BOOTSTRAP_DOCUMENT:
-                raise BootstrapResponseInvalid(
-                    f"GET {self._url}: body larger than {MAX_BOOTSTRAP_DOCUMENT} bytes"
-                )
-            chunks.append(data)
-
-        await treq.collect(response, collect)
-        return b"".join(chunks)
+        try:
+            return await read_capped(response, MAX_BOOTSTRAP_DOCUMENT, what="bootstrap document")
+        except PeerFailed as e:
+            # Too large, or cut short: either way not the document (the timer above covers
+            # a silent peer).
+            raise BootstrapResponseInvalid(
+                f"GET {self._url}: {e} (at most {MAX_BOOTSTRAP_DOCUMENT} bytes)"
+            ) from None
 
 
 def _describe(error: BaseException) -> str:
@@ -463,18 +456,3 @@ def _describe(error: BaseException) -> str:
             if isinstance(reason, Failure)
         ) or type(error).__name__
     return str(error) or type(error).__name__
-
-
-class _Discard:
-    """An IProtocol for a response body nobody wants: stops the transport at once."""
-
-    def makeConnection(self, transport: typing.Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
-

@@ -14,15 +14,16 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.names import dns
 from twisted.names import error as dnsError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -320,7 +321,28 @@ class HTTPBootstrapperTests(SynchronousTestCase):
 
     def test_oversized_body(self) -> None:
         body = self.document(padding="x" * MAX_BOOTSTRAP_DOCUMENT)
-        self.assertInvalid(body, "larger than")
+        self.assertInvalid(body, "too large", str(MAX_BOOTSTRAP_DOCUMENT))
+
+    def test_cut_body(self) -> None:
+        """
+        A body cut short is not the document: the reader says how it failed.
+        """
+        document = self.document()
+
+        class CutResponse:
+            code = 200
+
+            def deliverBody(self, protocol: Any) -> None:
+                protocol.makeConnection(StringTransport())
+                protocol.dataReceived(document[:10])
+                protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost("reset"))])))
+
+        class Cutting:
+            def get(self, url: str, **kwargs: Any) -> Deferred:
+                return succeed(CutResponse())
+
+        failure = self.failureResultOf(HTTPBootstrapper(URL, treq=Cutting()).peers(), BootstrapResponseInvalid)
+        self.assertIn("body failed", str(failure.value))
 
     def test_extra_fields_ignored(self) -> None:
         body = self.document(version=2)
