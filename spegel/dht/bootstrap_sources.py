@@ -434,10 +434,17 @@ class HTTPBootstrapper:
                 f"GET {self._url} answered {response.code}, expected 200", status=response.code
             )
         try:
-            return await read_capped(response, MAX_BOOTSTRAP_DOCUMENT, what="bootstrap document")
+            # The idle timer closes the connection of a peer gone silent mid-body: the timer
+            # in _info fails the request first, but cancelling the read does not stop it.
+            return await read_capped(
+                response,
+                MAX_BOOTSTRAP_DOCUMENT,
+                what="bootstrap document",
+                clock=self._clock,
+                idle_timeout=self._timeout,
+            )
         except PeerFailed as e:
-            # Too large, or cut short: either way not the document (the timer above covers
-            # a silent peer).
+            # Too large, or cut short: either way not the document.
             raise BootstrapResponseInvalid(
                 f"GET {self._url}: {e} (at most {MAX_BOOTSTRAP_DOCUMENT} bytes)"
             ) from None

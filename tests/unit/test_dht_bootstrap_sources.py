@@ -366,6 +366,38 @@ class HTTPBootstrapperTests(SynchronousTestCase):
         self.assertIn("longer than 2.0s", str(failure.value))
         self.assertIsNone(failure.value.status)
 
+    def test_silent_body_connection_closed(self) -> None:
+        """
+        A peer that sends the headers and then nothing fails the request at the timeout, and
+        its connection is closed rather than left open for as long as the peer likes.
+        """
+        transport = StringTransport()
+
+        class SilentBody:
+            code = 200
+
+            def deliverBody(self, protocol: Any) -> None:
+                protocol.makeConnection(transport)
+
+        headers: Deferred[SilentBody] = Deferred()
+
+        class Answering:
+            def get(self, url: str, **kwargs: Any) -> Deferred:
+                return headers
+
+        clock = Clock()
+        peers = HTTPBootstrapper(URL, treq=Answering(), clock=clock, timeout=2.0).peers()
+        clock.advance(0.5)
+        headers.callback(SilentBody())
+        self.assertEqual(transport.producerState, "producing")
+        clock.advance(1.5)
+        failure = self.failureResultOf(peers, BootstrapHTTPError)
+        self.assertIn("longer than 2.0s", str(failure.value))
+        # Closed by now at the latest: the reader's idle timer.
+        clock.advance(0.5)
+        self.assertEqual(transport.producerState, "stopped")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_timer_cancelled_after_answer(self) -> None:
         clock = Clock()
         info = BootstrapInfo(node_id=NODE_ID, host="10.0.0.9", port=5001)
