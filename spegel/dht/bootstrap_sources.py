@@ -445,9 +445,7 @@ class HTTPBootstrapper:
             )
         except PeerFailed as e:
             # Too large, or cut short: either way not the document.
-            raise BootstrapResponseInvalid(
-                f"GET {self._url}: {e} (at most {MAX_BOOTSTRAP_DOCUMENT} bytes)"
-            ) from None
+            raise BootstrapResponseInvalid(f"GET {self._url}: {e}") from None
 
 
 def _describe(error: BaseException) -> str:
