@@ -10,6 +10,9 @@ from this process and containerd's Read API must serve it.
 
 Both are push producers registered on the request: the transport pauses them when its buffer
 fills and resumes them when it drains, so a slow client slows the reads and memory stays flat.
+Both also ask a pacer (L{spegel.pacing.IPacer}) before each chunk or sendfile call; a body sent
+to a peer under C{--max-upload-rate} is paced by the node's token bucket, and waits for its
+tokens the way it waits for a full socket: it stops producing until called back.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from twisted.python.failure import Failure
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from spegel.pacing import UNPACED, IPacer
 
 # Userland chunk size: large enough to amortise Python overhead, small enough to stay flat.
 READ_CHUNK = 256 * 1024
@@ -83,6 +88,9 @@ class FileBodyProducer:
     when the last byte was handed to the transport, and fails with L{BodyInterrupted} when the
     connection goes away first.
 
+    Every sendfile call and every chunk is reserved from C{pacer} first: with a cap, sendfile
+    moves at most what the cap allows, so the bytes stay zero-copy and paced at once.
+
     How sendfile and Twisted's buffered writes are interleaved: whenever Twisted's buffer is
     empty, C{os.sendfile} writes straight to the socket until the kernel's send buffer is full
     (C{EAGAIN}) or the turn's budget is spent; then one chunk a little larger than the
@@ -100,14 +108,18 @@ class FileBodyProducer:
         *,
         allow_sendfile: bool = True,
         on_bytes: Callable[[int], None] = lambda n: None,
+        pacer: IPacer = UNPACED,
     ):
         self._request = request
         self._fd = fd
         self._offset = offset
         self._remaining = length
         self._on_bytes = on_bytes
+        self._pacer = pacer
         self._socket_fd = _plain_tcp_socket_fd(request) if allow_sendfile else None
         self._paused = False
+        # Waiting for the pacer's tokens, as _paused is waiting for the transport to drain.
+        self._throttled = False
         self._producing = False
         self._done: Deferred[None] = Deferred(self._cancel)
         self.bytes_by_sendfile = 0
@@ -153,18 +165,28 @@ class FileBodyProducer:
         finally:
             self._producing = False
 
+    def _unthrottled(self) -> None:
+        self._throttled = False
+        self._produce()
+
+    def _throttle(self) -> None:
+        self._throttled = True
+        self._pacer.wait(self._unthrottled)
+
     def _produce_until_paused(self) -> None:
         budget = SENDFILE_TURN_BUDGET
         transport = getattr(getattr(self._request, "channel", None), "transport", None)
-        while not self._paused and self._remaining > 0 and not self._done.called:
+        while not self._paused and not self._throttled and self._remaining > 0 and not self._done.called:
             if (
                 self._socket_fd is not None
                 and budget > 0
+                # The headers go by the first write (in start, unless the pacer held it back).
+                and self._request.startedWriting
                 and transport_buffer_empty(transport)
             ):
                 sent = self._sendfile(min(self._remaining, budget))
                 budget -= sent
-                if self._remaining == 0:
+                if self._remaining == 0 or self._throttled:
                     break
                 if sent > 0 and budget > 0:
                     continue
@@ -178,13 +200,34 @@ class FileBodyProducer:
             self._finish(None)
 
     def _write_chunk(self, size: int) -> None:
-        data = os.pread(self._fd, min(size, self._remaining), self._offset)
+        granted = self._pacer.take(min(size, self._remaining))
+        if not granted:
+            self._throttle()
+            return
+        try:
+            data = os.pread(self._fd, granted, self._offset)
+        except OSError:
+            self._pacer.give_back(granted)
+            raise
+        self._pacer.give_back(granted - len(data))
         if not data:
             raise OSError(errno.EIO, "file ended before the expected length")
         self._advance(len(data))
         self._request.write(data)
 
     def _sendfile(self, count: int) -> int:
+        granted = self._pacer.take(count)
+        if not granted:
+            self._throttle()
+            return 0
+        sent = 0
+        try:
+            sent = self._sendfile_granted(granted)
+        finally:
+            self._pacer.give_back(granted - sent)
+        return sent
+
+    def _sendfile_granted(self, count: int) -> int:
         try:
             sent = os.sendfile(self._socket_fd, self._fd, self._offset, count)  # type: ignore[arg-type]
         except BlockingIOError:
@@ -216,6 +259,7 @@ class FileBodyProducer:
             return
         os.close(self._fd)
         self._fd = -1
+        self._pacer.stop()
         if self._request.producer is self:
             self._request.unregisterProducer()
         if fire and not self._done.called:
@@ -232,7 +276,8 @@ class ChunkedReadProducer:
     (which returns a L{Deferred} of at most C{size} bytes), as the body of C{request}.
 
     Only one read is in flight at a time and none starts while the transport has paused us,
-    so memory holds at most one chunk per response.
+    so memory holds at most one chunk per response. Each read is as large as C{pacer} allows
+    (its bytes are reserved before the read starts), and none starts while it holds us back.
     """
 
     def __init__(
@@ -244,6 +289,7 @@ class ChunkedReadProducer:
         *,
         chunk_size: int = 1024 * 1024,
         on_bytes: Callable[[int], None] = lambda n: None,
+        pacer: IPacer = UNPACED,
     ):
         self._request = request
         self._read = read
@@ -251,8 +297,12 @@ class ChunkedReadProducer:
         self._remaining = length
         self._chunk_size = chunk_size
         self._on_bytes = on_bytes
+        self._pacer = pacer
         self._paused = False
+        self._throttled = False
         self._reading: Deferred[bytes] | None = None
+        # Bytes reserved from the pacer for the read in flight.
+        self._reserved = 0
         self._done: Deferred[None] = Deferred(lambda d: self._stop(None, fire=False))
 
     def start(self) -> Deferred[None]:
@@ -275,13 +325,29 @@ class ChunkedReadProducer:
         self._stop(Failure(BodyInterrupted("the client went away")))
 
     def _read_next(self) -> None:
-        if self._paused or self._done.called or self._remaining == 0:
+        if self._paused or self._throttled or self._done.called or self._remaining == 0:
             return
-        reading = self._reading = self._read(self._offset, min(self._chunk_size, self._remaining))
+        size = self._pacer.take(min(self._chunk_size, self._remaining))
+        if not size:
+            self._throttled = True
+            self._pacer.wait(self._unthrottled)
+            return
+        self._reserved = size
+        reading = self._reading = self._read(self._offset, size)
         reading.addCallbacks(self._got_chunk, self._read_failed)
+
+    def _unthrottled(self) -> None:
+        self._throttled = False
+        if self._reading is None:
+            self._read_next()
+
+    def _unreserve(self, sent: int) -> None:
+        reserved, self._reserved = self._reserved, 0
+        self._pacer.give_back(reserved - sent)
 
     def _got_chunk(self, data: bytes) -> None:
         self._reading = None
+        self._unreserve(len(data) if len(data) <= self._reserved else 0)
         if self._done.called:
             return
         if not data or len(data) > self._remaining:
@@ -298,15 +364,18 @@ class ChunkedReadProducer:
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = None
+        self._unreserve(0)
         if not self._done.called and not failure.check(CancelledError):
             self._stop(Failure(BodyInterrupted(f"reading the content failed: {failure.value}")))
 
     def _stop(self, result: Failure | None, fire: bool = True) -> None:
         if self._request.producer is self:
             self._request.unregisterProducer()
+        self._pacer.stop()
         if self._reading is not None:
             reading, self._reading = self._reading, None
             reading.cancel()
+            self._unreserve(0)
         if fire and not self._done.called:
             if result is None:
                 self._done.callback(None)

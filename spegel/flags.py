@@ -33,6 +33,12 @@ T = TypeVar("T")
 
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A byte rate: a number, a decimal (k, M, G: powers of 1000) or binary (Ki, Mi, Gi: of 1024)
+# multiplier, an optional B, an optional /s.  Bits are not taken: a lower-case b is refused.
+_BYTE_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(k|K|M|G|Ki|Mi|Gi)?B?(?:/s)?")
+_BYTE_MULTIPLIERS = {
+    None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3,
+}
 _TRUE = frozenset({"true", "t", "yes", "y", "on", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "off", "0"})
 
@@ -59,6 +65,31 @@ def parse_duration(text: str) -> float:
     if not text or position != len(text):
         raise ValueError(f"{text!r} is not a duration such as 20ms, 1.5s or 1m30s")
     return total
+
+
+def byte_rate(minimum: float) -> Callable[[str], float]:
+    """
+    A converter for a rate in bytes per second (C{100MiB}, C{12.5MB/s}, C{1Gi}, C{500000}):
+    C{0} for none, else at least C{minimum}.
+
+    Kept by hand, like L{parse_duration}: the chart's values schema checks the same grammar
+    with a regular expression, which a lenient library's (humanfriendly's) could not match.
+    """
+
+    def convert(text: str) -> float:
+        match = _BYTE_RATE.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(
+                f"{text!r} is not a rate in bytes per second such as 100MiB, 12.5MB/s or 0 "
+                "(units k, M, G or Ki, Mi, Gi, then an optional B and /s)"
+            )
+        rate = float(match.group(1)) * _BYTE_MULTIPLIERS[match.group(2)]
+        if 0 < rate < minimum:
+            raise ValueError(f"{text!r} is below the lowest cap, {minimum / 1024:g}KiB/s (0: no cap)")
+        return rate
+
+    convert.coerceDoc = "Bytes per second such as 100MiB or 12.5MB/s; 0: none."  # type: ignore[attr-defined]
+    return convert
 
 
 def parse_bool(text: str) -> bool:

@@ -80,6 +80,15 @@ uploads_refused_total = Counter(
     "spegel_uploads_refused_total",
     "Peer blob requests answered 429 because --max-uploads were being served.",
 )
+uploaded_bytes_total = Counter(
+    "spegel_uploaded_bytes_total",
+    "Blob body bytes this node sent to peers (a part of spegel_served_bytes_total{source=\"local\"}).",
+)
+upload_throttled_seconds_total = Counter(
+    "spegel_upload_throttled_seconds_total",
+    "Time during which uploads to peers waited for --max-upload-rate: a node whose cap, not "
+    "its peers, sets the pace of the uploads.",
+)
 digest_mismatches_total = Counter(
     "spegel_digest_mismatches_total",
     "Bytes from a peer that did not match their digest; the copy was aborted.",

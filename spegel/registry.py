@@ -53,6 +53,7 @@ from spegel.oci import (
 )
 from spegel.content import BlobContent
 from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
+from spegel.pacing import UNPACED, IPacer
 from spegel.uploads import RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
 from spegel.responses import (
     abort_response,
@@ -253,19 +254,24 @@ class RegistryResource:
             # At once, before any blob header: the asking mirror tries another holder.
             request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
             raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
+        # Only uploads share the cap (--max-upload-rate): this node's containerd is never held back.
+        pacer = self._uploads.pacer() if upload else UNPACED
         try:
-            return await self._send_blob(request, found, byte_range)
+            return await self._send_blob(request, found, byte_range, pacer, upload)
         finally:
             if upload:
+                pacer.stop()
                 self._uploads.give_back()
 
-    async def _send_blob(self, request: Request, found: BlobContent, byte_range: ByteRange | None) -> bytes | None:
+    async def _send_blob(
+        self, request: Request, found: BlobContent, byte_range: ByteRange | None, pacer: IPacer, upload: bool
+    ) -> bytes | None:
         set_blob_headers(request, found.digest, found.size, byte_range)
         if request.method == b"HEAD":
             return b""
         first = byte_range.first if byte_range else 0
         length = byte_range.length if byte_range else found.size
-        served = metrics.served_bytes_total.labels("local").inc
+        served = self._uploads.sent if upload else metrics.served_bytes_total.labels("local").inc
         producer: FileBodyProducer | ChunkedReadProducer | None = None
         if found.path is not None:
             try:
@@ -274,7 +280,7 @@ class RegistryResource:
                 self._log.warn("cannot open {path}, reading through containerd: {e}",
                                path=found.path, e=e)
             else:
-                producer = FileBodyProducer(request, fd, first, length, on_bytes=served)
+                producer = FileBodyProducer(request, fd, first, length, on_bytes=served, pacer=pacer)
         if producer is None:
             producer = ChunkedReadProducer(
                 request,
@@ -282,6 +288,7 @@ class RegistryResource:
                 first,
                 length,
                 on_bytes=served,
+                pacer=pacer,
             )
         try:
             await producer.start()

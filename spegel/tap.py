@@ -30,6 +30,7 @@ from twisted.web.server import Site
 from spegel import flags
 from spegel.addresses import ListenAddress, parse_host_port, parse_http_url
 from spegel.registry import RegistryFilter
+from spegel.pacing import MIN_RATE, TokenBucket
 from spegel.uploads import UploadSlots
 
 _log = Logger()
@@ -66,6 +67,7 @@ class NodeConfig:
     mirror_coalesce_timeout: float
     mirror_resolve_retries: int
     max_uploads: int
+    max_upload_rate: float
     log_level: LogLevel
     bootstrap_kind: str | None
     static_bootstrap_peers: tuple[tuple[str, int], ...]
@@ -180,6 +182,14 @@ class Options(flags.CommandOptions):
             "(429) at once. 0: no limit.",
             flags.whole_number(0, 10_000, " (0: no limit)"),
         ),
+        _parameter(
+            "max-upload-rate",
+            "0",
+            "Bytes per second the blob bodies served to peers may take together, e.g. 100MiB or "
+            "12.5MB/s (k, M, G: powers of 1000; Ki, Mi, Gi: of 1024); the node's own containerd "
+            "is not held back. 0: no cap.",
+            flags.byte_rate(MIN_RATE),
+        ),
         _parameter("log-level", "info", "debug, info, warn or error.", flags.Choice(LOG_LEVELS, fold_case=True)),
         _parameter(
             "bootstrap-kind",
@@ -275,6 +285,7 @@ class Options(flags.CommandOptions):
             mirror_coalesce_timeout=self["mirror-coalesce-timeout"],
             mirror_resolve_retries=self["mirror-resolve-retries"],
             max_uploads=self["max-uploads"],
+            max_upload_rate=self["max-upload-rate"],
             log_level=self["log-level"],
             bootstrap_kind=kind,
             static_bootstrap_peers=self["static-bootstrap-peers"],
@@ -390,7 +401,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config.registry_filter,
         ready=lambda: router.ready,
         mirror=mirror,
-        uploads=UploadSlots(config.max_uploads),
+        uploads=UploadSlots(
+            config.max_uploads,
+            bandwidth=TokenBucket(reactor, config.max_upload_rate) if config.max_upload_rate else None,
+        ),
     )
     _listen(
         reactor, config.registry_addr, make_site(registry.resource(), reactor=reactor, connections_per_client=config.registry_connections_per_client),

@@ -14,6 +14,9 @@ and the load spreads over the swarm.
 Every blob answer to a peer also carries C{Spegel-Uploads: <active>/<limit>}, so the asking node
 prefers idle holders (L{spegel.selection.PeerLoad}).  The value is advice, not trusted: a node
 lying about it can only attract or repel requests it could refuse anyway.
+
+With C{--max-upload-rate} the uploads also share a bandwidth cap (L{spegel.pacing.TokenBucket}):
+each gets its pacer here, L{UploadSlots.pacer}.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from attrs import define
 
 from spegel import metrics
+from spegel.pacing import UNPACED, IPacer, TokenBucket
 
 UPLOADS_HEADER = "Spegel-Uploads"
 # What a busy node asks a peer to wait before asking again: short, as uploads of layers finish
@@ -33,10 +37,12 @@ class UploadSlots:
     """
     @ivar limit: blob bodies served to peers at once; 0: no limit.
     @ivar active: those being served now.
+    @ivar bandwidth: the cap they share (C{--max-upload-rate}); L{None}: no cap.
     """
 
     limit: int = 0
     active: int = 0
+    bandwidth: TokenBucket | None = None
 
     def take(self) -> bool:
         """
@@ -52,6 +58,19 @@ class UploadSlots:
     def give_back(self) -> None:
         self.active -= 1
         metrics.uploads_active.set(self.active)
+
+    def sent(self, count: int) -> None:
+        """
+        Count C{count} body bytes sent to a peer: served from local content, and uploaded.
+        """
+        metrics.served_bytes_total.labels("local").inc(count)
+        metrics.uploaded_bytes_total.inc(count)
+
+    def pacer(self) -> IPacer:
+        """
+        How fast one more upload may go: its share of L{bandwidth}.
+        """
+        return self.bandwidth.upload() if self.bandwidth is not None else UNPACED
 
     def header_value(self) -> str:
         """C{active/limit} (C{active/0} without a limit), for L{UPLOADS_HEADER}."""
