@@ -347,7 +347,7 @@ class ChunkedReadProducer:
 
     def _got_chunk(self, data: bytes) -> None:
         self._reading = None
-        self._unreserve(len(data) if len(data) <= self._reserved else 0)
+        self._unreserve(min(len(data), self._reserved))
         if self._done.called:
             return
         if not data or len(data) > self._remaining:

@@ -29,8 +29,8 @@ from twisted.web.server import Site
 
 from spegel import flags
 from spegel.addresses import ListenAddress, parse_host_port, parse_http_url
-from spegel.registry import RegistryFilter
 from spegel.pacing import MIN_RATE, TokenBucket
+from spegel.registry import RegistryFilter
 from spegel.uploads import UploadSlots
 
 _log = Logger()
