@@ -92,6 +92,21 @@ def byte_rate(minimum: float) -> Callable[[str], float]:
     return convert
 
 
+_SIZE = re.compile(r"([0-9]+)(Ki|Mi|Gi)?")
+_SIZE_UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a size in bytes written as Kubernetes quantities are (C{32Mi}, C{512Ki}, C{1Gi}, or
+    plain bytes).
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size such as 32Mi, 512Ki or 1048576")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
 def parse_bool(text: str) -> bool:
     """
     Parse the value of a boolean flag written C{--flag=true} or C{--flag=false}, as the
@@ -196,6 +211,7 @@ def non_empty(text: str) -> str:
 
 
 parse_duration.coerceDoc = "A duration such as 20ms, 1.5s or 1m30s."  # type: ignore[attr-defined]
+parse_size.coerceDoc = "A size such as 32Mi, 512Ki, 1Gi or bytes."  # type: ignore[attr-defined]
 parse_bool.coerceDoc = "true or false."  # type: ignore[attr-defined]
 parse_listen_address.coerceDoc = "[host]:port"  # type: ignore[attr-defined]
 

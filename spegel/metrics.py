@@ -106,3 +106,26 @@ peer_failures_total = Counter(
     "cut mid-way), digest (the bytes, or the digest announced, did not match).",
     ("reason",),
 )
+mirror_parallel_copies_total = Counter(
+    "spegel_mirror_parallel_copies_total",
+    "Large blobs fetched from several peers at once, in pieces (--mirror-parallel-min-size).",
+)
+mirror_pieces_fetched_total = Counter(
+    "spegel_mirror_pieces_fetched_total",
+    "Pieces of blobs fetched from several peers at once that were completed.",
+)
+mirror_pieces_stolen_total = Counter(
+    "spegel_mirror_pieces_stolen_total",
+    "Pieces whose rest an idle peer fetched because the peer fetching them was much slower, by "
+    "event: started (a steal began), thief_won (the idle peer finished first), owner_won (the "
+    "slow peer did).",
+    ("event",),
+)
+mirror_piece_refetches_total = Counter(
+    "spegel_mirror_piece_refetches_total",
+    "Pieces whose rest was fetched again from another peer, by why: busy (429), gone (404/416), "
+    "status (a 200 for a range, another range, another status), short (the body ended early), "
+    "too_long (more bytes than asked), stall (silent for the idle timeout mid-piece), connect "
+    "(no response headers: refused, unreachable, past the deadline).",
+    ("reason",),
+)

@@ -12,7 +12,9 @@ ones), which the registry writes. The mirror never sees the client's request:
     matches, so a client never receives every byte of wrong content; manifests are small, so
     they are read whole, checked, and only then handed over;
   - resumed: when a peer fails midway, the copy continues on the next provider with a Range
-    request, and the client never notices.
+    request, and the client never notices;
+  - parallel: a large blob with several holders at hand is fetched in pieces from several of
+    them at once (L{spegel.piecewise}), in order, verified the same way.
 
 A peer that sends wrong bytes, or fails, is put aside for a while.
 """
@@ -55,6 +57,7 @@ from spegel.peerresponse import (
     spool,
 )
 from spegel.hedging import HedgedRace
+from spegel.piecewise import ParallelCopy, window_for
 from spegel.selection import (
     Budget,
     LatencyTracker,
@@ -95,6 +98,12 @@ class Mirror:
         every byte through Python.
     @param coalescer: on a manifest miss, waits for another node's upstream pull of it, or says
         that this node's containerd is about to pull it (L{spegel.coalesce}); L{None}: off.
+    @param parallel_min_size: whole blobs this large or larger are fetched in pieces from up to
+        C{parallel_peers} holders at once, when more than one is at hand; 0: never.
+    @param parallel_peers: at most this many peers fetch pieces of one blob at once.
+    @param piece_size: bytes per piece.
+    @param parallel_window: pieces fetched ahead of the client (so in memory at most); L{None}:
+        twice C{parallel_peers}, within L{spegel.piecewise.WINDOW_BYTES}.
     """
 
     _log = Logger()
@@ -115,6 +124,10 @@ class Mirror:
         pick: Callable[[int], int] = random.randrange,
         splice: SpliceRelaying | None = None,
         coalescer: PullCoalescer | None = None,
+        parallel_min_size: int = 32 * 1024 * 1024,
+        parallel_peers: int = 4,
+        piece_size: int = 8 * 1024 * 1024,
+        parallel_window: int | None = None,
     ):
         self._clock = clock
         self._router = router
@@ -129,6 +142,10 @@ class Mirror:
         self._spool_dir = spool_dir
         self._splice = splice
         self._coalescer = coalescer
+        self._parallel_min_size = parallel_min_size
+        self._parallel_peers = parallel_peers
+        self._piece_size = piece_size
+        self._parallel_window = parallel_window or window_for(parallel_peers, piece_size)
 
     # IMirror ---------------------------------------------------------------------------------
 
@@ -185,6 +202,15 @@ class Mirror:
                     if body is None:
                         continue
                     return Upstream(200, forwarded_headers(response.headers, response.length), body)
+                if self._parallel(response, byte_range, providers):
+                    pieces = ParallelCopy(
+                        self._clock, upstream, digest, PeerSession(self._peers, providers, path),
+                        size=response.length, piece_size=self._piece_size, parallel=self._parallel_peers,
+                        window=self._parallel_window, idle_timeout=self._idle_timeout,
+                        max_failures=self._retries + self._parallel_peers, on_complete=self._succeeded,
+                    )
+                    handed_over = True
+                    return Upstream(200, forwarded_headers(response.headers, pieces.length), pieces)
                 copy = BlobCopy(
                     self._clock, upstream, digest, PeerSession(self._peers, providers, path),
                     max_resumes=self._retries, idle_timeout=self._idle_timeout, splice=self._splice,
@@ -195,6 +221,21 @@ class Mirror:
         finally:
             if not handed_over:
                 providers.close()
+
+    def _parallel(self, response: Any, byte_range: str | None, providers: ProviderQueue) -> bool:
+        """
+        Whether to fetch this answer's blob in pieces from several holders: a whole blob (the
+        client asked for no range), large enough, with another holder at hand besides the winner.
+        """
+        return (
+            self._parallel_min_size > 0
+            and self._parallel_peers > 1
+            and byte_range is None
+            and response.code == 200
+            and response.length is not None
+            and response.length >= self._parallel_min_size
+            and providers.has_ready()
+        )
 
     # Bodies ----------------------------------------------------------------------------------
 

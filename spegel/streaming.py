@@ -122,7 +122,7 @@ class BlobCopy:
         self._held = b""
         self._paused = False
         self._request: Request | None = None
-        self._body: _BodyReader | None = None
+        self._body: BodyReader | None = None
         self._relay: relay.SpliceRelay | None = None
         self._done: Deferred[None] = Deferred()
         self._resumes = 0
@@ -170,7 +170,7 @@ class BlobCopy:
 
     def _read(self, upstream: PeerResponse) -> None:
         self._upstream = upstream
-        body = self._body = _BodyReader(self._clock, self._idle_timeout, self._data, self._ended)
+        body = self._body = BodyReader(self._clock, self._idle_timeout, self._data, self._ended)
         # Whatever body bytes came with the headers arrive in here, synchronously.
         upstream.response.deliverBody(body)
         if self._done.called or self._body is not body:
@@ -181,7 +181,7 @@ class BlobCopy:
             body.pause()
 
     # The rest of the body by splice (spegel.relay), when both ends are plain TCP.
-    def _may_splice(self, body: _BodyReader) -> bool:
+    def _may_splice(self, body: BodyReader) -> bool:
         """
         Whether the rest of C{body} may go by splice; if so, the take-over is on its way.
 
@@ -197,13 +197,13 @@ class BlobCopy:
         splicing.reactor.callLater(0, self._take_over, body)
         return True
 
-    def _take_over(self, body: _BodyReader) -> None:
+    def _take_over(self, body: BodyReader) -> None:
         if self._done.called or self._body is not body:
             return
         if not self._splice(body) and not self._paused:
             body.resume()
 
-    def _splice(self, body: _BodyReader) -> bool:
+    def _splice(self, body: BodyReader) -> bool:
         splicing = self._splicing
         assert splicing is not None and self._request is not None
         left = self._expected - self._received
@@ -373,10 +373,10 @@ class BlobCopy:
             self._done.errback(PeerFailed("no provider left to resume the copy"))
 
 
-class _BodyReader(Protocol, TimeoutMixin):
+class BodyReader(Protocol, TimeoutMixin):
     """
-    Receives a peer's response body for L{BlobCopy}; fails it when the peer goes silent while
-    not paused.
+    Receives a peer's response body for L{BlobCopy} (and each piece of a
+    L{spegel.piecewise.ParallelCopy}); fails it when the peer goes silent while not paused.
     """
 
     def __init__(

@@ -66,6 +66,8 @@ class NodeConfig:
     mirror_resolve_timeout: float
     mirror_coalesce_timeout: float
     mirror_resolve_retries: int
+    mirror_parallel_min_size: int
+    mirror_parallel_peers: int
     max_uploads: int
     max_upload_rate: float
     log_level: LogLevel
@@ -176,6 +178,19 @@ class Options(flags.CommandOptions):
         ),
         _parameter("mirror-resolve-retries", "3", "How many peers to try for one request.", flags.whole_number(1, 100)),
         _parameter(
+            "mirror-parallel-min-size",
+            "32Mi",
+            "Blobs this large or larger are fetched in pieces from several holders at once, when "
+            "more than one is found (0: always from one).",
+            flags.parse_size,
+        ),
+        _parameter(
+            "mirror-parallel-peers",
+            "4",
+            "At most this many holders send pieces of one blob at once (1: one holder per blob).",
+            flags.whole_number(1, 64),
+        ),
+        _parameter(
             "max-uploads",
             "0",
             "Blob bodies served to peers at once; the next peer is told to ask another holder "
@@ -284,6 +299,8 @@ class Options(flags.CommandOptions):
             mirror_resolve_timeout=self["mirror-resolve-timeout"],
             mirror_coalesce_timeout=self["mirror-coalesce-timeout"],
             mirror_resolve_retries=self["mirror-resolve-retries"],
+            mirror_parallel_min_size=self["mirror-parallel-min-size"],
+            mirror_parallel_peers=self["mirror-parallel-peers"],
             max_uploads=self["max-uploads"],
             max_upload_rate=self["max-upload-rate"],
             log_level=self["log-level"],
@@ -386,6 +403,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         resolve_timeout=config.mirror_resolve_timeout,
         retries=config.mirror_resolve_retries,
         splice=splice,
+        parallel_min_size=config.mirror_parallel_min_size,
+        parallel_peers=config.mirror_parallel_peers,
         coalescer=(
             PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout)
             if config.mirror_coalesce_timeout > 0

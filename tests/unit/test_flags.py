@@ -100,6 +100,19 @@ class NodeListTests(SynchronousTestCase):
         self.assertEqual(options.node.static_bootstrap_peers, (("10.0.0.1", 5001), ("fd00::2", 5001)))
 
 
+class SizeTests(SynchronousTestCase):
+    def test_units(self) -> None:
+        self.assertEqual(flags.parse_size("0"), 0)
+        self.assertEqual(flags.parse_size("1048576"), 1 << 20)
+        self.assertEqual(flags.parse_size("512Ki"), 512 << 10)
+        self.assertEqual(flags.parse_size("32Mi"), 32 << 20)
+        self.assertEqual(flags.parse_size("2Gi"), 2 << 30)
+
+    def test_bad(self) -> None:
+        for text in ("", "32MB", "-1", "1.5Gi", "Mi"):
+            self.assertRaises(ValueError, flags.parse_size, text)
+
+
 class DurationTests(SynchronousTestCase):
     def test_compound(self) -> None:
         self.assertAlmostEqual(flags.parse_duration("1h2m3.5s"), 3723.5)

@@ -72,6 +72,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertAlmostEqual(node.mirror_resolve_timeout, 0.1)
         self.assertEqual(node.mirror_coalesce_timeout, 5.0)
         self.assertEqual(node.mirror_resolve_retries, 3)
+        self.assertEqual(node.mirror_parallel_min_size, 32 * 1024 * 1024)
+        self.assertEqual(node.mirror_parallel_peers, 4)
         self.assertEqual(node.registry_listen_backlog, 1024)
         self.assertEqual(node.log_level, LogLevel.info)
         self.assertIsNone(node.bootstrap_kind)
@@ -84,6 +86,8 @@ class OptionsTests(SynchronousTestCase):
             "--mirror-resolve-timeout", "50ms",
             "--mirror-resolve-retries", "5",
             "--mirror-coalesce-timeout", "1m30s",
+            "--mirror-parallel-min-size", "1Gi",
+            "--mirror-parallel-peers", "8",
             "--log-level", "debug",
             "--bootstrap-kind", "static",
             "--static-bootstrap-peers", "127.0.0.1:5001,127.0.0.2:5001",
@@ -95,6 +99,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(node.static_bootstrap_peers, (("127.0.0.1", 5001), ("127.0.0.2", 5001)))
         self.assertEqual(node.mirror_resolve_retries, 5)
         self.assertEqual(node.mirror_coalesce_timeout, 90.0)
+        self.assertEqual(node.mirror_parallel_min_size, 1 << 30)
+        self.assertEqual(node.mirror_parallel_peers, 8)
         self.assertEqual(node.log_level, LogLevel.debug)
         # The filters act as configured.
         node.registry_filter.check(Reference("docker.io", "library/nginx", tag="1.25"))
@@ -133,6 +139,8 @@ class OptionsTests(SynchronousTestCase):
             (["--mirror-resolve-timeout", "fast"], "--mirror-resolve-timeout"),
             (["--mirror-coalesce-timeout", "forever"], "--mirror-coalesce-timeout"),
             (["--mirror-resolve-retries", "0"], "--mirror-resolve-retries"),
+            (["--mirror-parallel-min-size", "32MB"], "--mirror-parallel-min-size"),
+            (["--mirror-parallel-peers", "0"], "--mirror-parallel-peers"),
             (["--mirrored-registries", "docker.io"], "--mirrored-registries"),
             (["--registry-filters", "(unclosed"], "--registry-filters"),
             (["--log-level", "loud"], "--log-level"),
