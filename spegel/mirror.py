@@ -57,7 +57,8 @@ from spegel.peerresponse import (
     spool,
 )
 from spegel.hedging import HedgedRace
-from spegel.piecewise import ParallelCopy, window_for
+from spegel.piecewise import ParallelCopy
+from spegel.pieces import window_for
 from spegel.selection import (
     Budget,
     LatencyTracker,
@@ -103,7 +104,7 @@ class Mirror:
     @param parallel_peers: at most this many peers fetch pieces of one blob at once.
     @param piece_size: bytes per piece.
     @param parallel_window: pieces fetched ahead of the client (so in memory at most); L{None}:
-        twice C{parallel_peers}, within L{spegel.piecewise.WINDOW_BYTES}.
+        twice C{parallel_peers}, within L{spegel.pieces.WINDOW_BYTES}.
     """
 
     _log = Logger()

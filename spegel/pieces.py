@@ -27,6 +27,43 @@ STEAL_MIN_BYTES = 256 * 1024
 RATE_MIN_SECONDS = 0.25
 
 
+# What one copy may hold in memory ahead of its client, at most: the window is twice as many
+# pieces as peers fetch at once (each peer has its next piece to go on with while the client
+# reads), within this.  At the defaults (4 peers, 8 MiB pieces) that is all of it; more peers
+# get no larger a window, so the pieces never need a spill file.
+WINDOW_BYTES = 64 * 1024 * 1024
+
+
+def window_for(parallel: int, piece_size: int) -> int:
+    """Pieces fetched ahead of the client (counting the one it reads) for C{parallel} peers."""
+    return max(2, min(2 * parallel, WINDOW_BYTES // piece_size))
+
+
+# Why the rest of a piece was fetched again from another peer (spegel_mirror_piece_refetches_total).
+BUSY = "busy"  # the peer answered 429
+GONE = "gone"  # the peer answered 404/416: it no longer holds the blob
+WRONG_ANSWER = "status"  # a 200 for a range, another range, another status
+SHORT = "short"  # the body ended before the range did
+TOO_LONG = "too_long"  # more bytes than the range asked
+STALL = "stall"  # silent for the idle timeout mid-piece
+FAILED_TO_ASK = "connect"  # no response headers: refused, unreachable, or past the deadline
+REFETCH_REASONS = (BUSY, GONE, WRONG_ANSWER, SHORT, TOO_LONG, STALL, FAILED_TO_ASK)
+
+
+class PieceDropped(Exception):
+    """
+    A fetcher's peer is of no more use to this copy.
+
+    @ivar refetch: why its piece is fetched elsewhere (L{REFETCH_REASONS}).
+    @ivar peer_reason: why the peer is put aside (L{spegel.peerresponse}), L{None}: it is not.
+    """
+
+    def __init__(self, why: str, refetch: str, peer_reason: str | None):
+        super().__init__(why)
+        self.refetch = refetch
+        self.peer_reason = peer_reason
+
+
 @define(eq=False)
 class Piece:
     """

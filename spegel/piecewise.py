@@ -45,48 +45,25 @@ from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
 from spegel.oci import hashed_digest, new_hasher
 from spegel.peerresponse import BODY, CONNECT, DIGEST, STATUS, PeerFailed, PeerResponse, describe, discard, span
-from spegel.pieces import Attempt, Fetcher, Piece, choose, split
+from spegel.pieces import (
+    BUSY,
+    FAILED_TO_ASK,
+    GONE,
+    SHORT,
+    STALL,
+    TOO_LONG,
+    WRONG_ANSWER,
+    Attempt,
+    Fetcher,
+    Piece,
+    PieceDropped,
+    choose,
+    split,
+)
 from spegel.streaming import BodyReader, PeerSource
-
-# What one copy may hold in memory ahead of its client, at most: the window is twice as many
-# pieces as peers fetch at once (each peer has its next piece to go on with while the client
-# reads), within this.  Bounded so, the pieces need no spill file: 64 MiB is what a node's
-# kernel socket buffers for a few fast clients hold anyway.
-WINDOW_BYTES = 64 * 1024 * 1024
-
-
-def window_for(parallel: int, piece_size: int) -> int:
-    """Pieces fetched ahead of the client (counting the one it reads) for C{parallel} peers."""
-    return max(2, min(2 * parallel, WINDOW_BYTES // piece_size))
-
 
 # An idle fetcher looks again this often for a piece to steal (rates change with no event).
 STEAL_CHECK_INTERVAL = 0.25
-
-# Why the rest of a piece was fetched again from another peer (spegel_mirror_piece_refetches_total).
-BUSY = "busy"  # the peer answered 429
-GONE = "gone"  # the peer answered 404/416: it no longer holds the blob
-WRONG_ANSWER = "status"  # a 200 for a range, another range, another status
-SHORT = "short"  # the body ended before the range did
-TOO_LONG = "too_long"  # more bytes than the range asked
-STALL = "stall"  # silent for the idle timeout mid-piece
-FAILED_TO_ASK = "connect"  # no response headers: refused, unreachable, or past the deadline
-REFETCH_REASONS = (BUSY, GONE, WRONG_ANSWER, SHORT, TOO_LONG, STALL, FAILED_TO_ASK)
-
-
-class _Dropped(Exception):
-    """
-    A fetcher's peer is of no more use to this copy.
-
-    @ivar refetch: why its piece is fetched elsewhere (L{REFETCH_REASONS}).
-    @ivar peer_reason: why the peer is put aside (L{spegel.peerresponse}), L{None}: it is not.
-    """
-
-    def __init__(self, why: str, refetch: str, peer_reason: str | None):
-        super().__init__(why)
-        self.refetch = refetch
-        self.peer_reason = peer_reason
-
 
 @implementer(IPushProducer, IResponseBody)
 class ParallelCopy:
@@ -240,7 +217,7 @@ class ParallelCopy:
                     await self._wait()
                     continue
                 await self._fetch(fetcher, *choice)
-        except _Dropped as e:
+        except PieceDropped as e:
             self._dropped(fetcher, e)
         finally:
             self._fetchers.remove(fetcher)
@@ -249,9 +226,9 @@ class ParallelCopy:
             self._recruit()
             self._check_stranded()
 
-    def _dropped(self, fetcher: Fetcher, e: _Dropped) -> None:
+    def _dropped(self, fetcher: Fetcher, e: PieceDropped) -> None:
         provider = fetcher.provider
-        self._log.info("peer {peer}, fetching a piece: {e}", peer=describe(provider), e=e)
+        self._log.info("peer {peer}: {e} (fetching a piece)", peer=describe(provider), e=e)
         metrics.mirror_piece_refetches_total.labels(e.refetch).inc()
         if e.refetch == BUSY:
             self._peers.busy(provider)
@@ -296,7 +273,7 @@ class ParallelCopy:
         """
         Fetch the rest of C{piece} from C{fetcher}'s peer (or read it from C{answered}).
 
-        @raise _Dropped: the peer failed, or is busy: another fetches the rest.
+        @raise PieceDropped: the peer failed, or is busy: another fetches the rest.
         """
         attempt = Attempt(fetcher, piece, piece.next_offset, thief=thief)
         piece.attempts.append(attempt)
@@ -336,8 +313,8 @@ class ParallelCopy:
             if self._done.called or piece.complete:
                 return None
             if isinstance(e, PeerFailed):
-                raise _Dropped(str(e), FAILED_TO_ASK, e.reason) from None
-            raise _Dropped(f"failed: {e}", FAILED_TO_ASK, CONNECT) from None
+                raise PieceDropped(str(e), FAILED_TO_ASK, e.reason) from None
+            raise PieceDropped(f"failed: {e}", FAILED_TO_ASK, CONNECT) from None
         finally:
             attempt.request = None
         if self._done.called or piece.complete:
@@ -346,20 +323,20 @@ class ParallelCopy:
         if response.code != 206:
             discard(response)
             if response.code == 429:
-                raise _Dropped("busy", BUSY, None)
+                raise PieceDropped("the peer is busy (429)", BUSY, None)
             if response.code in (404, 416):
                 # A stale record, or a range it cannot serve: no reason to distrust the peer.
-                raise _Dropped(f"answered {response.code}", GONE, None)
-            raise _Dropped(f"answered {response.code} to a range request", WRONG_ANSWER, STATUS)
+                raise PieceDropped(f"the peer answered {response.code}", GONE, None)
+            raise PieceDropped(f"the peer answered {response.code} to a range request", WRONG_ANSWER, STATUS)
         try:
             first, last, size = span(response)
         except PeerFailed as e:
             discard(response)
-            raise _Dropped(str(e), WRONG_ANSWER, STATUS) from None
+            raise PieceDropped(str(e), WRONG_ANSWER, STATUS) from None
         if (first, last, size) != (attempt.start, piece.last, self.length):
             discard(response)
-            raise _Dropped(
-                f"answered bytes {first}-{last}/{size} for {attempt.start}-{piece.last}/{self.length}",
+            raise PieceDropped(
+                f"the peer answered bytes {first}-{last}/{size} for {attempt.start}-{piece.last}/{self.length}",
                 WRONG_ANSWER, STATUS,
             )
         return response
@@ -382,7 +359,7 @@ class ParallelCopy:
         offset = attempt.position
         attempt.position += len(data)
         if attempt.position > last + 1:
-            self._end_attempt(attempt, _Dropped("sent more bytes than it announced", TOO_LONG, BODY))
+            self._end_attempt(attempt, PieceDropped("the peer sent more bytes than announced", TOO_LONG, BODY))
             return
         piece = attempt.piece
         kept = piece.take(offset, data, attempt.fetcher.provider)
@@ -400,15 +377,15 @@ class ParallelCopy:
         if attempt.position == last + 1 and reason.check(ResponseDone):
             finished.callback(None)
         elif reason.check(PeerFailed):
-            self._end_attempt(attempt, _Dropped(f"went silent mid-piece ({self._idle_timeout:.0f}s)", STALL, BODY))
+            self._end_attempt(attempt, PieceDropped(f"the peer went silent mid-piece ({self._idle_timeout:.0f}s)", STALL, BODY))
         else:
-            self._end_attempt(attempt, _Dropped(
-                f"stopped after {attempt.position - attempt.start} of {last + 1 - attempt.start} bytes: "
+            self._end_attempt(attempt, PieceDropped(
+                f"the peer stopped after {attempt.position - attempt.start} of {last + 1 - attempt.start} bytes: "
                 f"{reason.getErrorMessage()}",
                 SHORT, BODY,
             ))
 
-    def _end_attempt(self, attempt: Attempt, outcome: _Dropped | None) -> None:
+    def _end_attempt(self, attempt: Attempt, outcome: PieceDropped | None) -> None:
         """Stop reading C{attempt}'s answer (its connection closes) and end it: well, or not."""
         if attempt.request is not None:
             attempt.request.cancel()

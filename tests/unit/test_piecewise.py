@@ -254,6 +254,28 @@ class FaultTests(PiecewiseTestCase):
         self.bad_answer(answer, "busy", put_aside=False)
         self.assertEqual(counted(metrics.peers_busy_total) - busy, 1)
 
+    def test_stale_holder_is_not_blamed(self) -> None:
+        def answer(index: int) -> None:
+            self.http.answer(index, 404, 0)
+
+        self.bad_answer(answer, "gone", put_aside=False)
+
+    def test_winner_cut_in_its_first_piece(self) -> None:
+        """The race's winner fails within the first piece: another peer fetches the rest of it."""
+        short = counted(metrics.mirror_piece_refetches_total, "short")
+        request = self._request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), provider(3))
+        winner = self.http.answer(0, 200, len(self.data))
+        winner.send(self.data[:3000])
+        winner.end(Failure(ConnectionLost()))
+        self.assertEqual(counted(metrics.mirror_piece_refetches_total, "short") - short, 1)
+        # The first peer done with its piece goes on with the rest of the first: the most urgent.
+        self.serve(self.open_requests()[0])
+        self.assertEqual(self.asked(self.open_requests()[-1])[1:], (3000, PIECE - 1))
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+        self.finish(request, d)
+
     def test_connection_refused(self) -> None:
         def answer(index: int) -> None:
             self.http.requests[index][3].errback(ConnectionRefusedError("refused"))
@@ -382,7 +404,7 @@ class StealingTests(PiecewiseTestCase):
 
 class WindowTests(MirrorTestCase):
     def test_window_is_twice_the_peers_within_the_memory_bound(self) -> None:
-        from spegel.piecewise import WINDOW_BYTES, window_for
+        from spegel.pieces import WINDOW_BYTES, window_for
 
         self.assertEqual(window_for(4, 8 * 1024 * 1024), 8)
         self.assertEqual(window_for(64, 8 * 1024 * 1024), WINDOW_BYTES // (8 * 1024 * 1024))
