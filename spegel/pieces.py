@@ -25,6 +25,10 @@ STEAL_SPEEDUP = 2.0
 STEAL_MIN_BYTES = 256 * 1024
 # A fetch younger than this has no meaningful rate yet (its first bytes include the round trip).
 RATE_MIN_SECONDS = 0.25
+# A peer that has sent no response headers this long after it was asked counts as moving
+# nothing (a stopped process, a full accept queue): its piece may be stolen before the
+# response-header deadline (seconds) gives up on it.
+HEADERS_PATIENCE = 1.0
 
 
 # What one copy may hold in memory ahead of its client, at most: the window is twice as many
@@ -156,6 +160,7 @@ class Attempt:
     start: int
     thief: bool = False
     position: int = 0
+    asked_at: float | None = None
     answered_at: float | None = None
     reader: Any = None
     request: Any = None
@@ -168,7 +173,11 @@ class Attempt:
         return self.position - self.start
 
     def rate(self, now: float) -> float | None:
-        if self.answered_at is None or now - self.answered_at < RATE_MIN_SECONDS:
+        if self.answered_at is None:
+            if self.asked_at is not None and now - self.asked_at >= HEADERS_PATIENCE:
+                return 0.0
+            return None
+        if now - self.answered_at < RATE_MIN_SECONDS:
             return None
         return self.moved / (now - self.answered_at)
 

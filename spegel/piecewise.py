@@ -285,6 +285,7 @@ class ParallelCopy:
                 "peer {peer} steals the rest of piece {index} ({left} bytes)",
                 peer=describe(fetcher.provider), index=piece.index, left=piece.remaining,
             )
+        attempt.asked_at = self._clock.seconds()
         try:
             response = answered if answered is not None else await self._ask(attempt)
             if response is None:

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from spegel import metrics
 from spegel.dht.ids import Provider
 from spegel.mirror import Mirror
+from spegel.piecewise import STEAL_CHECK_INTERVAL
 from spegel.pieces import STEAL_MIN_BYTES, Attempt, Fetcher, choose, split
 from spegel.oci import Reference
 from tests.unit.test_mirror import ClientRequest, FakeResponse, MirrorTestCase, digest_of, provider
@@ -332,8 +333,16 @@ class ClientTests(PiecewiseTestCase):
 
 
 class StealingTests(PiecewiseTestCase):
+    """
+    Four pieces of 600 kB, two peers: pieces large enough to be worth stealing.
+    """
+
     parallel_peers = 2
     piece = 600_000
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.use_data(os.urandom(4 * self.piece))
 
     def test_slow_peer_that_says_it_is_idle_is_routed_around(self) -> None:
         """
@@ -341,7 +350,6 @@ class StealingTests(PiecewiseTestCase):
         the other pieces are in, takes the rest of its piece; the thief's bytes complete it and
         the slow answer is closed.
         """
-        self.use_data(os.urandom(4 * self.piece))
         started = counted(metrics.mirror_pieces_stolen_total, "started")
         won = counted(metrics.mirror_pieces_stolen_total, "thief_won")
         request, d, winner = self.start(provider(1), provider(2))
@@ -391,6 +399,32 @@ class StealingTests(PiecewiseTestCase):
         owner.position = owner.start + 100_000
         pieces[1].received = pieces[1].size - STEAL_MIN_BYTES + 1
         self.assertIsNone(choose(fast, pieces, 0, 2, [fast, slow], 1.0))
+
+    def test_silent_peer_piece_is_stolen_before_its_header_deadline(self) -> None:
+        """
+        A peer that has not even answered (a stopped process) counts as moving nothing once
+        HEADERS_PATIENCE has passed: an idle peer with a rate of its own takes its piece.
+        """
+        request, d, winner = self.start(provider(1), provider(2))
+        silent, fast_index = self.open_requests()
+        self.assertEqual(self.asked(silent)[0], "127.0.0.2:5002")
+        fast = self.answer_range(fast_index)
+        self.clock.advance(0.5)
+        fast.send(self.data[1_200_000:1_800_000])
+        fast.end()
+        (last_index,) = self.open_requests()[1:]
+        last = self.answer_range(last_index)
+        self.clock.advance(0.4)
+        last.send(self.data[1_800_000:])
+        last.end()
+        self.assertEqual(self.open_requests(), [silent], "asked 0.9 s ago: not yet")
+        self.clock.advance(STEAL_CHECK_INTERVAL)
+        (thief_index,) = self.open_requests()[1:]
+        self.assertEqual(self.asked(thief_index), ("127.0.0.1:5001", 600_000, 1_199_999))
+        self.serve(thief_index)
+        self.assertTrue(self.http.requests[silent][3].called, "the silent peer's request is cancelled")
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
 
     def test_choose_stays_in_the_window(self) -> None:
         pieces = split(10 * PIECE, PIECE)
