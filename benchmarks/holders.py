@@ -3,7 +3,12 @@ Benchmark: one node pulls a large blob that several nodes hold, every node's upl
 the same rate: in pieces from all the holders at once (spegel.piecewise) against from one holder
 (the same node with --mirror-parallel-min-size=0), runs interleaved, medians.
 
-    .venv/bin/python benchmarks/holders.py [--size-mb 1024] [--holders 4] [--rate 200mbit] [--runs 3]
+    .venv/bin/python benchmarks/holders.py [--size-mb 1024] [--holders 4] [--rate 200mbit] [--runs 3] \
+        [--slow-rate 20mbit] [--modes parallel,one]
+
+C{--slow-rate}: holder 1's uplink is capped lower than the others' while it still reports no
+uploads (C{Spegel-Uploads: 0/...}): a peer that says it is idle and is slow, which work stealing
+must route around (the pieces it held up show as stolen).
 
 On the multi-host rig (spegel_testing.netcluster: a network namespace per node on one bridge,
 C{tc tbf} on each node's link): the image (one uncompressed layer of C{--size-mb}) is pulled by
@@ -98,7 +103,10 @@ def main() -> int:
     parser.add_argument("--holders", type=int, default=4)
     parser.add_argument("--rate", default="200mbit", help="every node's uplink (tc tbf rate)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slow-rate", default=None, help="holder 1's uplink instead (tc tbf rate)")
+    parser.add_argument("--modes", default="parallel,one", help="parallel, one (holder), or both")
     args = parser.parse_args()
+    wanted = ["parallel" if mode == "parallel" else "one holder" for mode in args.modes.split(",")]
     scratch = tempfile.mkdtemp(prefix="spegel-holders-", dir="/var/tmp")
     cluster = NetCluster(args.holders + 1, upstream_rate=None, node_rate=args.rate)
     try:
@@ -117,15 +125,19 @@ def main() -> int:
             if digest not in cluster.containerds[i].content_digests():
                 raise SystemExit(f"holder {i} did not get the layer")
         cluster.wait_findable([0], REPO, image, tag="v1", timeout=60)
+        if args.slow_rate:
+            cluster.hosts[1].limit_rate(args.slow_rate)
         print(
             f"{args.size_mb} MiB blob on {args.holders} holders (seeded in {time.monotonic() - started:.0f}s), "
-            f"every node's uplink {args.rate}; node 0 fetches it through its spegel",
+            f"every node's uplink {args.rate}"
+            + (f" but holder 1's, {args.slow_rate}" if args.slow_rate else "")
+            + "; node 0 fetches it through its spegel",
             flush=True,
         )
         print("run  mode        seconds  MiB/s  verified  node-0 RSS max MiB  MiB sent by each holder        pieces", flush=True)
-        results: dict[str, list[dict]] = {"parallel": [], "one holder": []}
+        results: dict[str, list[dict]] = {mode: [] for mode in wanted}
         for run in range(args.runs):
-            modes = ["parallel", "one holder"] if run % 2 == 0 else ["one holder", "parallel"]
+            modes = wanted if run % 2 == 0 else wanted[::-1]
             for mode in modes:
                 r = pull_blob(cluster, digest, mode == "parallel", base_args)
                 results[mode].append(r)
