@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -60,6 +60,7 @@ from spegel.pieces import (
     choose,
     split,
 )
+from spegel.selection import BUSY_PATIENCE, BUSY_RETRY_CAP
 from spegel.streaming import BodyReader, PeerSource
 
 # An idle fetcher looks again this often for a piece to steal (rates change with no event).
@@ -77,7 +78,7 @@ class ParallelCopy:
     @param parallel: at most this many peers fetch at once.
     @param window: pieces fetched ahead of the client, counting the one it reads.
     @param idle_timeout: a peer silent this long mid-piece has failed.
-    @param max_failures: peers that may fail (or be busy) before the copy gives up.
+    @param max_failures: peers that may fail before the copy gives up (a busy one is no failure).
     @param on_complete: called once every byte was sent and verified.
     """
 
@@ -114,6 +115,10 @@ class ParallelCopy:
         self._held = b""
         self._contributors: set[Provider] = set()
         self._exhausted = False  # the providers ran out
+        # Holders that answered 429: asked again if no other is left (L{_check_stranded}).
+        self._busy: list[Provider] = []
+        self._busy_since: float | None = None
+        self._busy_retry: IDelayedCall | None = None
         self._paused = False
         self._pumping = False
         self._request: Request | None = None
@@ -231,20 +236,37 @@ class ParallelCopy:
         self._log.info("peer {peer}: {e} (fetching a piece)", peer=describe(provider), e=e)
         metrics.mirror_piece_refetches_total.labels(e.refetch).inc()
         if e.refetch == BUSY:
+            # Not a failure: another holder is asked, and this one again if none is left.
             self._peers.busy(provider)
-        elif e.peer_reason is not None:
+            self._busy.append(provider)
+            if self._busy_since is None:
+                self._busy_since = self._clock.seconds()
+            return
+        if e.peer_reason is not None:
             self._peers.failed(provider, e.peer_reason)
         else:
             metrics.peer_failures_total.labels(STATUS).inc()
         self._failures_left -= 1
 
     def _check_stranded(self) -> None:
-        if self._done.called or self._fetchers or self._recruiting:
+        if self._done.called or self._fetchers or self._recruiting or self._busy_retry is not None:
             return
         self._recruit()
         if self._fetchers or self._recruiting:
             return
+        if self._busy and self._busy_since is not None and self._clock.seconds() - self._busy_since < BUSY_PATIENCE:
+            # Every holder left was busy: ask them again shortly, as a single-peer copy would.
+            self._busy_retry = self._clock.callLater(BUSY_RETRY_CAP, self._retry_busy)
+            return
         self._fail(PeerFailed("no provider left to fetch the rest of the blob"))
+
+    def _retry_busy(self) -> None:
+        self._busy_retry = None
+        again, self._busy = self._busy[: self._parallel], self._busy[self._parallel :]
+        for provider in again:
+            fetcher = Fetcher(provider)
+            self._fetchers.append(fetcher)
+            self._start(fetcher)
 
     async def _wait(self) -> None:
         """Until something changes (a piece done, a peer gone, the client read), or a while."""
@@ -470,6 +492,8 @@ class ParallelCopy:
             self._done.errback(error)
 
     def _stop_fetching(self) -> None:
+        if self._busy_retry is not None and self._busy_retry.active():
+            self._busy_retry.cancel()
         for wanted in list(self._recruiting):
             wanted.cancel()
         for attempt in list(self._finished):

@@ -277,6 +277,22 @@ class FaultTests(PiecewiseTestCase):
         self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
         self.finish(request, d)
 
+    def test_busy_holders_are_asked_again_when_no_other_is_left(self) -> None:
+        request = self._request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), end=True)
+        winner = self.http.answer(0, 200, len(self.data))
+        winner.send(self.data[:PIECE])
+        busy, other = self.open_requests()
+        self.assertEqual(self.asked(busy)[0], "127.0.0.2:5002")
+        self.http.answer(busy, 429, 0, retry_after="1")
+        self.http.answer(other, 500, 0)
+        self.assertEqual(self.open_requests(), [], "nobody left: the busy holder is asked again later")
+        self.assertFalse(d.called)
+        self.clock.advance(2)
+        self.assertEqual([self.asked(i)[0] for i in self.open_requests()], ["127.0.0.2:5002"])
+        self.finish(request, d)
+
     def test_connection_refused(self) -> None:
         def answer(index: int) -> None:
             self.http.requests[index][3].errback(ConnectionRefusedError("refused"))
