@@ -16,7 +16,7 @@ winner's own answer, the whole blob, serves the first piece and is then closed):
   - robust: a peer that answers anything but the exact range asked (a 200, another range, a
     short or too long body), goes silent mid-piece (the idle timeout) or fails to connect is
     put aside and the rest of its piece is fetched from another; one that is busy (429) is left
-    for less loaded holders;
+    for other holders, and asked again only when none is left;
   - work-stealing: an idle peer takes over the rest of a piece from a peer at least twice as
     slow (one that says it is idle and is not, for instance); whichever finishes first wins,
     the other's connection is closed;
@@ -46,19 +46,8 @@ from spegel.interfaces import IResponseBody
 from spegel.oci import hashed_digest, new_hasher
 from spegel.peerresponse import BODY, CONNECT, DIGEST, STATUS, PeerFailed, PeerResponse, describe, discard, span
 from spegel.pieces import (
-    BUSY,
-    FAILED_TO_ASK,
-    GONE,
-    SHORT,
-    STALL,
-    TOO_LONG,
-    WRONG_ANSWER,
-    Attempt,
-    Fetcher,
-    Piece,
-    PieceDropped,
-    choose,
-    split,
+    BUSY, FAILED_TO_ASK, GONE, SHORT, STALL, TOO_LONG, WRONG_ANSWER,
+    Attempt, Fetcher, Piece, PieceDropped, choose, split,
 )
 from spegel.selection import BUSY_PATIENCE, BUSY_RETRY_CAP
 from spegel.streaming import BodyReader, PeerSource
