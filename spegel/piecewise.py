@@ -355,8 +355,10 @@ class ParallelCopy:
 
     def _read(self, attempt: Attempt, response: Any, first: int) -> None:
         """Read C{response}, whose body starts at blob offset C{first}, into C{attempt}'s piece."""
-        # The last byte the answer carries: the piece's end, or the blob's for the winner's.
-        last = first + response.length - 1 if response.length is not None and response.length >= 0 else attempt.piece.last
+        # The last byte the answer carries: the piece's end, or the blob's for the winner's (a
+        # body of no stated length, chunked, is held to the piece's end).
+        length = response.length
+        last = first + length - 1 if isinstance(length, int) and length >= 0 else attempt.piece.last
         attempt.reader = BodyReader(
             self._clock, self._idle_timeout,
             lambda data: self._data(attempt, data, last),

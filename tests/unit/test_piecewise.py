@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from spegel import metrics
 from spegel.dht.ids import Provider
@@ -254,6 +255,18 @@ class FaultTests(PiecewiseTestCase):
 
         self.bad_answer(answer, "busy", put_aside=False)
         self.assertEqual(counted(metrics.peers_busy_total) - busy, 1)
+
+    def test_range_of_unstated_length(self) -> None:
+        """A chunked 206 (no Content-Length) is read up to its piece's end, and no further."""
+        request, d, winner = self.start(provider(1), provider(2))
+        index = self.open_requests()[0]
+        _, first, last = self.asked(index)
+        chunked = self.http.answer(
+            index, 206, UNKNOWN_LENGTH, content_range=f"bytes {first}-{last}/{len(self.data)}"  # type: ignore[arg-type]
+        )
+        chunked.send(self.data[first : last + 1])
+        chunked.end()
+        self.finish(request, d)
 
     def test_stale_holder_is_not_blamed(self) -> None:
         def answer(index: int) -> None:
