@@ -27,6 +27,7 @@ from twisted.protocols.basic import LineReceiver
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import random_id_in_bucket
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.service import DHTService
 
 BASE = RouterConfig(listen_host="127.0.0.1", listen_port=0, registry_port=30020, announce_delay=0.01)
@@ -46,9 +47,9 @@ async def start_nodes(
     first_two_seed = not seeds
     for _ in range(n):
         if seeds:
-            service = DHTService(reactor, evolve(config, bootstrap_kind="static", static_peers=seeds))
+            service = DHTService(reactor, evolve(config, bootstrap_kind="static", static_peers=seeds), metrics=DHTMetrics())
         else:
-            service = DHTService(reactor, config)
+            service = DHTService(reactor, config, metrics=DHTMetrics())
         service.startService()
         services.append(service)
         if first_two_seed and len(services) <= 2:

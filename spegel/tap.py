@@ -11,6 +11,7 @@ import sys
 from typing import Any, TextIO
 
 from attrs import frozen
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -351,6 +352,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.advertiser import Advertiser
     from spegel.containerd.client import ContainerdClient
     from spegel.containerd.events import EventSubscriber
+    from spegel.dht.metrics import DHTMetrics
     from spegel.dht.service import DHTService
     from spegel import relay
     from spegel.coalesce import PullCoalescer
@@ -362,6 +364,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     config: NodeConfig = options.node
     node = MultiService()
+    # What the node's /metrics serves; the node's collectors are made on it.
+    metrics_registry = CollectorRegistry()
+    metrics_registry.register(_ProcessWideMetrics())
 
     PreflightService(
         reactor,
@@ -375,7 +380,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     client.setServiceParent(node)
     content = ContainerdContent(client, config.containerd_content_path)
 
-    router = DHTService(reactor, router_config(config))
+    router = DHTService(reactor, router_config(config), metrics=DHTMetrics(metrics_registry))
     router.setServiceParent(node)
 
     # After the client and the router (it calls both as soon as it starts); the event
@@ -431,7 +436,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ).setServiceParent(node)
 
     metrics_root = Resource()
-    metrics_root.putChild(b"metrics", MetricsResource())
+    metrics_root.putChild(b"metrics", MetricsResource(metrics_registry))
     if config.debug_web_enabled:
         from spegel.debugweb import DebugWeb
 
@@ -446,6 +451,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics_root.putChild(b"debug", debug.resource())
     _listen(reactor, config.metrics_addr, Site(metrics_root)).setServiceParent(node)
     return node
+
+
+class _ProcessWideMetrics:
+    """
+    The collectors on prometheus_client's default registry (the process's, and those of the node
+    not yet made per node), served with the node's own.
+    """
+
+    def collect(self) -> Any:
+        return REGISTRY.collect()
 
 
 def router_config(config: NodeConfig) -> Any:

@@ -45,10 +45,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spegel.dht import metrics, wire
+from spegel.dht import wire
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import ID_BITS, Contact, Provider, random_id_in_bucket
 from spegel.dht.lookup import IterativeLookup, LookupResult
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.protocol import Address, DHTError, DHTProtocol
 from spegel.dht.providers import ProviderStore
 from spegel.dht.routing import RoutingTable
@@ -113,10 +114,12 @@ class KademliaNode:
         clock: IReactorTime,
         config: RouterConfig,
         *,
+        metrics: DHTMetrics,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         rng: random.Random | None = None,
     ) -> None:
         self.node_id = node_id
+        self.metrics = metrics
         self.clock = clock
         self.config = config
         self.k = config.k
@@ -127,7 +130,7 @@ class KademliaNode:
             config.k,
             clock.seconds,
             max_failures=config.max_failures,
-            on_size_change=metrics.ROUTING_TABLE_CONTACTS.inc,
+            on_size_change=metrics.routing_table_contacts.inc,
         )
         # Ids whose old address is being pinged because a datagram came from a new one.
         self._moving: set[bytes] = set()
@@ -142,13 +145,14 @@ class KademliaNode:
         self.store = ProviderStore(
             clock.seconds,
             config.provider_ttl,
-            on_change=metrics.PROVIDER_RECORDS.inc,
+            on_change=metrics.provider_records.inc,
             random=rng or random.Random(),
         )
         self.protocol = DHTProtocol(
             node_id,
             clock,
             self,
+            metrics=metrics,
             secret=config.secret,
             also_accepted=config.also_accepted,
             timeout=config.rpc_timeout,
@@ -361,8 +365,8 @@ class KademliaNode:
         outcome = "ok" if isinstance(result, LookupResult) else "error"
         if isinstance(result, Failure) and result.check("twisted.internet.defer.CancelledError"):
             outcome = "cancelled"
-        metrics.LOOKUPS.labels(kind, outcome).inc()
-        metrics.LOOKUP_DURATION.labels(kind).observe(self.clock.seconds() - started)
+        self.metrics.lookups.labels(kind, outcome).inc()
+        self.metrics.lookup_duration.labels(kind).observe(self.clock.seconds() - started)
         return result
 
     # -- joining and upkeep ---------------------------------------------------------------
@@ -486,7 +490,7 @@ class KademliaNode:
                 replicas += len(chunk)
                 request = wire.AddProvider(self.config.registry_port, chunk)
                 sends.append(limiter.run(self._add_provider, contact, request))
-        metrics.ANNOUNCED_KEYS.inc(replicas)
+        self.metrics.announced_keys.inc(replicas)
         outcomes = await DeferredList(sends, consumeErrors=True)
         acknowledged = sum(1 for ok, _ in outcomes if ok)
         return AnnounceResult(key_count, lookups, len(sends), acknowledged, replicas)

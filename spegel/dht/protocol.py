@@ -31,7 +31,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from spegel.dht import metrics, wire
+from spegel.dht import wire
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.wire import Body, Kind, MalformedDatagram, Message, OversizedMessage
 
 Address = tuple[str, int]
@@ -42,11 +43,6 @@ AMPLIFICATION_LIMIT = 3
 # flood of forged sources costs a fixed amount of memory.
 VERIFIED_ADDRESSES = 16384
 VERIFYING_AT_ONCE = 256
-
-# Each datagram is counted; labels() takes a lock and hashes its arguments every call, so
-# the per-kind children are looked up once.
-_SENT = {kind: metrics.DATAGRAMS_SENT.labels(kind.name) for kind in Kind}
-_RECEIVED = {kind: metrics.DATAGRAMS_RECEIVED.labels(kind.name) for kind in Kind}
 
 REPLY_KIND = {
     Kind.PING: Kind.PONG,
@@ -114,8 +110,8 @@ def normalize_address(address: tuple) -> Address:
 
 class DHTProtocol(DatagramProtocol):
     """
-    @ivar dropped: per-instance count of dropped datagrams by reason (the metric sums all
-        nodes of a process; tests read this).
+    @ivar metrics: where this node's datagrams are counted.
+    @ivar dropped: per-instance count of dropped datagrams by reason (tests read this).
     @ivar sent: per-instance count of datagrams sent, by kind.
     """
 
@@ -127,6 +123,7 @@ class DHTProtocol(DatagramProtocol):
         clock: IReactorTime,
         handler: MessageHandler,
         *,
+        metrics: DHTMetrics,
         secret: bytes | None = None,
         also_accepted: tuple[bytes, ...] = (),
         timeout: float = 0.5,
@@ -135,6 +132,11 @@ class DHTProtocol(DatagramProtocol):
         self.node_id = node_id
         self.clock = clock
         self.handler = handler
+        self.metrics = metrics
+        # Each datagram is counted; labels() takes a lock and hashes its arguments every call,
+        # so the per-kind children are looked up once.
+        self._sent_counters = {kind: metrics.datagrams_sent.labels(kind.name) for kind in Kind}
+        self._received_counters = {kind: metrics.datagrams_received.labels(kind.name) for kind in Kind}
         self.secret = secret
         self.also_accepted = also_accepted
         self.timeout = timeout
@@ -180,7 +182,7 @@ class DHTProtocol(DatagramProtocol):
         def expire() -> None:
             pending = self.pending.pop(txid, None)
             if pending is not None:
-                metrics.RPC_TIMEOUTS.labels(body.kind.name).inc()
+                self.metrics.rpc_timeouts.labels(body.kind.name).inc()
                 pending.deferred.errback(DHTTimeout(body.kind, address))
 
         call = self.clock.callLater(self.timeout if timeout is None else timeout, expire)
@@ -193,7 +195,7 @@ class DHTProtocol(DatagramProtocol):
             raise OSError("not listening")
         self.transport.write(data, address)
         self.sent[message.kind.name] += 1
-        _SENT[message.kind].inc()
+        self._sent_counters[message.kind].inc()
 
     def _encode(self, message: Message, max_size: int = wire.MAX_DATAGRAM_SIZE) -> bytes:
         body = message.body
@@ -219,7 +221,7 @@ class DHTProtocol(DatagramProtocol):
 
     def _drop(self, reason: str, address: tuple, detail: object = "") -> None:
         self.dropped[reason] += 1
-        metrics.DATAGRAMS_DROPPED.labels(reason).inc()
+        self.metrics.datagrams_dropped.labels(reason).inc()
         self.log.debug(
             "Dropped datagram from {address}: {reason} {detail}",
             address=address,
@@ -267,7 +269,7 @@ class DHTProtocol(DatagramProtocol):
 
     def _count_received(self, message: Message) -> None:
         self.received[message.kind.name] += 1
-        _RECEIVED[message.kind].inc()
+        self._received_counters[message.kind].inc()
 
     def _reply(self, request: Message, address: Address, request_size: int) -> None:
         try:

@@ -19,10 +19,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spegel.dht import bootstrap, metrics
+from spegel.dht import bootstrap
 from spegel.dht.config import RouterConfig
 from spegel.dht.finder import ProviderFinder
 from spegel.dht.ids import Provider, key_id, load_or_create_node_id
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.node import AnnounceResult, KademliaNode
 
 Address = tuple[str, int]
@@ -82,17 +83,23 @@ class DHTService(MultiService):
     """
     @ivar node_id: this node's 256-bit id (persisted in C{config.data_dir} when set).
     @ivar node: the L{KademliaNode} (tests and benchmarks reach in).
+    @ivar metrics: where the node's figures are recorded (a given C{node} must record there too).
     @ivar bootstrapping: the join service, or L{None} without a bootstrap kind.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: RouterConfig, *, node: KademliaNode | None = None) -> None:
+    def __init__(
+        self, reactor: Any, config: RouterConfig, *, metrics: DHTMetrics, node: KademliaNode | None = None
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
+        self.metrics = metrics
         if node is None:
-            node = KademliaNode(load_or_create_node_id(config.data_dir), reactor, config)
+            node = KademliaNode(load_or_create_node_id(config.data_dir), reactor, config, metrics=metrics)
+        elif node.metrics is not metrics:
+            raise ValueError("the node must record on the service's metrics")
         self.node = node
         self.node_id = node.node_id
         self._listener = _UDPListener(reactor, config, node)
@@ -134,7 +141,7 @@ class DHTService(MultiService):
     def startService(self) -> None:
         super().startService()  # listens first: joining needs the socket
         keys = 0 if self.config.secret is None else 1 + len(self.config.also_accepted)
-        metrics.CLUSTER_KEYS.set(keys)
+        self.metrics.cluster_keys.set(keys)
         if not keys:
             self.log.warn(
                 "No cluster key (--router-secret-file): any pod on the network can send this "
@@ -243,7 +250,7 @@ class DHTService(MultiService):
                 self._provided[kid] = key
                 self._unannounced.add(kid)
                 added += 1
-        metrics.PROVIDED_KEYS.inc(added)
+        self.metrics.provided_keys.set(len(self._provided))
         if added:
             self._schedule_announce()
 
@@ -251,13 +258,11 @@ class DHTService(MultiService):
         """
         Stop announcing C{keys}; records already stored elsewhere lapse within their TTL.
         """
-        removed = 0
         for key in keys:
             kid = key_id(key)
-            if self._provided.pop(kid, None) is not None:
-                removed += 1
+            self._provided.pop(kid, None)
             self._unannounced.discard(kid)
-        metrics.PROVIDED_KEYS.dec(removed)
+        self.metrics.provided_keys.set(len(self._provided))
 
     def provided_keys_count(self) -> int:
         return len(self._provided)

@@ -203,6 +203,7 @@ class SimulatedCluster:
     def add_node(self) -> Any:
         from attrs import evolve
 
+        from spegel.dht.metrics import DHTMetrics
         from spegel.dht.node import KademliaNode
         from spegel.dht.service import DHTService
 
@@ -211,14 +212,17 @@ class SimulatedCluster:
         peers = tuple((self.host(j), self.config.listen_port) for j in range(min(self.seeds, i + 1)))
         config = evolve(self.config, listen_host=host, bootstrap_kind="static", static_peers=peers)
         reactor = self.network.reactor(host)
+        # Each simulated node's own figures, as a real node's process would have.
+        metrics = DHTMetrics()
         node = KademliaNode(
             self.rng.randbytes(32),
             reactor,
             config,
+            metrics=metrics,
             randbytes=self.rng.randbytes,
             rng=random.Random(self.rng.random()),
         )
-        service = DHTService(reactor, config, node=node)
+        service = DHTService(reactor, config, metrics=metrics, node=node)
         if service.bootstrapping is not None:
             service.bootstrapping._random = self.rng.random
         self.services.append(service)

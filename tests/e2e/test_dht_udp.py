@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import Provider
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.service import DHTService
 
 N = 20
@@ -36,13 +37,13 @@ async def start_cluster(test: TestCase, n: int, secret: bytes | None = SECRET) -
         rpc_timeout=0.5,
         announce_delay=0.01,
     )
-    first = DHTService(reactor, base)
+    first = DHTService(reactor, base, metrics=DHTMetrics())
     first.startService()
     services.append(first)
     seed = first.address
     config = RouterConfig(**{**_fields(base), "bootstrap_kind": "static", "static_peers": (seed,)})
     for _ in range(n - 1):
-        service = DHTService(reactor, config)
+        service = DHTService(reactor, config, metrics=DHTMetrics())
         service.startService()
         services.append(service)
     await gatherResults(
@@ -138,6 +139,7 @@ class LoopbackClusterTests(TestCase):
                 static_peers=(services[0].address,),
                 rpc_timeout=0.2,
             ),
+            metrics=DHTMetrics(),
         )
         outsider.startService()
         self.addCleanup(_stop, outsider)
@@ -173,6 +175,7 @@ class LoopbackClusterTests(TestCase):
                     bootstrap_kind="static" if peers else None,
                     static_peers=peers,
                 ),
+                metrics=DHTMetrics(),
             )
             service.startService()
             self.addCleanup(_stop, service)
@@ -199,6 +202,7 @@ class LoopbackClusterTests(TestCase):
             reactor,
             RouterConfig(listen_host="127.0.0.1", listen_port=0, bootstrap_kind="static",
                          static_peers=(("127.0.0.1", 1),)),
+            metrics=DHTMetrics(),
         )
         # The node's own address, as a headless Service's DNS would list it.
         service.startService()
@@ -206,6 +210,7 @@ class LoopbackClusterTests(TestCase):
         single = DHTService(
             reactor,
             RouterConfig(listen_host="127.0.0.1", listen_port=0),
+            metrics=DHTMetrics(),
         )
         self.assertTrue(single.ready is False)
         single.startService()

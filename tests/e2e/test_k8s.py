@@ -550,13 +550,13 @@ def _exported_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
     import spegel.advertiser  # noqa: F401
-    import spegel.dht.service  # noqa: F401
     import spegel.metrics  # noqa: F401
     import spegel.mirror  # noqa: F401
     import spegel.preflight  # noqa: F401
+    from spegel.dht.metrics import DHTMetrics
 
     names = set()
-    for metric in REGISTRY.collect():
+    for metric in [*REGISTRY.collect(), *DHTMetrics().registry.collect()]:
         for sample in metric.samples:
             names.add(sample.name)
         if metric.type == "histogram":

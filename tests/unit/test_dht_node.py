@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from spegel.dht import wire
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import Contact, Provider, common_prefix_bits, distance
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.node import KEYS_PER_MESSAGE, KademliaNode
 from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock
 from spegel.dht.wire import Message
@@ -27,7 +28,7 @@ def peer_id(i: int) -> bytes:
 class RequestTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.node = KademliaNode(b"\x00" * 32, self.clock, CONFIG, randbytes=random.Random(1).randbytes)
+        self.node = KademliaNode(b"\x00" * 32, self.clock, CONFIG, randbytes=random.Random(1).randbytes, metrics=DHTMetrics())
         self.transport = FakeTransport()
         self.node.protocol.makeConnection(self.transport)
 
@@ -266,7 +267,7 @@ class NetworkTests(SynchronousTestCase):
         self.nodes = []
         for i in range(30):
             host = f"10.0.0.{i + 1}"
-            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes)
+            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes, metrics=DHTMetrics())
             self.network.reactor(host).listenUDP(5001, node.protocol)
             self.nodes.append(node)
         for node in self.nodes[1:]:
@@ -345,7 +346,7 @@ class ProviderLookupEndTests(SynchronousTestCase):
         config = RouterConfig(k=12, alpha=3, beta=3, rpc_timeout=0.5)
         self.nodes = []
         for i in range(60):
-            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes)
+            node = KademliaNode(self.rng.randbytes(32), self.clock, config, randbytes=self.rng.randbytes, metrics=DHTMetrics())
             self.network.reactor(f"10.0.1.{i + 1}").listenUDP(5001, node.protocol)
             self.nodes.append(node)
         for node in self.nodes[1:]:

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht import wire
 from spegel.dht.ids import Contact
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.protocol import AMPLIFICATION_LIMIT, VERIFYING_AT_ONCE, DHTProtocol, DHTSendError, DHTTimeout
 from spegel.dht.wire import Message
 
@@ -61,6 +62,7 @@ class ProtocolTests(SynchronousTestCase):
             secret=self.secret,
             timeout=1.0,
             randbytes=random.Random(0).randbytes,
+            metrics=DHTMetrics(),
         )
         self.protocol.makeConnection(self.transport)
 
@@ -261,7 +263,7 @@ class FuzzTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=1300), st.sampled_from([None, b"key"]))
     def test_fuzzed_datagrams_are_counted_never_raised(self, data: bytes, secret: bytes | None) -> None:
-        protocol = DHTProtocol(OWN_ID, Clock(), RecordingHandler(), secret=secret)
+        protocol = DHTProtocol(OWN_ID, Clock(), RecordingHandler(), secret=secret, metrics=DHTMetrics())
         protocol.makeConnection(FakeTransport())
         protocol.datagramReceived(data, PEER)
         # Every datagram is either dropped with a reason or accepted as a request.

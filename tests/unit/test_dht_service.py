@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import NODE_ID_FILE
+from spegel.dht.metrics import DHTMetrics
 from spegel.dht.service import PROVIDER_CACHE_REFRESH, DHTService
 from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock, SimulatedCluster
 
@@ -80,6 +81,24 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(0.5)
         self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
 
+    def test_each_node_records_its_own_figures(self) -> None:
+        """
+        Every simulated node has its own metrics: a node's counters are its datagrams, its
+        gauges its routing table and records, not a sum over the process.
+        """
+        holder = self.services[3]
+        holder.provide(["sha256:aa", "sha256:bb"])
+        self.clock.advance(0.5)
+        for service in self.services:
+            value = service.metrics.registry.get_sample_value
+            sent = service.node.protocol.sent
+            self.assertEqual(
+                {kind: value("spegel_dht_datagrams_sent_total", {"kind": kind}) for kind in sent}, dict(sent)
+            )
+            self.assertEqual(value("spegel_dht_routing_table_contacts"), len(service.node.routing))
+            self.assertEqual(value("spegel_dht_provided_keys"), 2 if service is holder else 0)
+        self.assertEqual(len({id(service.metrics.registry) for service in self.services}), len(self.services))
+
     def test_cache_can_be_bypassed(self) -> None:
         holder, asker = self.services[2], self.services[5]
         holder.provide(["k"])
@@ -114,6 +133,7 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(0.5)
         holder.withdraw(["dropped"])
         self.assertEqual(holder.provided_keys_count(), 1)
+        self.assertEqual(holder.metrics.registry.get_sample_value("spegel_dht_provided_keys"), 1)
         # Several TTLs later the kept key is still found (re-announced), the other lapsed.
         self.clock.advance(3 * CONFIG.provider_ttl)
         self.assertEqual(len(self.find(asker, "kept")), 1)
@@ -121,7 +141,7 @@ class ServiceTests(SynchronousTestCase):
 
     def test_keys_provided_before_start_and_before_joining(self) -> None:
         config = evolve(CONFIG, listen_host="10.9.0.1", bootstrap_kind="static", static_peers=(("10.9.0.2", 5001),))
-        lonely = DHTService(self.network.reactor("10.9.0.1"), config)
+        lonely = DHTService(self.network.reactor("10.9.0.1"), config, metrics=DHTMetrics())
         lonely.provide(["early"])
         lonely.startService()
         self.addCleanup(lonely.stopService)
@@ -129,7 +149,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertFalse(lonely.ready)
         # Its peer appears later; the join announces what was provided meanwhile.
         peer_config = evolve(config, listen_host="10.9.0.2", static_peers=(self.services[0].address,))
-        peer = DHTService(self.network.reactor("10.9.0.2"), peer_config)
+        peer = DHTService(self.network.reactor("10.9.0.2"), peer_config, metrics=DHTMetrics())
         peer.startService()
         self.addCleanup(peer.stopService)
         self.clock.advance(40)
@@ -147,7 +167,7 @@ class ServiceTests(SynchronousTestCase):
     def test_bootstrap_info(self) -> None:
         info = self.services[0].bootstrap_info()
         self.assertEqual((info.node_id, info.host, info.port), (self.services[0].node_id, "10.0.1.1", 5001))
-        advertised = DHTService(self.network.reactor("10.200.0.1"), evolve(CONFIG, listen_host="10.200.0.1", advertise_host="192.0.2.1"))
+        advertised = DHTService(self.network.reactor("10.200.0.1"), evolve(CONFIG, listen_host="10.200.0.1", advertise_host="192.0.2.1"), metrics=DHTMetrics())
         advertised.startService()
         self.addCleanup(advertised.stopService)
         self.assertEqual(advertised.bootstrap_info().host, "192.0.2.1")
@@ -157,15 +177,15 @@ class IdentityTests(SynchronousTestCase):
     def test_node_id_persisted_in_data_dir(self) -> None:
         data_dir = self.mktemp()
         network = MemoryNetwork(SimulatedClock())
-        first = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir))
-        again = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir))
+        first = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir), metrics=DHTMetrics())
+        again = DHTService(network.reactor("10.0.0.1"), evolve(CONFIG, data_dir=data_dir), metrics=DHTMetrics())
         self.assertEqual(first.node_id, again.node_id)
         with open(f"{data_dir}/{NODE_ID_FILE}") as f:
             self.assertEqual(f.read().strip(), first.node_id.hex())
-        self.assertNotEqual(DHTService(network.reactor("10.0.0.1"), CONFIG).node_id, first.node_id)
+        self.assertNotEqual(DHTService(network.reactor("10.0.0.1"), CONFIG, metrics=DHTMetrics()).node_id, first.node_id)
 
     def test_not_ready_until_started_without_bootstrap(self) -> None:
-        service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), CONFIG)
+        service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), CONFIG, metrics=DHTMetrics())
         self.assertFalse(service.ready)
         service.startService()
         self.assertTrue(service.ready)
@@ -176,7 +196,6 @@ class IdentityTests(SynchronousTestCase):
         A node without a cluster key says so at start (anyone on the pod network can steer its
         DHT) and exports 0; with one key 1, during a rotation 2.
         """
-        from prometheus_client import REGISTRY
         from twisted.logger import globalLogPublisher
 
         events: list[dict] = []
@@ -187,10 +206,10 @@ class IdentityTests(SynchronousTestCase):
             (evolve(CONFIG, secret=b"k" * 16), 1.0),
             (evolve(CONFIG, secret=b"k" * 16, also_accepted=(b"o" * 16,)), 2.0),
         ):
-            service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), config)
+            service = DHTService(MemoryNetwork(SimulatedClock()).reactor("10.0.0.1"), config, metrics=DHTMetrics())
             service.startService()
             self.addCleanup(service.stopService)
-            self.assertEqual(REGISTRY.get_sample_value("spegel_dht_cluster_keys"), keys)
+            self.assertEqual(service.metrics.registry.get_sample_value("spegel_dht_cluster_keys"), keys)
         warnings = [e for e in events if "No cluster key" in e.get("log_format", "")]
         self.assertEqual(len(warnings), 1)
 
