@@ -13,27 +13,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from attrs import define, evolve, field, frozen
-from prometheus_client import Gauge
 
 from spegel.containerd.client import Descriptor
 from spegel.interfaces import IAnnouncer
+from spegel.metrics import Metrics
 from spegel.oci import Reference
-
-advertised_image_tags = Gauge(
-    "spegel_advertised_image_tags",
-    "Image tags this node advertises, by registry.",
-    ("registry",),
-)
-advertised_image_digests = Gauge(
-    "spegel_advertised_image_digests",
-    "Root digests (the manifest or index an image name points at) this node advertises, by registry.",
-    ("registry",),
-)
-advertised_content_digests = Gauge(
-    "spegel_advertised_content_digests",
-    "Digests of every kind (indexes, manifests, configs, layers) this node advertises, by registry.",
-    ("registry",),
-)
 
 # Records of blobs advertised before any image refers to them are named with this prefix, which
 # no image name can have.
@@ -121,8 +105,9 @@ class AdvertisedKeys:
     @ivar refs: how many records hold each advertised key.
     """
 
-    def __init__(self, router: IAnnouncer) -> None:
+    def __init__(self, router: IAnnouncer, metrics: Metrics) -> None:
         self._router = router
+        self._metrics = metrics
         self.records: dict[str, ImageRecord] = {}
         self.refs: Counter[str] = Counter()
         self._counts: dict[str, _Counts] = {}
@@ -162,15 +147,18 @@ class AdvertisedKeys:
     def _set_gauges(self, registry: str, counts: _Counts) -> None:
         if counts.empty():
             del self._counts[registry]
-            for gauge in (advertised_image_tags, advertised_image_digests, advertised_content_digests):
+            metrics = self._metrics
+            for gauge in (
+                metrics.advertised_image_tags, metrics.advertised_image_digests, metrics.advertised_content_digests
+            ):
                 try:
                     gauge.remove(registry)
                 except KeyError:
                     pass
             return
-        advertised_image_tags.labels(registry).set(len(counts.tags))
-        advertised_image_digests.labels(registry).set(len(counts.roots))
-        advertised_content_digests.labels(registry).set(len(counts.digests))
+        self._metrics.advertised_image_tags.labels(registry).set(len(counts.tags))
+        self._metrics.advertised_image_digests.labels(registry).set(len(counts.roots))
+        self._metrics.advertised_content_digests.labels(registry).set(len(counts.digests))
 
     def commit(self, changes: Mapping[str, bool]) -> None:
         """

@@ -35,7 +35,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.advertised import LOOSE, AdvertisedKeys, ImageRecord
 from spegel.containerd.client import (
     ContainerdClient,
@@ -102,6 +102,7 @@ class Advertiser(Service):
         *,
         reconcile_interval: float = 300.0,
         namespace: str = "k8s.io",
+        metrics: Metrics,
     ) -> None:
         """
         @param clock: runs the reconcile loop.
@@ -111,16 +112,18 @@ class Advertiser(Service):
             C{registry/repo:tag}) are not advertised at all.
         @param reconcile_interval: seconds between full resyncs.
         @param namespace: the containerd namespace the client reads, for log messages.
+        @param metrics: where the advertised counts and containerd's errors are recorded.
         """
         self._clock = clock
+        self._metrics = metrics
         self._client = client
         self._filter = registry_filter
         self._reconcile_interval = reconcile_interval
         self._namespace = namespace
         self._loop: LoopingCall | None = None
 
-        self._keys = AdvertisedKeys(router)
-        self._walker = ManifestWalker(client)
+        self._keys = AdvertisedKeys(router, metrics)
+        self._walker = ManifestWalker(client, metrics)
 
         self._seq = 0
         # The sequence number of the operation that last set each image, for those set after
@@ -480,7 +483,7 @@ class Advertiser(Service):
     # containerd's health
 
     def _containerd_failed(self, error: ContainerdError) -> None:
-        metrics.containerd_errors_total.inc()
+        self._metrics.containerd_errors_total.inc()
         if not isinstance(error, ContainerdUnavailable):
             _log.warn("containerd call failed: {error}", error=error)
         elif not self._outage:

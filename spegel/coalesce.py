@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.interfaces import ICoalescingRouter
 
 MARKER_PREFIX = "pulling"
@@ -52,6 +52,7 @@ class PullCoalescer:
     @param marker_lifetime: how long this node keeps a marker provided.
     @param lookup_timeout: how long a marker lookup may take; a slow cluster counts as "nobody
         is pulling", so a node never waits on a lookup it cannot finish.
+    @param metrics: where this node's upstream pulls are counted.
     """
 
     _log = Logger()
@@ -65,8 +66,10 @@ class PullCoalescer:
         poll_interval: float = 0.25,
         marker_lifetime: float = 2 * BUCKET_SECONDS,
         lookup_timeout: float = 0.25,
+        metrics: Metrics,
     ):
         self._clock = clock
+        self._metrics = metrics
         self._router = router
         self.timeout = timeout
         self.poll_interval = poll_interval
@@ -110,7 +113,7 @@ class PullCoalescer:
         if previous is not None and previous.active():
             previous.cancel()
         self._withdrawals[marker] = self._clock.callLater(self._marker_lifetime, self._withdraw, marker)
-        metrics.pull_coalescing_total.labels("upstream").inc()
+        self._metrics.pull_coalescing_total.labels("upstream").inc()
 
     def _withdraw(self, marker: str) -> None:
         self._withdrawals.pop(marker, None)

@@ -20,7 +20,6 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spegel import metrics
 from spegel.dht.ids import Provider
 from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard, response_header
 from spegel.selection import BUSY_RETRY_CAP, Budget, PeerClient, ProviderQueue, cancel_then_pass
@@ -121,7 +120,7 @@ class _Race:
                 return
             if response.code in (404, 416):
                 # A stale record, or a range it cannot serve: no reason to distrust the peer.
-                metrics.peer_failures_total.labels(STATUS).inc()
+                self.peers.metrics.peer_failures_total.labels(STATUS).inc()
             else:
                 self.peers.failed(provider, STATUS)
             inputs.attempt_lost()

@@ -19,7 +19,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.containerd.client import ContainerdClient, ContainerdError, ContainerdUnavailable, ContentInfo, ContentNotFound
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
@@ -105,12 +105,14 @@ class ManifestWalker:
     manifest refers to.
     """
 
-    def __init__(self, client: ContainerdClient) -> None:
+    def __init__(self, client: ContainerdClient, metrics: Metrics) -> None:
         """
         @param client: this node's containerd; only its C{content_info} and C{read_content} are
             used.
+        @param metrics: where containerd's errors are counted.
         """
         self._client = client
+        self._metrics = metrics
         # Verified manifests never change, so what they refer to (or that they are unreadable)
         # is kept; each resync keeps only the entries it reached.
         self._manifests: dict[str, ManifestReferences | InvalidManifest] = {}
@@ -178,7 +180,7 @@ class ManifestWalker:
         except ContainerdUnavailable:
             raise
         except ContainerdError as e:
-            metrics.containerd_errors_total.inc()
+            self._metrics.containerd_errors_total.inc()
             _log.warn("Not advertising {digest}: containerd failed its info: {error}", digest=digest, error=e)
             info = None
         memo.infos[digest] = info

@@ -29,8 +29,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from spegel import metrics
 from spegel.interfaces import IMirror, IRouter, Upstream
+from spegel.metrics import Metrics
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
     BlobUnknown,
@@ -105,6 +105,7 @@ class Mirror:
     @param piece_size: bytes per piece.
     @param parallel_window: pieces fetched ahead of the client (so in memory at most); L{None}:
         twice C{parallel_peers}, within L{spegel.pieces.WINDOW_BYTES}.
+    @param metrics: where the node's figures are recorded.
     """
 
     _log = Logger()
@@ -129,15 +130,17 @@ class Mirror:
         parallel_peers: int = 4,
         piece_size: int = 8 * 1024 * 1024,
         parallel_window: int | None = None,
+        metrics: Metrics,
     ):
         self._clock = clock
+        self._metrics = metrics
         self._router = router
         self._resolve_timeout = resolve_timeout
         self._retries = retries
         self._idle_timeout = idle_timeout
         self.put_aside = put_aside or PutAside(clock)
         self.latency = latency or LatencyTracker()
-        self._peers = PeerClient(clock, http, self.put_aside, self.latency)
+        self._peers = PeerClient(clock, http, self.put_aside, self.latency, metrics=metrics)
         self._spool_max = spool_max
         self._pick = pick
         self._spool_dir = spool_dir
@@ -170,7 +173,7 @@ class Mirror:
                 headers = upstream.response.headers
                 if method == "HEAD":
                     return Upstream(200, forwarded_headers(headers), b"")
-                metrics.served_bytes_total.labels("peer").inc(len(data))
+                self._metrics.served_bytes_total.labels("peer").inc(len(data))
                 return Upstream(200, forwarded_headers(headers, len(data)), data)
         finally:
             providers.close()
@@ -208,14 +211,14 @@ class Mirror:
                         self._clock, upstream, digest, PeerSession(self._peers, providers, path),
                         size=response.length, piece_size=self._piece_size, parallel=self._parallel_peers,
                         window=self._parallel_window, idle_timeout=self._idle_timeout,
-                        max_failures=self._retries + self._parallel_peers, on_complete=self._succeeded,
+                        max_failures=self._retries + self._parallel_peers, on_complete=self._succeeded, metrics=self._metrics,
                     )
                     handed_over = True
                     return Upstream(200, forwarded_headers(response.headers, pieces.length), pieces)
                 copy = BlobCopy(
                     self._clock, upstream, digest, PeerSession(self._peers, providers, path),
                     max_resumes=self._retries, idle_timeout=self._idle_timeout, splice=self._splice,
-                    on_complete=self._succeeded,
+                    on_complete=self._succeeded, metrics=self._metrics,
                 )
                 handed_over = True
                 return Upstream(response.code, forwarded_headers(response.headers, copy.length), copy)
@@ -247,12 +250,12 @@ class Mirror:
         @return: L{None} when the peer's copy was wrong or incomplete (the caller asks another).
         """
         try:
-            fd = await spool(upstream.response, digest, self._spool_dir)
+            fd = await spool(upstream.response, digest, self._spool_dir, metrics=self._metrics)
         except PeerFailed as e:
             self._log.info("peer {peer}: {e}", peer=describe(upstream.provider), e=e)
             self._peers.failed(upstream.provider, e.reason)
             return None
-        return SpooledBody(fd, upstream.response.length, on_complete=self._succeeded)
+        return SpooledBody(fd, upstream.response.length, on_complete=self._succeeded, metrics=self._metrics)
 
     async def _manifest_body(self, upstream: PeerResponse, method: str, reference: Reference) -> bytes:
         response = upstream.response
@@ -274,7 +277,7 @@ class Mirror:
             response, MAX_MANIFEST_SIZE, what="manifest", clock=self._clock, idle_timeout=self._idle_timeout
         )
         if not digest_matches(expected, data):
-            metrics.digest_mismatches_total.inc()
+            self._metrics.digest_mismatches_total.inc()
             raise PeerFailed("manifest bytes do not match their digest", DIGEST)
         return data
 
@@ -302,9 +305,9 @@ class Mirror:
                 providers = await self._providers(key, ManifestUnknown, fresh=True)
             except ManifestUnknown:
                 continue
-            metrics.pull_coalescing_total.labels("waited").inc()
+            self._metrics.pull_coalescing_total.labels("waited").inc()
             return providers
-        metrics.pull_coalescing_total.labels("timeout").inc()
+        self._metrics.pull_coalescing_total.labels("timeout").inc()
         # This node's containerd goes upstream now: others may wait on it in turn.
         coalescer.pulling(key)
         raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
@@ -313,7 +316,7 @@ class Mirror:
         return await lookup(
             self._clock, self._router, key, ProviderQueue(self.put_aside, self._pick, self._peers.load.score, self._clock),
             resolve_timeout=self._resolve_timeout, limit=max(self._retries * 2, 5), unknown=unknown,
-            fresh=fresh,
+            fresh=fresh, metrics=self._metrics,
         )
 
     async def _race(
@@ -335,8 +338,8 @@ class Mirror:
     def _count_unserved(self, key: str) -> None:
         # Providers were found, and none served: each failed, lied, timed out (header
         # deadline) or the retry budget ran out.  Containerd goes upstream.
-        metrics.unresolved_total.labels("peers_failed").inc()
+        self._metrics.unresolved_total.labels("peers_failed").inc()
         self._log.debug("No provider of {key} served it", key=key)
 
     def _succeeded(self) -> None:
-        metrics.mirror_last_success_timestamp_seconds.set(self._clock.seconds())
+        self._metrics.mirror_last_success_timestamp_seconds.set(self._clock.seconds())

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from spegel import metrics
+from spegel.metrics import Metrics
 
 # A bucket left idle saves up this much of its rate, so a new upload starts at once.
 BURST_SECONDS = 1 / 8
@@ -140,14 +140,16 @@ class TokenBucket:
         upload asked for less: every grant is worth a syscall.
     @ivar throttled_seconds: how long, in all, uploads have waited for tokens (the time during
         which at least one was waiting; also C{spegel_upload_throttled_seconds_total}).
+    @ivar metrics: where that time is recorded.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, rate: float, burst: float | None = None) -> None:
+    def __init__(self, clock: IReactorTime, rate: float, burst: float | None = None, *, metrics: Metrics) -> None:
         if rate <= 0:
             raise ValueError(f"a token bucket needs a positive rate, not {rate!r}")
         self._clock = clock
+        self.metrics = metrics
         self.rate = float(rate)
         self.burst = float(burst) if burst is not None else max(self.rate * BURST_SECONDS, BURST_FLOOR)
         self.quantum = int(min(self.burst, max(self.rate * WAKE_SECONDS, QUANTUM_FLOOR)))
@@ -251,5 +253,5 @@ class TokenBucket:
         now = self._clock.seconds()
         waited = max(0.0, now - self._throttled_since)
         self.throttled_seconds += waited
-        metrics.upload_throttled_seconds_total.inc(waited)
+        self.metrics.upload_throttled_seconds_total.inc(waited)
         self._throttled_since = now if self._line else None

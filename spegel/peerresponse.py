@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.bodies import FileBodyProducer
 from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
@@ -280,7 +280,7 @@ class _SpoolWriter(Protocol):
         self.done.callback(hashed_digest(self._hasher))
 
 
-async def spool(response: Any, digest: str, spool_dir: str | None) -> int:
+async def spool(response: Any, digest: str, spool_dir: str | None, *, metrics: Metrics) -> int:
     """
     Read a small blob whole into an unlinked file on disk, and check it before a byte is
     sent: a wrong copy is then retried on another peer without the client noticing.
@@ -306,13 +306,14 @@ class SpooledBody:
     A small blob checked whole, sent from its spool file (which it owns and closes).
     """
 
-    def __init__(self, fd: int, length: int, on_complete: Callable[[], None]):
+    def __init__(self, fd: int, length: int, on_complete: Callable[[], None], *, metrics: Metrics):
         self._fd = fd
         self.length = length
         self._on_complete = on_complete
+        self._metrics = metrics
 
     def write_to(self, request: Request) -> Deferred[None]:
         body = FileBodyProducer(
-            request, self._fd, 0, self.length, on_bytes=metrics.served_bytes_total.labels("peer").inc
+            request, self._fd, 0, self.length, on_bytes=self._metrics.served_bytes_total.labels("peer").inc
         )
         return body.start().addCallback(lambda _: self._on_complete())

@@ -39,10 +39,10 @@ from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from spegel import metrics
 from spegel.bodies import BodyInterrupted
 from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
+from spegel.metrics import Metrics
 from spegel.oci import hashed_digest, new_hasher
 from spegel.peerresponse import BODY, CONNECT, DIGEST, STATUS, PeerFailed, PeerResponse, describe, discard, span
 from spegel.pieces import (
@@ -69,6 +69,7 @@ class ParallelCopy:
     @param idle_timeout: a peer silent this long mid-piece has failed.
     @param max_failures: peers that may fail before the copy gives up (a busy one is no failure).
     @param on_complete: called once every byte was sent and verified.
+    @param metrics: where the pieces, the bytes served and the mismatches are counted.
     """
 
     _log = Logger()
@@ -87,8 +88,10 @@ class ParallelCopy:
         idle_timeout: float,
         max_failures: int,
         on_complete: Callable[[], None] = lambda: None,
+        metrics: Metrics,
     ):
         self._clock = clock
+        self._metrics = metrics
         self._upstream = upstream
         self._digest = digest
         self._peers = peers
@@ -128,7 +131,7 @@ class ParallelCopy:
     async def _run(self, request: Request) -> None:
         self._request = request
         request.registerProducer(self, True)
-        metrics.mirror_parallel_copies_total.inc()
+        self._metrics.mirror_parallel_copies_total.inc()
         try:
             first = Fetcher(self._upstream.provider)
             self._fetchers.append(first)
@@ -223,7 +226,7 @@ class ParallelCopy:
     def _dropped(self, fetcher: Fetcher, e: PieceDropped) -> None:
         provider = fetcher.provider
         self._log.info("peer {peer}: {e} (fetching a piece)", peer=describe(provider), e=e)
-        metrics.mirror_piece_refetches_total.labels(e.refetch).inc()
+        self._metrics.mirror_piece_refetches_total.labels(e.refetch).inc()
         if e.refetch == BUSY:
             # Not a failure: another holder is asked, and this one again if none is left.
             self._peers.busy(provider)
@@ -234,7 +237,7 @@ class ParallelCopy:
         if e.peer_reason is not None:
             self._peers.failed(provider, e.peer_reason)
         else:
-            metrics.peer_failures_total.labels(STATUS).inc()
+            self._metrics.peer_failures_total.labels(STATUS).inc()
         self._failures_left -= 1
 
     def _check_stranded(self) -> None:
@@ -291,7 +294,7 @@ class ParallelCopy:
         fetcher.attempt = attempt
         finished = self._finished[attempt] = Deferred()
         if thief:
-            metrics.mirror_pieces_stolen_total.labels("started").inc()
+            self._metrics.mirror_pieces_stolen_total.labels("started").inc()
             self._log.debug(
                 "peer {peer} steals the rest of piece {index} ({left} bytes)",
                 peer=describe(fetcher.provider), index=piece.index, left=piece.remaining,
@@ -415,11 +418,11 @@ class ParallelCopy:
             finished.errback(outcome)
 
     def _piece_done(self, piece: Piece, winner: Attempt, last: int) -> None:
-        metrics.mirror_pieces_fetched_total.inc()
+        self._metrics.mirror_pieces_fetched_total.inc()
         for attempt in list(piece.attempts):
             if attempt is not winner:
                 # Slower on the same bytes: its connection goes, its peer is not to blame.
-                metrics.mirror_pieces_stolen_total.labels("thief_won" if winner.thief else "owner_won").inc()
+                self._metrics.mirror_pieces_stolen_total.labels("thief_won" if winner.thief else "owner_won").inc()
                 self._end_attempt(attempt, None)
         if last > piece.last:
             # The race's answer goes on to the blob's end: the other pieces are others' work.
@@ -457,12 +460,12 @@ class ParallelCopy:
 
     def _forward(self, data: bytes) -> None:
         assert self._request is not None
-        metrics.served_bytes_total.labels("peer").inc(len(data))
+        self._metrics.served_bytes_total.labels("peer").inc(len(data))
         self._request.write(data)
 
     def _verify(self) -> None:
         if hashed_digest(self._hasher) != self._digest:
-            metrics.digest_mismatches_total.inc()
+            self._metrics.digest_mismatches_total.inc()
             # No per-piece digests: any of the peers that sent bytes may be the liar.
             suspects = sorted(self._contributors, key=describe)
             for provider in suspects:

@@ -35,7 +35,6 @@ import os
 from typing import Any
 
 from attrs import evolve, frozen
-from prometheus_client import Gauge
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -58,7 +57,7 @@ from spegel.containerd.settings import (
 __all__ = [
     "CHECKS", "DEFAULT_CONTAINERD_CONFIG", "ContainerdFacts", "ImagePullSettings", "PreflightError",
     "PreflightService", "Problem", "check_applied", "check_configuration", "check_containerd",
-    "image_pull_settings", "parse_version", "preflight_problems", "probe_containerd",
+    "image_pull_settings", "parse_version", "probe_containerd",
     "read_containerd_config", "run_preflight", "running_settings_from_cri_status",
     "running_settings_from_exports", "unreachable", "unreadable",
 ]
@@ -76,13 +75,6 @@ CHECKS = (
     "containerd_unreachable",
     "containerd_version_unknown",
     "no_images",
-)
-
-preflight_problems = Gauge(
-    "spegel_preflight_problems",
-    "1 for each check of the node's containerd that found a problem at start, 0 for those that "
-    "did not (see the node's log for the line with the fix).",
-    ("check",),
 )
 
 
@@ -284,6 +276,9 @@ class PreflightService(Service):
     containerd over a socket of its own), each problem logged as one line and exported as
     C{spegel_preflight_problems{check=...}} (1 when found, 0 when checked and fine), so an
     operator sees on a dashboard which nodes cannot work with spegel and why.
+
+    @param gauge: where they are exported: the node's L{Metrics.preflight_problems
+        <spegel.metrics.Metrics.preflight_problems>}.
     """
 
     def __init__(
@@ -294,13 +289,13 @@ class PreflightService(Service):
         certs_dir: str,
         socket_path: str,
         namespace: str,
-        gauge: Any = None,
+        gauge: Any,
     ) -> None:
         self._reactor = reactor
         self._arguments = dict(
             config_file=config_file, certs_dir=certs_dir, socket_path=socket_path, namespace=namespace
         )
-        self._gauge = gauge if gauge is not None else preflight_problems
+        self._gauge = gauge
         self.done: Deferred[list[Problem]] | None = None
 
     def startService(self) -> None:

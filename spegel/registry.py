@@ -28,7 +28,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from spegel import metrics
 from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
 from spegel.oci import (
     BlobUnknown,
@@ -53,6 +52,7 @@ from spegel.oci import (
 )
 from spegel.content import BlobContent
 from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
+from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer
 from spegel.uploads import RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
 from spegel.responses import (
@@ -130,21 +130,21 @@ def _observed(handler: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
         def observe(self: "RegistryResource", request: Request, **kwargs: Any) -> Any:
             started = self._clock.seconds()
             method = request.method.decode("ascii", "replace")
-            inflight = metrics.http_requests_inflight.labels(handler)
+            inflight = self._metrics.http_requests_inflight.labels(handler)
             inflight.inc()
 
             def finished(result: object) -> None:
                 inflight.dec()
                 code = str(request.code)
                 labels = (handler, method, code)
-                metrics.http_request_duration_seconds.labels(*labels).observe(
+                self._metrics.http_request_duration_seconds.labels(*labels).observe(
                     self._clock.seconds() - started
                 )
                 size = request.sentLength
                 if not isinstance(result, Failure) and method != "HEAD":
                     size = max(size, int(request.responseHeaders.getRawHeaders(
                         b"content-length", [b"0"])[0] or 0))
-                metrics.http_response_size_bytes.labels(*labels).observe(size)
+                self._metrics.http_response_size_bytes.labels(*labels).observe(size)
 
             request.notifyFinish().addBoth(finished)
             return route(self, request, **kwargs)
@@ -164,6 +164,7 @@ class RegistryResource:
     @param content: what this node's containerd holds.
     @param ready: tells whether the node is ready (C{/readyz}).
     @param mirror: what to ask on a local miss; L{None} answers every miss with a 404.
+    @param metrics: where the node's figures are recorded.
     """
 
     app = Klein()
@@ -181,13 +182,15 @@ class RegistryResource:
         ready: Callable[[], bool] = lambda: True,
         mirror: IMirror | None = None,
         uploads: UploadSlots | None = None,
+        metrics: Metrics,
     ):
         self._clock = clock
         self._content = content
         self._filter = registry_filter
         self._ready = ready
         self._mirror = mirror
-        self._uploads = uploads if uploads is not None else UploadSlots()
+        self._metrics = metrics
+        self._uploads = uploads if uploads is not None else UploadSlots(metrics=metrics)
 
     def resource(self) -> Any:
         return UTF8Only(self.app.resource())
@@ -231,7 +234,7 @@ class RegistryResource:
         request.setHeader("ETag", f'"{found.digest}"')
         if request.method == b"HEAD":
             return b""
-        metrics.served_bytes_total.labels("local").inc(len(found.data))
+        self._metrics.served_bytes_total.labels("local").inc(len(found.data))
         return found.data
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
@@ -271,7 +274,7 @@ class RegistryResource:
             return b""
         first = byte_range.first if byte_range else 0
         length = byte_range.length if byte_range else found.size
-        served = self._uploads.sent if upload else metrics.served_bytes_total.labels("local").inc
+        served = self._uploads.sent if upload else self._metrics.served_bytes_total.labels("local").inc
         producer: FileBodyProducer | ChunkedReadProducer | None = None
         if found.path is not None:
             try:
@@ -375,7 +378,7 @@ class RegistryResource:
     def _count(self, request: Request, ref: Reference, cache: str) -> None:
         # Only containerd's own requests count; a peer's request is part of another node's.
         if _header(request, MIRRORED_HEADER) != "true":
-            metrics.mirror_requests_total.labels(ref.registry or "", cache).inc()
+            self._metrics.mirror_requests_total.labels(ref.registry or "", cache).inc()
 
 
 class UTF8Only(Resource):

@@ -49,7 +49,6 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from spegel import metrics
 from spegel.bodies import BodyInterrupted, transport_buffer_empty
 from spegel.oci import hashed_digest
 
@@ -140,6 +139,7 @@ class SpliceRelay(TimeoutMixin):
     @param idle_timeout: the peer failed when it sends nothing this long while the relay waits
         for it.
     @param on_bytes: told of every byte count handed to the client.
+    @param on_spliced: told of every byte count of those that went by splice.
     @raise OSError: when the relay's pipes cannot be made (nothing was taken over yet).
     """
 
@@ -156,6 +156,7 @@ class SpliceRelay(TimeoutMixin):
         hash_executor: HashExecutor,
         idle_timeout: float,
         on_bytes: Callable[[int], None] = lambda n: None,
+        on_spliced: Callable[[int], None] = lambda n: None,
     ):
         self._reactor: IReactorFDSet = reactor
         self._clock: IReactorTime = reactor
@@ -169,6 +170,7 @@ class SpliceRelay(TimeoutMixin):
         self._hash_executor = hash_executor
         self._idle_timeout = idle_timeout
         self._on_bytes = on_bytes
+        self._on_spliced = on_spliced
         # Bytes go: peer socket -> pipe (received) -> teed into the digest's pipe (teed) ->
         # passed on to the outgoing pipe (passed) -> client (sent), and from the digest's pipe
         # into the hasher (hashed). tee copies from the head of a pipe, so bytes leave the first
@@ -422,7 +424,7 @@ class SpliceRelay(TimeoutMixin):
                 raise
             if moved > 0:
                 self.bytes_spliced += moved
-                metrics.spliced_bytes_total.inc(moved)
+                self._on_spliced(moved)
                 # request.write counts what it sends; the access log should see these too.
                 self._request.sentLength += moved
                 self._advance(moved)

@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.dht.ids import Provider
 from spegel.interfaces import MIRRORED_HEADER, IRouter
 from spegel.oci import OCIError
@@ -359,6 +359,7 @@ class PeerClient:
     http: HTTPClient
     put_aside: PutAside
     latency: LatencyTracker
+    metrics: Metrics = field(kw_only=True)
     load: PeerLoad = field(default=Factory(lambda self: PeerLoad(self.clock), takes_self=True))
     _answered_at: dict[tuple[str, int], float] = field(factory=dict)
 
@@ -419,14 +420,14 @@ class PeerClient:
         C{provider} answered 429 (at its upload limit): count it, and offer it after less
         loaded holders for C{seconds}.  Not a failure: it is not put aside.
         """
-        metrics.peers_busy_total.inc()
+        self.metrics.peers_busy_total.inc()
         self.load.busy(provider, seconds)
 
     def failed(self, provider: Provider, reason: str) -> None:
         """
         C{provider} failed for C{reason}: count it, and do not ask it again for a while.
         """
-        metrics.peer_failures_total.labels(reason).inc()
+        self.metrics.peer_failures_total.labels(reason).inc()
         self.put_aside.put_aside(provider)
         # Proven no longer: asked again after the put-aside, it gets the short deadline.
         self._answered_at.pop((provider.host, provider.registry_port), None)
@@ -442,6 +443,7 @@ async def lookup(
     limit: int,
     unknown: type[OCIError],
     fresh: bool = False,
+    metrics: Metrics,
 ) -> ProviderQueue:
     """
     Start a lookup of C{key} filling C{queue}; wait (at most C{resolve_timeout}) for its first

@@ -11,7 +11,7 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.containerd.client import (
     ContainerdClient,
     ContainerdError,
@@ -40,9 +40,10 @@ class ContainerdContent:
 
     _log = Logger()
 
-    def __init__(self, client: ContainerdClient, content_path: str | None):
+    def __init__(self, client: ContainerdClient, content_path: str | None, *, metrics: Metrics):
         self._client = client
         self._content_path = content_path
+        self._metrics = metrics
 
     async def resolve_tag(self, reference: Reference) -> TagTarget:
         try:
@@ -92,6 +93,6 @@ class ContainerdContent:
         return self._client.read_content(digest, offset, size)
 
     def _unavailable(self, error: Exception) -> None:
-        metrics.containerd_errors_total.inc()
+        self._metrics.containerd_errors_total.inc()
         self._log.warn("containerd call failed: {error}", error=error)
 

@@ -26,10 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from spegel import metrics, relay
+from spegel import relay
 from spegel.bodies import BodyInterrupted, client_socket
 from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
+from spegel.metrics import Metrics
 from spegel.oci import hashed_digest, new_hasher
 from spegel.peerresponse import (
     BODY,
@@ -89,6 +90,7 @@ class BlobCopy:
     @param idle_timeout: a peer silent this long while we are not pausing it has failed.
     @param splice: relay the rest of a large body with splice; L{None} to relay through Python.
     @param on_complete: called once every byte was sent (and, for a whole blob, verified).
+    @param metrics: where the bytes served and the mismatches are counted.
     """
 
     _log = Logger()
@@ -104,8 +106,10 @@ class BlobCopy:
         idle_timeout: float,
         splice: SpliceRelaying | None = None,
         on_complete: Callable[[], None] = lambda: None,
+        metrics: Metrics,
     ):
         self._clock = clock
+        self._metrics = metrics
         self._digest = digest
         self._peers = peers
         self._upstream = upstream
@@ -218,7 +222,8 @@ class BlobCopy:
                 digest=self._digest if self._hasher is not None else None,
                 hash_executor=splicing.hash_executor,
                 idle_timeout=self._idle_timeout,
-                on_bytes=metrics.served_bytes_total.labels("peer").inc,
+                on_bytes=self._metrics.served_bytes_total.labels("peer").inc,
+                on_spliced=self._metrics.spliced_bytes_total.inc,
             )
         except OSError as e:
             self._log.info("relaying through Python: {e}", e=e)
@@ -257,7 +262,7 @@ class BlobCopy:
         self._relay = None
         peer.abortConnection()
         if failure.check(relay.DigestMismatch):
-            metrics.digest_mismatches_total.inc()
+            self._metrics.digest_mismatches_total.inc()
             self._peers.failed(self._upstream.provider, DIGEST)
             why = f"bytes from {describe(self._upstream.provider)} do not match {self._digest}"
         else:
@@ -283,7 +288,7 @@ class BlobCopy:
 
     def _forward(self, data: bytes) -> None:
         assert self._request is not None
-        metrics.served_bytes_total.labels("peer").inc(len(data))
+        self._metrics.served_bytes_total.labels("peer").inc(len(data))
         self._request.write(data)
 
     def _ended(self, reason: Failure) -> None:
@@ -296,7 +301,7 @@ class BlobCopy:
             return
         if self._hasher is not None:
             if hashed_digest(self._hasher) != self._digest:
-                metrics.digest_mismatches_total.inc()
+                self._metrics.digest_mismatches_total.inc()
                 self._peers.failed(self._upstream.provider, DIGEST)
                 self._done.errback(PeerFailed(
                     f"bytes from {describe(self._upstream.provider)} do not match {self._digest}", DIGEST
@@ -315,7 +320,7 @@ class BlobCopy:
             self._body.stop()
             self._body = None
         if lied:
-            metrics.digest_mismatches_total.inc()
+            self._metrics.digest_mismatches_total.inc()
             # Bytes already forwarded may be wrong: only a new request can start clean.
             self._done.errback(PeerFailed(why))
             return

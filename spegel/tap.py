@@ -11,7 +11,6 @@ import sys
 from typing import Any, TextIO
 
 from attrs import frozen
-from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -352,10 +351,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.advertiser import Advertiser
     from spegel.containerd.client import ContainerdClient
     from spegel.containerd.events import EventSubscriber
-    from spegel.dht.metrics import DHTMetrics
     from spegel.dht.service import DHTService
     from spegel import relay
     from spegel.coalesce import PullCoalescer
+    from spegel.metrics import Metrics, node_registry
     from spegel.mirror import Mirror, SpliceRelaying
     from spegel.peers import peer_client
     from spegel.preflight import PreflightService
@@ -364,9 +363,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     config: NodeConfig = options.node
     node = MultiService()
-    # What the node's /metrics serves; the node's collectors are made on it.
-    metrics_registry = CollectorRegistry()
-    metrics_registry.register(_ProcessWideMetrics())
+    # Made on the registry the node's /metrics serves, and handed to every part that records.
+    metrics = Metrics(node_registry())
 
     PreflightService(
         reactor,
@@ -374,19 +372,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         certs_dir=config.containerd_registry_config_path,
         socket_path=config.containerd_sock,
         namespace=config.containerd_namespace,
+        gauge=metrics.preflight_problems,
     ).setServiceParent(node)
 
     client = ContainerdClient(reactor, config.containerd_sock, config.containerd_namespace)
     client.setServiceParent(node)
-    content = ContainerdContent(client, config.containerd_content_path)
+    content = ContainerdContent(client, config.containerd_content_path, metrics=metrics)
 
-    router = DHTService(reactor, router_config(config), metrics=DHTMetrics(metrics_registry))
+    router = DHTService(reactor, router_config(config), metrics=metrics.dht)
     router.setServiceParent(node)
 
     # After the client and the router (it calls both as soon as it starts); the event
     # subscriber last, so it stops first.
     advertiser = Advertiser(
-        reactor, client, router, config.registry_filter, namespace=config.containerd_namespace
+        reactor, client, router, config.registry_filter, namespace=config.containerd_namespace, metrics=metrics
     )
     advertiser.setServiceParent(node)
     EventSubscriber(
@@ -411,10 +410,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         parallel_min_size=config.mirror_parallel_min_size,
         parallel_peers=config.mirror_parallel_peers,
         coalescer=(
-            PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout)
+            PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout, metrics=metrics)
             if config.mirror_coalesce_timeout > 0
             else None
         ),
+        metrics=metrics,
     )
     # A peer that announces content or pings us as a (re)joining node does is asked again at
     # once, not after the rest of its put-aside minute.
@@ -427,8 +427,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         mirror=mirror,
         uploads=UploadSlots(
             config.max_uploads,
-            bandwidth=TokenBucket(reactor, config.max_upload_rate) if config.max_upload_rate else None,
+            bandwidth=TokenBucket(reactor, config.max_upload_rate, metrics=metrics) if config.max_upload_rate else None,
+            metrics=metrics,
         ),
+        metrics=metrics,
     )
     _listen(
         reactor, config.registry_addr, make_site(registry.resource(), reactor=reactor, connections_per_client=config.registry_connections_per_client),
@@ -436,7 +438,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     ).setServiceParent(node)
 
     metrics_root = Resource()
-    metrics_root.putChild(b"metrics", MetricsResource(metrics_registry))
+    metrics_root.putChild(b"metrics", MetricsResource(metrics.registry))
     if config.debug_web_enabled:
         from spegel.debugweb import DebugWeb
 
@@ -451,16 +453,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics_root.putChild(b"debug", debug.resource())
     _listen(reactor, config.metrics_addr, Site(metrics_root)).setServiceParent(node)
     return node
-
-
-class _ProcessWideMetrics:
-    """
-    The collectors on prometheus_client's default registry (the process's, and those of the node
-    not yet made per node), served with the node's own.
-    """
-
-    def collect(self) -> Any:
-        return REGISTRY.collect()
 
 
 def router_config(config: NodeConfig) -> Any:

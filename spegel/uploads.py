@@ -21,9 +21,9 @@ each gets its pacer here, L{UploadSlots.pacer}.
 
 from __future__ import annotations
 
-from attrs import define
+from attrs import define, field
 
-from spegel import metrics
+from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer, TokenBucket
 
 UPLOADS_HEADER = "Spegel-Uploads"
@@ -38,33 +38,35 @@ class UploadSlots:
     @ivar limit: blob bodies served to peers at once; 0: no limit.
     @ivar active: those being served now.
     @ivar bandwidth: the cap they share (C{--max-upload-rate}); L{None}: no cap.
+    @ivar metrics: where the refusals, the active count and the bytes sent are recorded.
     """
 
     limit: int = 0
     active: int = 0
     bandwidth: TokenBucket | None = None
+    metrics: Metrics = field(kw_only=True, repr=False)
 
     def take(self) -> bool:
         """
         Start an upload if a slot is free; L{False} (and counted) when the node is at its limit.
         """
         if self.limit and self.active >= self.limit:
-            metrics.uploads_refused_total.inc()
+            self.metrics.uploads_refused_total.inc()
             return False
         self.active += 1
-        metrics.uploads_active.set(self.active)
+        self.metrics.uploads_active.set(self.active)
         return True
 
     def give_back(self) -> None:
         self.active -= 1
-        metrics.uploads_active.set(self.active)
+        self.metrics.uploads_active.set(self.active)
 
     def sent(self, count: int) -> None:
         """
         Count C{count} body bytes sent to a peer: served from local content, and uploaded.
         """
-        metrics.served_bytes_total.labels("local").inc(count)
-        metrics.uploaded_bytes_total.inc(count)
+        self.metrics.served_bytes_total.labels("local").inc(count)
+        self.metrics.uploaded_bytes_total.inc(count)
 
     def pacer(self) -> IPacer:
         """

@@ -23,6 +23,7 @@ from twisted.trial.unittest import TestCase
 from spegel.advertiser import Advertiser
 from spegel.containerd.client import ContainerdClient
 from spegel.containerd.events import EventSubscriber
+from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter
 from spegel_testing.containerd import ContainerdDaemon, per_containerd
 from spegel_testing.images import LINUX_ARM64, MediaFormat, build_image, build_index
@@ -64,7 +65,8 @@ class RealAdvertiserTests(TestCase):
         self.client = ContainerdClient(reactor, self.daemon.socket, NAMESPACE, call_timeout=5.0)
         self.router = RecordingRouter()
         self.advertiser = Advertiser(
-            reactor, self.client, self.router, RegistryFilter(), reconcile_interval=3600.0, namespace=NAMESPACE
+            reactor, self.client, self.router, RegistryFilter(), reconcile_interval=3600.0, namespace=NAMESPACE,
+            metrics=Metrics(),
         )
 
         def start() -> None:

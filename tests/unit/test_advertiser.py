@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -31,6 +30,7 @@ from spegel.containerd.client import (
     ImageNotFound,
 )
 from spegel.containerd.events import ContentEvent, ImageEvent
+from spegel.metrics import Metrics
 from spegel.oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -211,13 +211,14 @@ class AdvertiserTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.containerd = FakeContainerd()
         self.router = RecordingRouter()
+        self.metrics = Metrics()
         self.log_events: list[dict[str, Any]] = []
         # The walk logs from its own module.
         for module in (advertiser, imagewalk):
             self.patch(module, "_log", Logger(observer=self.log_events.append))
 
     def make(self, registry_filter: RegistryFilter = RegistryFilter(), **kwargs: Any) -> Advertiser:
-        return Advertiser(self.clock, self.containerd, self.router, registry_filter, **kwargs)  # type: ignore[arg-type]
+        return Advertiser(self.clock, self.containerd, self.router, registry_filter, metrics=self.metrics, **kwargs)  # type: ignore[arg-type]
 
     def resync(self, a: Advertiser) -> None:
         self.assertIsNone(self.successResultOf(a.resync()))
@@ -953,7 +954,7 @@ class ServiceTests(AdvertiserTestCase):
 class GaugeTests(AdvertiserTestCase):
     def gauges(self, registry: str) -> tuple[float | None, ...]:
         return tuple(
-            REGISTRY.get_sample_value(name, {"registry": registry})
+            self.metrics.registry.get_sample_value(name, {"registry": registry})
             for name in (
                 "spegel_advertised_image_tags",
                 "spegel_advertised_image_digests",
@@ -1012,8 +1013,8 @@ class LooseContentTests(AdvertiserTestCase):
         self.assertEqual(a.advertised_keys, {layer})
         self.assertEqual(self.router.provided(), [layer])
         # A content digest of docker.io, but no image's root.
-        self.assertEqual(REGISTRY.get_sample_value("spegel_advertised_content_digests", {"registry": "docker.io"}), 1.0)
-        self.assertEqual(REGISTRY.get_sample_value("spegel_advertised_image_digests", {"registry": "docker.io"}), 0.0)
+        self.assertEqual(self.metrics.registry.get_sample_value("spegel_advertised_content_digests", {"registry": "docker.io"}), 1.0)
+        self.assertEqual(self.metrics.registry.get_sample_value("spegel_advertised_image_digests", {"registry": "docker.io"}), 0.0)
 
     def test_label_arrives_later(self) -> None:
         """
@@ -1041,7 +1042,7 @@ class LooseContentTests(AdvertiserTestCase):
         a.on_event(ContentEvent("create", layer))
         self.assertEqual(a.advertised_keys, {layer})
         self.assertEqual(
-            REGISTRY.get_sample_value("spegel_advertised_content_digests", {"registry": REGISTRY_HOST}), 1.0
+            self.metrics.registry.get_sample_value("spegel_advertised_content_digests", {"registry": REGISTRY_HOST}), 1.0
         )
         other = self.containerd.put(b"from another host")
         self.containerd.labels[other] = {"containerd.io/distribution.source.10.0.0.1": "team/app"}

@@ -14,10 +14,11 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from spegel import metrics, oci
+from spegel import oci
 from spegel.coalesce import BUCKET_SECONDS, PullCoalescer, marker_key
 from spegel.dht.ids import Provider
 from spegel.interfaces import ICoalescingRouter
+from spegel.metrics import Metrics
 from spegel.mirror import Mirror
 from spegel.registry import ask_mirror
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
@@ -61,16 +62,12 @@ class ScriptedRouter:
         self.withdrawn.extend(keys)
 
 
-def _outcome(name: str) -> float:
-    return metrics.pull_coalescing_total.labels(name)._value.get()
-
-
 class CoalescerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
         self.clock.advance(NOW)
         self.router = ScriptedRouter()
-        self.coalescer = PullCoalescer(self.clock, self.router, timeout=30.0, marker_lifetime=120.0)
+        self.coalescer = PullCoalescer(self.clock, self.router, timeout=30.0, marker_lifetime=120.0, metrics=Metrics())
         self.minute = int(NOW // BUCKET_SECONDS)
 
     def test_pulling_provides_a_marker_for_this_minute_then_withdraws_it(self) -> None:
@@ -116,18 +113,21 @@ class MirrorCoalescingTests(SynchronousTestCase):
         self.clock.advance(NOW)
         self.router = ScriptedRouter()
         self.http = FakeHTTP()
-        self.coalescer = PullCoalescer(self.clock, self.router, timeout=30.0, poll_interval=0.25)
+        self.metrics = Metrics()
+        self.coalescer = PullCoalescer(self.clock, self.router, timeout=30.0, poll_interval=0.25, metrics=self.metrics)
         self.mirror = Mirror(
             self.clock, self.router, self.http, resolve_timeout=0.02, pick=lambda n: 0,
-            coalescer=self.coalescer,
+            coalescer=self.coalescer, metrics=self.metrics,
         )
         self.minute = int(NOW // BUCKET_SECONDS)
         self.manifest = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
                                     "config": {}, "layers": []}).encode()
-        self.outcomes = {name: _outcome(name) for name in ("upstream", "waited", "timeout")}
 
     def counted(self) -> dict[str, float]:
-        return {name: _outcome(name) - before for name, before in self.outcomes.items()}
+        return {
+            name: self.metrics.registry.get_sample_value("spegel_pull_coalescing_total", {"outcome": name}) or 0.0
+            for name in ("upstream", "waited", "timeout")
+        }
 
     def manifest_by_tag(self) -> Deferred[Any]:
         return ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
@@ -182,7 +182,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
         self.assertEqual(self.router.provided, [])
 
     def test_off_without_a_coalescer(self) -> None:
-        mirror = Mirror(self.clock, self.router, self.http, resolve_timeout=0.02)
+        mirror = Mirror(self.clock, self.router, self.http, resolve_timeout=0.02, metrics=Metrics())
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
         d = ensureDeferred(ask_mirror(mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
         self.failureResultOf(d, ManifestUnknown)

@@ -20,6 +20,7 @@ from spegel.interfaces import (
     IResponseBody,
     IRouter,
 )
+from spegel.metrics import Metrics
 from spegel.mirror import Mirror
 from spegel.selection import PeerClient, PeerSession, ProviderQueue, PutAside, LatencyTracker
 from spegel.store import ContainerdContent
@@ -35,7 +36,7 @@ from tests.unit.test_registry import MemoryContent, RecordingMirror
 class RealClassesTests(SynchronousTestCase):
     def test_mirror(self) -> None:
         clock = task.Clock()
-        self.assertTrue(verifyObject(IMirror, Mirror(clock, FakeRouter(clock), FakeHTTP())))
+        self.assertTrue(verifyObject(IMirror, Mirror(clock, FakeRouter(clock), FakeHTTP(), metrics=Metrics())))
 
     def test_dht_service(self) -> None:
         # DHTService does not declare what it provides (spegel.dht is its own package): its
@@ -47,16 +48,16 @@ class RealClassesTests(SynchronousTestCase):
         self.assertTrue(verifyClass(ILocalContent, ContainerdContent, tentative=True))
 
     def test_bodies(self) -> None:
-        self.assertTrue(verifyObject(IResponseBody, SpooledBody(-1, 0, on_complete=lambda: None)))
+        self.assertTrue(verifyObject(IResponseBody, SpooledBody(-1, 0, on_complete=lambda: None, metrics=Metrics())))
         clock = task.Clock()
         put_aside = PutAside(clock)
         session = PeerSession(
-            PeerClient(clock, FakeHTTP(), put_aside, LatencyTracker()),
+            PeerClient(clock, FakeHTTP(), put_aside, LatencyTracker(), metrics=Metrics()),
             ProviderQueue(put_aside, lambda n: 0),
             "/v2/x/blobs/sha256:0",
         )
         upstream = PeerResponse(provider(1), FakeResponse(200, {}, 10))
-        copy = BlobCopy(clock, upstream, "sha256:" + "0" * 64, session, max_resumes=1, idle_timeout=1.0)
+        copy = BlobCopy(clock, upstream, "sha256:" + "0" * 64, session, max_resumes=1, idle_timeout=1.0, metrics=Metrics())
         self.assertTrue(verifyObject(IResponseBody, copy))
 
 

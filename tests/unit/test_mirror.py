@@ -23,9 +23,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from spegel import metrics, oci
+from spegel import oci
 from spegel.dht.ids import Provider
 from spegel.interfaces import IRouter
+from spegel.metrics import Metrics
 from spegel.mirror import LatencyTracker, Mirror
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
 from spegel.peerresponse import PEER_FAILURE_REASONS
@@ -172,6 +173,7 @@ class MirrorTestCase(SynchronousTestCase):
         self.router = FakeRouter(self.clock)
         self.http = FakeHTTP()
         self.latency = LatencyTracker(initial=0.05)
+        self.metrics = Metrics()
         self.spool_dir = self.mktemp()
         os.makedirs(self.spool_dir)
         self.mirror = self.build_mirror()
@@ -183,8 +185,12 @@ class MirrorTestCase(SynchronousTestCase):
         return Mirror(
             self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
             idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
-            spool_dir=self.spool_dir, pick=pick,
+            spool_dir=self.spool_dir, pick=pick, metrics=self.metrics,
         )
+
+    def counted(self, name: str, **labels: str) -> float:
+        """The mirror's figure C{name} with C{labels} (0 until something was counted there)."""
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
     def blob(self, request: ClientRequest) -> Deferred[Any]:
         return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))
@@ -220,16 +226,14 @@ class ResolveTests(MirrorTestCase):
         A 404 for want of a provider is counted, and says whether the resolve timeout cut the
         lookup short (a slow DHT, or a timeout too short) or the cluster has none.
         """
-        counter = metrics.unresolved_total
-        before = {r: counter.labels(r)._value.get() for r in ("timeout", "not_found")}
         d = self.blob(ClientRequest())
         self.clock.advance(0.021)
         self.failureResultOf(d, BlobUnknown)
         d = self.blob(ClientRequest())
         self.router.announce(end=True)
         self.failureResultOf(d, BlobUnknown)
-        after = {r: counter.labels(r)._value.get() for r in ("timeout", "not_found")}
-        self.assertEqual({r: after[r] - before[r] for r in after}, {"timeout": 1, "not_found": 1})
+        counted = {r: self.counted("spegel_mirror_unresolved_total", reason=r) for r in ("timeout", "not_found")}
+        self.assertEqual(counted, {"timeout": 1, "not_found": 1})
 
     def test_only_peers_put_aside_asks_afresh(self) -> None:
         self.mirror.put_aside.put_aside(provider(1))
@@ -285,7 +289,6 @@ class BlobStreamingTests(MirrorTestCase):
         self.assertFalse(response.transport.paused)
 
     def test_corrupt_peer_never_completes_the_body(self) -> None:
-        mismatches = metrics.digest_mismatches_total._value.get()
         request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1))
@@ -298,7 +301,7 @@ class BlobStreamingTests(MirrorTestCase):
         self.successResultOf(d)
         self.assertTrue(request.aborted)
         self.assertLess(len(request.body), len(self.data))
-        self.assertEqual(metrics.digest_mismatches_total._value.get() - mismatches, 1)
+        self.assertEqual(self.counted("spegel_digest_mismatches_total"), 1)
         self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
 
     def test_midway_failure_resumes_on_next_provider(self) -> None:
@@ -427,7 +430,6 @@ class SpoolTests(MirrorTestCase):
     spool_max = 200_000
 
     def test_corrupt_small_blob_is_fetched_again_elsewhere(self) -> None:
-        mismatches = metrics.digest_mismatches_total._value.get()
         request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1), provider(2))
@@ -444,7 +446,7 @@ class SpoolTests(MirrorTestCase):
         self.assertEqual(request.body, self.data)
         self.assertFalse(request.aborted)
         self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
-        self.assertEqual(metrics.digest_mismatches_total._value.get() - mismatches, 1)
+        self.assertEqual(self.counted("spegel_digest_mismatches_total"), 1)
         self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
         self.assertEqual(os.listdir(self.spool_dir), [], "spools are unlinked")
 
@@ -520,8 +522,6 @@ class HedgingTests(MirrorTestCase):
         self.successResultOf(d)
 
     def test_at_most_retries_peers(self) -> None:
-        counter = metrics.unresolved_total.labels("peers_failed")
-        before = counter._value.get()
         d = self.blob(ClientRequest())
         self.router.announce(provider(1), provider(2), provider(3), provider(4))
         for i in range(3):
@@ -529,7 +529,8 @@ class HedgingTests(MirrorTestCase):
         self.assertEqual(len(self.http.requests), 3)
         self.failureResultOf(d, BlobUnknown)
         # Counted apart from lookups that found no one.
-        self.assertEqual(counter._value.get() - before, 1)
+        self.assertEqual(self.counted("spegel_mirror_unresolved_total", reason="peers_failed"), 1)
+        self.assertEqual(self.counted("spegel_mirror_unresolved_total", reason="not_found"), 0)
 
     def test_learned_delay(self) -> None:
         tracker = LatencyTracker()
@@ -598,10 +599,12 @@ class ThroughTreqTests(SynchronousTestCase):
         blob_digest = peer_content.add_blob(data)
         manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
         peer_content.add_manifest(REGISTRY, "team/app", "v1", manifest)
-        peer = RegistryResource(clock, peer_content, RegistryFilter())
+        peer_metrics = Metrics()
+        peer = RegistryResource(clock, peer_content, RegistryFilter(), metrics=peer_metrics)
         router = FakeRouter(clock)
-        mirror = Mirror(clock, router, StubTreq(peer.resource()))
-        local = RegistryResource(clock, MemoryContent(self.mktemp()), RegistryFilter(), mirror=mirror)
+        metrics = Metrics()
+        mirror = Mirror(clock, router, StubTreq(peer.resource()), metrics=metrics)
+        local = RegistryResource(clock, MemoryContent(self.mktemp()), RegistryFilter(), mirror=mirror, metrics=metrics)
         client = StubTreq(local.resource())
 
         d = client.get(f"http://node/v2/team/app/blobs/{blob_digest}?ns={REGISTRY}")
@@ -618,6 +621,11 @@ class ThroughTreqTests(SynchronousTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(self.successResultOf(response.content()), manifest)
         self.assertEqual(response.headers.getRawHeaders("content-type"), [oci.OCI_MANIFEST])
+        # Each node counts what it served, and where it came from.
+        served = len(data) + len(manifest)
+        self.assertEqual(metrics.registry.get_sample_value("spegel_served_bytes_total", {"source": "peer"}), served)
+        self.assertIsNone(metrics.registry.get_sample_value("spegel_served_bytes_total", {"source": "local"}))
+        self.assertEqual(peer_metrics.registry.get_sample_value("spegel_served_bytes_total", {"source": "local"}), served)
 
 
 class CancellingHTTP(FakeHTTP):
@@ -844,7 +852,7 @@ class PeerFailureReasonTests(MirrorTestCase):
 
     def counts(self) -> dict[str, float]:
         return {
-            reason: metrics.peer_failures_total.labels(reason)._value.get()
+            reason: self.counted("spegel_mirror_peer_failures_total", reason=reason)
             for reason in PEER_FAILURE_REASONS
         }
 

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.bodies import READ_CHUNK, BodyInterrupted, ChunkedReadProducer, FileBodyProducer
+from spegel.metrics import Metrics
 from spegel.pacing import TokenBucket
 from tests.unit.test_bodies import ProducerRequest
 
@@ -28,7 +29,7 @@ class PacedFileBodyTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.bucket = TokenBucket(self.clock, MiB)
+        self.bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         self.data = os.urandom(3 * MiB)
 
     def producer(self, request: ProducerRequest, offset: int = 0, length: int | None = None) -> FileBodyProducer:
@@ -143,7 +144,7 @@ class PacedFileBodyTests(SynchronousTestCase):
 class PacedChunkedReadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
-        self.bucket = TokenBucket(self.clock, MiB)
+        self.bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         self.data = os.urandom(2 * MiB)
         self.pending: list[tuple[int, int, Deferred[bytes]]] = []
 

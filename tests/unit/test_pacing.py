@@ -10,8 +10,8 @@ from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from spegel import metrics
 from spegel.bodies import READ_CHUNK
+from spegel.metrics import Metrics
 from spegel.pacing import BURST_FLOOR, MIN_RATE, UNPACED, IPacer, TokenBucket
 
 MiB = 1024 * 1024
@@ -56,18 +56,18 @@ class TokenBucketTests(SynchronousTestCase):
         The burst is an eighth of a second of the rate, at least a read chunk; a waiting upload
         is woken for a hundredth of a second of it, at least 4 KiB.
         """
-        fast = TokenBucket(self.clock, 100 * MiB)
+        fast = TokenBucket(self.clock, 100 * MiB, metrics=Metrics())
         self.assertEqual(fast.burst, 12.5 * MiB)
         self.assertEqual(fast.quantum, MiB)
-        slow = TokenBucket(self.clock, MIN_RATE)
+        slow = TokenBucket(self.clock, MIN_RATE, metrics=Metrics())
         self.assertEqual(slow.burst, BURST_FLOOR)
         self.assertEqual(slow.quantum, 4096)
         self.assertGreaterEqual(BURST_FLOOR, READ_CHUNK)
-        self.assertRaises(ValueError, TokenBucket, self.clock, 0)
+        self.assertRaises(ValueError, TokenBucket, self.clock, 0, metrics=Metrics())
 
     def test_pacers_provide_the_interface(self) -> None:
         verifyObject(IPacer, UNPACED)
-        verifyObject(IPacer, TokenBucket(self.clock, MiB).upload())
+        verifyObject(IPacer, TokenBucket(self.clock, MiB, metrics=Metrics()).upload())
 
     def test_rate_over_simulated_seconds(self) -> None:
         """
@@ -75,7 +75,7 @@ class TokenBucketTests(SynchronousTestCase):
         than burst + rate * t, and less by at most one quantum.
         """
         rate = 10 * MiB
-        bucket = TokenBucket(self.clock, rate)
+        bucket = TokenBucket(self.clock, rate, metrics=Metrics())
         upload = Greedy(bucket, piece=256 * 1024)
         upload.run()
         self.assertEqual(upload.sent, bucket.burst)
@@ -92,7 +92,7 @@ class TokenBucketTests(SynchronousTestCase):
         """
         A bucket left idle for long saves one burst, not the whole idle time's worth.
         """
-        bucket = TokenBucket(self.clock, 8 * MiB)
+        bucket = TokenBucket(self.clock, 8 * MiB, metrics=Metrics())
         upload = bucket.upload()
         self.assertEqual(upload.take(100 * MiB), MiB)
         self.assertEqual(upload.take(100 * MiB), 0)
@@ -105,7 +105,7 @@ class TokenBucketTests(SynchronousTestCase):
         Less than a quantum is not granted (unless that is all the upload wants): every grant
         costs a syscall.
         """
-        bucket = TokenBucket(self.clock, 10 * MiB)
+        bucket = TokenBucket(self.clock, 10 * MiB, metrics=Metrics())
         upload = bucket.upload()
         upload.take(bucket.burst)
         self.clock.advance(bucket.quantum / bucket.rate / 2)
@@ -113,7 +113,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertGreater(upload.take(100), 0)
 
     def test_give_back(self) -> None:
-        bucket = TokenBucket(self.clock, 8 * MiB)
+        bucket = TokenBucket(self.clock, 8 * MiB, metrics=Metrics())
         upload = bucket.upload()
         self.assertEqual(upload.take(MiB), MiB)
         upload.give_back(1000)
@@ -125,7 +125,7 @@ class TokenBucketTests(SynchronousTestCase):
         Three greedy uploads together stay under the cap, and each gets a third of it.
         """
         rate = 6 * MiB
-        bucket = TokenBucket(self.clock, rate)
+        bucket = TokenBucket(self.clock, rate, metrics=Metrics())
         uploads = [Greedy(bucket, piece=64 * 1024) for _ in range(3)]
         for upload in uploads:
             upload.run()
@@ -139,7 +139,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertLessEqual(max(shares) - min(shares), 2 * bucket.quantum, shares)
 
     def test_newcomer_queues_behind_those_waiting(self) -> None:
-        bucket = TokenBucket(self.clock, MiB)
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         first = Greedy(bucket)
         first.run()
         self.assertEqual(bucket.waiting, 1)
@@ -156,7 +156,7 @@ class TokenBucketTests(SynchronousTestCase):
         An upload that ends while it waits (its client went away) is not called back, and the
         bucket keeps no timer for nobody.
         """
-        bucket = TokenBucket(self.clock, MiB)
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         upload = Greedy(bucket)
         upload.run()
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
@@ -168,7 +168,7 @@ class TokenBucketTests(SynchronousTestCase):
         upload.pacer.stop()  # twice is harmless
 
     def test_one_of_two_stops(self) -> None:
-        bucket = TokenBucket(self.clock, MiB)
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         staying, leaving = Greedy(bucket), Greedy(bucket)
         staying.run()
         leaving.run()
@@ -181,8 +181,7 @@ class TokenBucketTests(SynchronousTestCase):
         """
         The time during which uploads waited is counted once, however many waited.
         """
-        bucket = TokenBucket(self.clock, MiB)
-        counted = metrics.upload_throttled_seconds_total._value.get()
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         uploads = [Greedy(bucket), Greedy(bucket)]
         for upload in uploads:
             upload.run()
@@ -190,7 +189,8 @@ class TokenBucketTests(SynchronousTestCase):
         for upload in uploads:
             upload.pacer.stop()
         self.assertAlmostEqual(bucket.throttled_seconds, 2.0, places=6)
-        self.assertAlmostEqual(metrics.upload_throttled_seconds_total._value.get() - counted, 2.0, places=6)
+        counted = bucket.metrics.registry.get_sample_value("spegel_upload_throttled_seconds_total")
+        self.assertAlmostEqual(counted, 2.0, places=6)
         self.clock.advance(5)
         self.assertAlmostEqual(bucket.throttled_seconds, 2.0, places=6)
 
@@ -200,7 +200,7 @@ class TokenBucketTests(SynchronousTestCase):
         tokens accrue again from then on.
         """
         self.clock.advance(1000)
-        bucket = TokenBucket(self.clock, MiB)
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         upload = bucket.upload()
         upload.take(bucket.burst)
         self.clock.rightNow -= 500
@@ -209,7 +209,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertEqual(upload.take(MiB), int(MiB * 0.1))
 
     def test_a_failing_upload_does_not_stop_the_others(self) -> None:
-        bucket = TokenBucket(self.clock, MiB)
+        bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         broken = bucket.upload()
         broken.take(bucket.burst)
 

@@ -13,7 +13,6 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from spegel import metrics
 from spegel.dht.ids import Provider
 from spegel.mirror import Mirror
 from spegel.piecewise import STEAL_CHECK_INTERVAL
@@ -43,7 +42,7 @@ class PiecewiseTestCase(MirrorTestCase):
             idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
             spool_dir=self.spool_dir, pick=pick,
             parallel_min_size=50_000, parallel_peers=self.parallel_peers, piece_size=self.piece,
-            parallel_window=WINDOW,
+            parallel_window=WINDOW, metrics=self.metrics,
         )
 
     def start(self, *providers: Provider) -> tuple[ClientRequest, Any, FakeResponse]:
@@ -103,7 +102,7 @@ class PiecewiseTestCase(MirrorTestCase):
 
 class OrderTests(PiecewiseTestCase):
     def test_pieces_from_several_peers_reach_the_client_in_order(self) -> None:
-        fetched = counted(metrics.mirror_pieces_fetched_total)
+        fetched = counted(self.metrics.mirror_pieces_fetched_total)
         request, d, winner = self.start(provider(1), provider(2), provider(3))
         self.assertTrue(winner.transport.stopped, "the winner's whole-blob answer is cut after its piece")
         # Each peer on a piece of its own, the winner too once its first piece is in.
@@ -119,7 +118,7 @@ class OrderTests(PiecewiseTestCase):
         self.assertEqual(request.responseHeaders.getRawHeaders("content-length"), [str(len(self.data))])
         # The window's pieces, and the one chunk held back until the digest is known.
         self.assertLessEqual(max(peak), (WINDOW + 1) * PIECE)
-        self.assertEqual(counted(metrics.mirror_pieces_fetched_total) - fetched, 10)
+        self.assertEqual(counted(self.metrics.mirror_pieces_fetched_total) - fetched, 10)
         every = {self.asked(i)[0] for i in range(1, len(self.http.requests))}
         self.assertEqual(every, {"127.0.0.1:5001", "127.0.0.2:5002", "127.0.0.3:5003"})
 
@@ -160,7 +159,7 @@ class OrderTests(PiecewiseTestCase):
 
 class MismatchTests(PiecewiseTestCase):
     def test_wrong_piece_never_completes_the_body_and_every_contributor_is_put_aside(self) -> None:
-        mismatches = counted(metrics.digest_mismatches_total)
+        mismatches = counted(self.metrics.digest_mismatches_total)
         request, d, winner = self.start(provider(1), provider(2), provider(3))
         bad = bytearray(self.data)
         bad[55_000] ^= 0xFF
@@ -168,7 +167,7 @@ class MismatchTests(PiecewiseTestCase):
         self.successResultOf(d)
         self.assertTrue(request.aborted)
         self.assertLess(len(request.body), len(self.data))
-        self.assertEqual(counted(metrics.digest_mismatches_total) - mismatches, 1)
+        self.assertEqual(counted(self.metrics.digest_mismatches_total) - mismatches, 1)
         for n in (1, 2, 3):
             self.assertTrue(self.mirror.put_aside.is_aside(provider(n)), n)
 
@@ -180,7 +179,7 @@ class FaultTests(PiecewiseTestCase):
     """
 
     def refetched(self, reason: str) -> float:
-        return counted(metrics.mirror_piece_refetches_total, reason)
+        return counted(self.metrics.mirror_piece_refetches_total, reason)
 
     def finish(self, request: ClientRequest, d: Any) -> None:
         self.serve_all()
@@ -247,14 +246,14 @@ class FaultTests(PiecewiseTestCase):
         self.bad_answer(answer, "stall")
 
     def test_busy_peer_is_left_for_another_holder(self) -> None:
-        busy = counted(metrics.peers_busy_total)
+        busy = counted(self.metrics.peers_busy_total)
 
         def answer(index: int) -> None:
             response = self.http.answer(index, 429, 0, retry_after="1")
             self.assertTrue(response.transport.stopped)
 
         self.bad_answer(answer, "busy", put_aside=False)
-        self.assertEqual(counted(metrics.peers_busy_total) - busy, 1)
+        self.assertEqual(counted(self.metrics.peers_busy_total) - busy, 1)
 
     def test_range_of_unstated_length(self) -> None:
         """A chunked 206 (no Content-Length) is read up to its piece's end, and no further."""
@@ -276,14 +275,14 @@ class FaultTests(PiecewiseTestCase):
 
     def test_winner_cut_in_its_first_piece(self) -> None:
         """The race's winner fails within the first piece: another peer fetches the rest of it."""
-        short = counted(metrics.mirror_piece_refetches_total, "short")
+        short = counted(self.metrics.mirror_piece_refetches_total, "short")
         request = self._request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1), provider(2), provider(3))
         winner = self.http.answer(0, 200, len(self.data))
         winner.send(self.data[:3000])
         winner.end(Failure(ConnectionLost()))
-        self.assertEqual(counted(metrics.mirror_piece_refetches_total, "short") - short, 1)
+        self.assertEqual(counted(self.metrics.mirror_piece_refetches_total, "short") - short, 1)
         # The first peer done with its piece goes on with the rest of the first: the most urgent.
         self.serve(self.open_requests()[0])
         self.assertEqual(self.asked(self.open_requests()[-1])[1:], (3000, PIECE - 1))
@@ -379,8 +378,8 @@ class StealingTests(PiecewiseTestCase):
         the other pieces are in, takes the rest of its piece; the thief's bytes complete it and
         the slow answer is closed.
         """
-        started = counted(metrics.mirror_pieces_stolen_total, "started")
-        won = counted(metrics.mirror_pieces_stolen_total, "thief_won")
+        started = counted(self.metrics.mirror_pieces_stolen_total, "started")
+        won = counted(self.metrics.mirror_pieces_stolen_total, "thief_won")
         request, d, winner = self.start(provider(1), provider(2))
         slow_index, fast_index = self.open_requests()
         self.assertEqual(self.asked(slow_index)[:2], ("127.0.0.2:5002", 600_000))
@@ -398,7 +397,7 @@ class StealingTests(PiecewiseTestCase):
         fast.end()
         (thief_index,) = self.open_requests()
         self.assertEqual(self.asked(thief_index), ("127.0.0.1:5001", 610_000, 1_199_999))
-        self.assertEqual(counted(metrics.mirror_pieces_stolen_total, "started") - started, 1)
+        self.assertEqual(counted(self.metrics.mirror_pieces_stolen_total, "started") - started, 1)
         slow.send(self.data[610_000:615_000])  # still trickling: its bytes count meanwhile
         thief = self.answer_range(thief_index)
         thief.send(self.data[610_000:1_200_000])
@@ -407,7 +406,7 @@ class StealingTests(PiecewiseTestCase):
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
         self.assertFalse(request.aborted)
-        self.assertEqual(counted(metrics.mirror_pieces_stolen_total, "thief_won") - won, 1)
+        self.assertEqual(counted(self.metrics.mirror_pieces_stolen_total, "thief_won") - won, 1)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(2)), "slow is not broken")
 
     def test_choose_steals_from_a_slow_peer_only(self) -> None:

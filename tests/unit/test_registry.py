@@ -21,7 +21,8 @@ from twisted.web.resource import Resource
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from spegel import metrics, oci
+from spegel import oci
+from spegel.metrics import Metrics
 from spegel.content import BlobContent, ManifestContent, TagTarget
 from spegel.interfaces import ILocalContent, IMirror, Upstream
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
@@ -121,10 +122,11 @@ class RegistryTestsMixin:
         self.ready = True
         self.mirror: RecordingMirror | None = None
         self.filter = RegistryFilter(frozenset({REGISTRY}), (re.compile(r"/blocked/"),))
+        self.metrics = Metrics()
 
     def client(self) -> StubTreq:
         registry = RegistryResource(
-            self.clock, self.content, self.filter, ready=lambda: self.ready, mirror=self.mirror
+            self.clock, self.content, self.filter, ready=lambda: self.ready, mirror=self.mirror, metrics=self.metrics
         )
         return StubTreq(registry.resource())
 
@@ -232,12 +234,13 @@ class ManifestTests(RegistryTestsMixin, SynchronousTestCase):
         self.assertOCIError(response, body, 404, "MANIFEST_UNKNOWN")
 
     def test_hit_and_miss_counted(self) -> None:
-        hits = metrics.mirror_requests_total.labels(REGISTRY, "hit")
-        misses = metrics.mirror_requests_total.labels(REGISTRY, "miss")
-        h0, m0 = hits._value.get(), misses._value.get()
         self.request("GET", f"/v2/team/app/manifests/v1?ns={REGISTRY}")
         self.request("GET", f"/v2/team/app/manifests/nope?ns={REGISTRY}")
-        self.assertEqual((hits._value.get() - h0, misses._value.get() - m0), (1, 1))
+        counted = {
+            cache: self.metrics.registry.get_sample_value("spegel_mirror_requests_total", {"registry": REGISTRY, "cache": cache})
+            for cache in ("hit", "miss")
+        }
+        self.assertEqual(counted, {"hit": 1, "miss": 1})
 
 
 class BlobTests(RegistryTestsMixin, SynchronousTestCase):

@@ -12,7 +12,7 @@ import os
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import metrics, oci
+from spegel import oci
 from spegel.containerd.client import (
     ContainerdUnavailable,
     ContentInfo,
@@ -21,6 +21,7 @@ from spegel.containerd.client import (
     Image,
     ImageNotFound,
 )
+from spegel.metrics import Metrics
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
 from spegel.store import ContainerdContent
 
@@ -62,7 +63,8 @@ class ContainerdContentTests(SynchronousTestCase):
         self.client = FakeClient()
         self.root = self.mktemp()
         os.makedirs(os.path.join(self.root, "blobs", "sha256"))
-        self.store = ContainerdContent(self.client, self.root)  # type: ignore[arg-type]
+        self.metrics = Metrics()
+        self.store = ContainerdContent(self.client, self.root, metrics=self.metrics)  # type: ignore[arg-type]
         self.manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
         self.manifest_digest = digest_of(self.manifest)
         self.client.content[self.manifest_digest] = self.manifest
@@ -111,11 +113,10 @@ class ContainerdContentTests(SynchronousTestCase):
         self.failureResultOf(self.call(self.store.blob("sha256:" + "0" * 64)), BlobUnknown)
 
     def test_containerd_down_is_a_miss(self) -> None:
-        errors = metrics.containerd_errors_total._value.get()
         self.client.down = True
         self.failureResultOf(
             self.call(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1"))), ManifestUnknown
         )
         self.failureResultOf(self.call(self.store.manifest(self.manifest_digest)), ManifestUnknown)
         self.failureResultOf(self.call(self.store.blob(self.manifest_digest)), BlobUnknown)
-        self.assertEqual(metrics.containerd_errors_total._value.get() - errors, 3)
+        self.assertEqual(self.metrics.registry.get_sample_value("spegel_containerd_errors_total"), 3)

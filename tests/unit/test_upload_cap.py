@@ -19,8 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import flags, metrics
+from spegel import flags
 from spegel.interfaces import MIRRORED_HEADER
+from spegel.metrics import Metrics
 from spegel.pacing import MIN_RATE, TokenBucket
 from spegel.registry import RegistryFilter, RegistryResource, make_site
 from spegel.tap import Options
@@ -67,12 +68,16 @@ class UploadCapTests(SynchronousTestCase):
         self.data = os.urandom(3 * MiB)
         self.on_disk = self.content.add_blob(self.data)
         self.through_containerd = self.content.add_blob(os.urandom(2 * MiB), on_disk=False)
-        self.bucket = TokenBucket(self.clock, RATE)
-        self.uploads = UploadSlots(bandwidth=self.bucket)
+        self.metrics = Metrics()
+        self.bucket = TokenBucket(self.clock, RATE, metrics=self.metrics)
+        self.uploads = UploadSlots(bandwidth=self.bucket, metrics=self.metrics)
         registry = RegistryResource(
-            self.clock, self.content, RegistryFilter(frozenset({REGISTRY})), uploads=self.uploads
+            self.clock, self.content, RegistryFilter(frozenset({REGISTRY})), uploads=self.uploads, metrics=self.metrics
         )
         self.site = make_site(registry.resource(), reactor=self.clock)
+
+    def counted(self, name: str) -> float:
+        return self.metrics.registry.get_sample_value(name) or 0.0
 
     def get(self, digest: str, *, peer: bool = True, range_: str | None = None) -> Exchange:
         lines = [f"GET /v2/team/app/blobs/{digest}?ns={REGISTRY} HTTP/1.1", "Host: node"]
@@ -95,16 +100,14 @@ class UploadCapTests(SynchronousTestCase):
             self.assertLessEqual(sent, self.bucket.burst + RATE * self.clock.seconds() + 1)
 
     def test_peer_body_is_paced(self) -> None:
-        uploaded = metrics.uploaded_bytes_total._value.get()
-        throttled = metrics.upload_throttled_seconds_total._value.get()
         exchange = self.get(self.on_disk)
         self.assertIn(b"HTTP/1.1 200 ", exchange.head)
         self.assertEqual(len(exchange.body), self.bucket.burst)
         self.run_until(exchange, size=len(self.data))
         self.assertEqual(exchange.body, self.data)
         self.assertGreaterEqual(self.clock.seconds(), (len(self.data) - self.bucket.burst) / RATE - 1e-6)
-        self.assertEqual(metrics.uploaded_bytes_total._value.get() - uploaded, len(self.data))
-        self.assertGreater(metrics.upload_throttled_seconds_total._value.get() - throttled, 2.5)
+        self.assertEqual(self.counted("spegel_uploaded_bytes_total"), len(self.data))
+        self.assertGreater(self.counted("spegel_upload_throttled_seconds_total"), 2.5)
         self.assertEqual(self.uploads.active, 0)
         self.assertEqual(self.bucket_timers(), [])
 
@@ -129,12 +132,12 @@ class UploadCapTests(SynchronousTestCase):
         """
         peer = self.get(self.on_disk)
         self.assertEqual(self.bucket.waiting, 1)
-        uploaded = metrics.uploaded_bytes_total._value.get()
+        uploaded = self.counted("spegel_uploaded_bytes_total")
         local = self.get(self.on_disk, peer=False)
         self.assertEqual(local.body, self.data)
         local_read = self.get(self.through_containerd, peer=False)
         self.assertEqual(local_read.body, self.content.blobs[self.through_containerd])
-        self.assertEqual(metrics.uploaded_bytes_total._value.get(), uploaded)
+        self.assertEqual(self.counted("spegel_uploaded_bytes_total"), uploaded)
         self.run_until(peer, size=len(self.data))
 
     def test_peers_share_the_cap(self) -> None:

@@ -15,8 +15,8 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from spegel import metrics
 from spegel.interfaces import MIRRORED_HEADER
+from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter, RegistryResource
 from spegel.uploads import UPLOADS_HEADER, UploadSlots, parse_uploads_header
 from tests.unit.test_registry import BASE, REGISTRY, MemoryContent
@@ -24,22 +24,21 @@ from tests.unit.test_registry import BASE, REGISTRY, MemoryContent
 
 class SlotTests(SynchronousTestCase):
     def test_limit(self) -> None:
-        slots = UploadSlots(2)
-        refused = metrics.uploads_refused_total._value.get()
+        slots = UploadSlots(2, metrics=Metrics())
         self.assertTrue(slots.take())
         self.assertTrue(slots.take())
         self.assertFalse(slots.take())
-        self.assertEqual(metrics.uploads_refused_total._value.get() - refused, 1)
+        self.assertEqual(slots.metrics.registry.get_sample_value("spegel_uploads_refused_total"), 1)
         self.assertEqual(slots.header_value(), "2/2")
         slots.give_back()
         self.assertTrue(slots.take())
 
     def test_no_limit(self) -> None:
-        slots = UploadSlots()
+        slots = UploadSlots(metrics=Metrics())
         for _ in range(1000):
             self.assertTrue(slots.take())
         self.assertEqual(slots.header_value(), "1000/0")
-        self.assertEqual(metrics.uploads_active._value.get(), 1000)
+        self.assertEqual(slots.metrics.registry.get_sample_value("spegel_uploads_active"), 1000)
 
     def test_parse_header(self) -> None:
         self.assertEqual(parse_uploads_header("3/8"), (3, 8))
@@ -73,9 +72,10 @@ class RegistryLimitTests(SynchronousTestCase):
         os.makedirs(self.content.tmpdir)
         self.data = os.urandom(3000)
         self.digest = self.content.add_blob(self.data, on_disk=False)
-        self.uploads = UploadSlots(1)
+        metrics = Metrics()
+        self.uploads = UploadSlots(1, metrics=metrics)
         registry = RegistryResource(
-            task.Clock(), self.content, RegistryFilter(frozenset({REGISTRY})), uploads=self.uploads
+            task.Clock(), self.content, RegistryFilter(frozenset({REGISTRY})), uploads=self.uploads, metrics=metrics
         )
         self.treq = StubTreq(registry.resource())
         self.path = f"{BASE}/v2/team/app/blobs/{self.digest}?ns={REGISTRY}"
