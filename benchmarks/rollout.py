@@ -5,11 +5,11 @@ upstream behind a 100 Mbit/s link with 30 ms of round trip, against the same pul
 spegel at all (every node straight from upstream).
 
     .venv/bin/python benchmarks/rollout.py [--nodes 10,20] [--sizes 10,100] \\
-        [--mode seeded|concurrent] [--stagger 0] [--coalesce 0s] [--no-baseline]
+        [--mode seeded|concurrent] [--stagger 0] [--coalesce 5s] [--no-baseline]
 
 Modes: C{seeded}: one node pulls first (from upstream), then all the others at once, as when a
 rollout follows a canary; C{concurrent}: every node at once, nobody holding the image yet (only
-C{--coalesce} keeps that from being N upstream pulls).  C{--stagger S} starts the nodes S
+coalescing, on by default, keeps that from being N upstream pulls).  C{--stagger S} starts the nodes S
 seconds apart.  Per case: mean, p50, p99 and max pull time, the time until every node holds the
 image, upstream bytes (counted on the upstream link), bytes each node served to its peers (max
 and mean: is the first holder a hot spot?), and the nodes' RSS.  The reference's published
@@ -75,12 +75,13 @@ def run_case(
     spegel: bool,
     mode: str,
     stagger: float,
-    coalesce: str,
+    coalesce: str | None,
     node_args: Sequence[str] = (),
     keep_logs: str | None = None,
 ) -> dict:
     image = build_image(seed=f"rollout-{size_mb}", layer_sizes=layers_for(size_mb))
-    node_args = ["--mirror-coalesce-timeout", coalesce, *node_args] if spegel else []
+    coalesce_args = ["--mirror-coalesce-timeout", coalesce] if coalesce is not None else []
+    node_args = [*coalesce_args, *node_args] if spegel else []
     with NetCluster(nodes, spegel=spegel, node_args=node_args) as cluster:
         ref = cluster.push_image("rollout/app", "v1", image)
         started = time.monotonic()
@@ -167,13 +168,13 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,100")
     parser.add_argument("--mode", choices=("seeded", "concurrent"), default="seeded")
     parser.add_argument("--stagger", type=float, default=0.0)
-    parser.add_argument("--coalesce", default="0s")
+    parser.add_argument("--coalesce", default=None, help="--mirror-coalesce-timeout (default: the node's own)")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--node-arg", action="append", default=[], help="extra spegel node argument, repeatable")
     parser.add_argument("--runs", type=int, default=1, help="repeat each case (baseline and spegel interleaved)")
     parser.add_argument("--keep-logs", default=None, help="copy the spegel nodes' logs of each case into this directory")
     args = parser.parse_args()
-    print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce}; upstream 100 Mbit/s, 30 ms RTT")
+    print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce or '(node default)'}; upstream 100 Mbit/s, 30 ms RTT")
     print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
     for nodes in (int(n) for n in args.nodes.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
