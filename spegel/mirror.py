@@ -302,7 +302,7 @@ class Mirror:
         while (remaining := deadline - self._clock.seconds()) > 0:
             await deferLater(self._clock, min(coalescer.poll_interval, remaining))
             try:
-                providers = await self._providers(key, ManifestUnknown, fresh=True)
+                providers = await self._providers(key, ManifestUnknown, fresh=True, poll=coalescer.poll_interval)
             except ManifestUnknown:
                 continue
             self._metrics.pull_coalescing_total.labels("waited").inc()
@@ -312,11 +312,19 @@ class Mirror:
         coalescer.pulling(key)
         raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
 
-    async def _providers(self, key: str, unknown: type[OCIError], fresh: bool = False) -> ProviderQueue:
+    async def _providers(
+        self, key: str, unknown: type[OCIError], fresh: bool = False, poll: float | None = None
+    ) -> ProviderQueue:
+        """
+        @param poll: this lookup is one look of a coalesced wait, made every C{poll} seconds: it
+            may take that long (a loaded cluster's lookups outlast the resolve timeout, and cut
+            at it a wait would never see the content appear), and finding nothing is no 404.
+        """
         return await lookup(
             self._clock, self._router, key, ProviderQueue(self.put_aside, self._pick, self._peers.load.score, self._clock),
-            resolve_timeout=self._resolve_timeout, limit=max(self._retries * 2, 5), unknown=unknown,
-            fresh=fresh, metrics=self._metrics,
+            resolve_timeout=self._resolve_timeout if poll is None else max(poll, self._resolve_timeout),
+            limit=max(self._retries * 2, 5), unknown=unknown, fresh=fresh, metrics=self._metrics,
+            count_miss=poll is None,
         )
 
     async def _race(

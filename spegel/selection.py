@@ -444,10 +444,14 @@ async def lookup(
     unknown: type[OCIError],
     fresh: bool = False,
     metrics: Metrics,
+    count_miss: bool = True,
 ) -> ProviderQueue:
     """
     Start a lookup of C{key} filling C{queue}; wait (at most C{resolve_timeout}) for its first
     provider. C{fresh}: ask the cluster, not the cache of recent lookups (which may hold a miss).
+
+    C{count_miss}: a miss is a 404 (counted in C{spegel_mirror_unresolved_total}), not one look
+    of a wait that goes on.
 
     @raise unknown: no provider was found in time.
     """
@@ -480,7 +484,8 @@ async def lookup(
         # Before the lookup is cancelled, which finishes the queue.
         reason = "not_found" if queue.finished else "timeout"
         lookups[-1].cancel()
-        metrics.unresolved_total.labels(reason).inc()
+        if count_miss:
+            metrics.unresolved_total.labels(reason).inc()
         _log.debug(
             "No provider of {key} ({reason}, after {ms:.0f} ms)",
             key=key, reason=reason, ms=(clock.seconds() - started) * 1000,

@@ -161,6 +161,37 @@ class MirrorCoalescingTests(SynchronousTestCase):
         polls = [use_cache for key, use_cache in self.router.lookups[1:] if key == TAG_KEY]
         self.assertGreater(len(polls), 10)
         self.assertFalse(any(polls))
+        # Only the first miss counts as unresolved; the wait's looks are not 404s.
+        self.assertEqual(self.metrics.registry.get_sample_value("spegel_mirror_unresolved_total", {"reason": "not_found"}), 1)
+
+    def test_a_look_of_the_wait_may_outlast_the_resolve_timeout(self) -> None:
+        self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
+        d = self.manifest_by_tag()
+        # The cluster is slow now: a look of the wait gets its answer 0.2 s after asking, ten
+        # times the resolve timeout but within the poll interval.
+        slow: list[Deferred[list[Provider]]] = []
+        self.router.find_providers = self.slow_lookup(self.router.find_providers, slow)  # type: ignore[method-assign]
+        self.clock.advance(0.25)
+        self.assertEqual(len(slow), 1)
+        self.clock.advance(0.2)
+        slow[0].callback([provider(4)])
+        self.clock.advance(0)
+        self.assertEqual(len(self.http.requests), 1)
+        self.assertNoResult(d)
+
+    def slow_lookup(self, find: Any, slow: list[Deferred[list[Provider]]]) -> Any:
+        def find_providers(key: str, *, on_provider: Any = None, limit: int = 20, use_cache: bool = True) -> Any:
+            if key != TAG_KEY:
+                return find(key, on_provider=on_provider, limit=limit, use_cache=use_cache)
+            d: Deferred[list[Provider]] = Deferred()
+            def found(providers: list[Provider]) -> list[Provider]:
+                for p in providers:
+                    on_provider(p)
+                return providers
+            d.addCallback(found)
+            slow.append(d)
+            return d
+        return find_providers
 
     def test_gives_up_after_the_timeout_and_pulls_itself(self) -> None:
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
