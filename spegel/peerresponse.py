@@ -133,7 +133,8 @@ def span(response: Any) -> tuple[int, int, int]:
         if unit != "bytes" or not 0 <= first <= last < size:
             raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS)
         return first, last, size
-    if response.length is None or response.length < 0:
+    # Twisted's UNKNOWN_LENGTH (no Content-Length: a chunked body) is a string, not a number.
+    if not isinstance(response.length, int) or response.length < 0:
         raise PeerFailed("the peer sent no Content-Length", STATUS)
     return 0, response.length - 1, response.length
 
