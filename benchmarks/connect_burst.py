@@ -30,7 +30,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from spegel.flags import ListenAddress
-from spegel.registry import make_site
+from spegel.httpserver import make_site
 
 class V2(Resource):
     isLeaf = True

@@ -25,14 +25,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from spegel.bodies import BodyInterrupted, ChunkedReadProducer, FileBodyProducer
 from spegel.oci import (
     BlobUnknown,
     ByteRange,
-    HeadersTooLarge,
     MalformedRequest,
     ManifestUnknown,
     NameInvalid,
@@ -46,8 +45,6 @@ from spegel.oci import (
     parse_registry_host,
     parse_repository,
     range_to_honour,
-    RequestTimeout,
-    TooManyConnections,
     TooManyUploads,
 )
 from spegel.content import BlobContent
@@ -70,7 +67,6 @@ __all__ = [
     "RegistryResource",
     "abort_response",
     "ask_mirror",
-    "make_site",
     "set_blob_headers",
     "write_oci_error",
 ]
@@ -404,112 +400,3 @@ class UTF8Only(Resource):
         except UnicodeDecodeError:
             return write_oci_error(request, NameInvalid("the request's path or query is not UTF-8"))
         return self._inner.render(request)
-
-
-# How long a client may take to send a request's line and headers, from its first byte: a
-# client that trickles them (slowloris) holds a connection and its buffers, and containerd sends
-# them in one write.  Twisted's idle timeout does not catch it: every byte resets that.
-REQUEST_HEADERS_TIMEOUT = 10.0
-# Connections at once from one client address: a node's containerd and every peer's pool
-# (8 per peer) stay far below it; one client that opens thousands does not starve the rest.
-DEFAULT_CONNECTIONS_PER_CLIENT = 128
-
-
-class OCIHTTPChannel(http.HTTPChannel):
-    """
-    An HTTP channel that answers malformed or oversized requests with an OCI error body
-    rather than Twisted's bare 400, so a client (or an operator with curl) sees what was wrong.
-
-    It also bounds what one client can hold: a request's line and headers must arrive within
-    C{site.request_headers_timeout} of their first byte (408 otherwise), and a client address
-    may have at most C{site.connections_per_client} connections open (429 beyond; 0: no bound).
-    """
-
-    _headers_deadline: Any = None
-    _client: str | None = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        limit = getattr(self.site, "connections_per_client", 0)
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        if not limit or host is None:
-            return
-        counts = self.site.connections_by_client
-        if counts.get(host, 0) >= limit:
-            self._write_error_and_disconnect(TooManyConnections(f"more than {limit} connections from {host}"))
-            return
-        self._client = host
-        counts[host] = counts.get(host, 0) + 1
-
-    def dataReceived(self, data: bytes) -> None:
-        # Armed at the first byte of a request's line and headers (line mode, no request being
-        # handled), disarmed once they are all in.
-        if self._headers_deadline is None and self.line_mode and not self._handlingRequest and data:
-            timeout = getattr(self.site, "request_headers_timeout", REQUEST_HEADERS_TIMEOUT)
-            if timeout:
-                self._headers_deadline = self.callLater(timeout, self._headers_too_slow)
-        super().dataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._disarm_headers_deadline()
-        super().allHeadersReceived()
-
-    def _headers_too_slow(self) -> None:
-        self._headers_deadline = None
-        self._write_error_and_disconnect(RequestTimeout("request headers not received in time"))
-        # A client that does not read either must not keep the socket: abort soon after.
-        self.callLater(1.0, self.transport.abortConnection)
-
-    def _disarm_headers_deadline(self) -> None:
-        if self._headers_deadline is not None:
-            if self._headers_deadline.active():
-                self._headers_deadline.cancel()
-            self._headers_deadline = None
-
-    def connectionLost(self, reason: Any) -> None:
-        self._disarm_headers_deadline()
-        if self._client is not None:
-            counts = self.site.connections_by_client
-            left = counts.get(self._client, 1) - 1
-            if left > 0:
-                counts[self._client] = left
-            else:
-                counts.pop(self._client, None)
-            self._client = None
-        super().connectionLost(reason)
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        if self._receivedHeaderSize > self.totalHeadersSize:
-            error: OCIError = HeadersTooLarge("request headers too large")
-        else:
-            error = MalformedRequest("malformed HTTP request")
-        self._write_error_and_disconnect(error)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._write_error_and_disconnect(HeadersTooLarge("request line or header too long"))
-
-    def _write_error_and_disconnect(self, error: OCIError) -> None:
-        body = error.to_json()
-        reason = http.RESPONSES.get(error.status, b"Request Header Fields Too Large")
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body)
-        )
-        self.loseConnection()
-
-
-def make_site(
-    resource: Any,
-    *,
-    reactor: Any = None,
-    request_headers_timeout: float = REQUEST_HEADERS_TIMEOUT,
-    connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT,
-) -> Site:
-    site = Site(resource, reactor=reactor)
-    site.protocol = OCIHTTPChannel
-    site.displayTracebacks = False
-    site.request_headers_timeout = request_headers_timeout  # type: ignore[attr-defined]
-    site.connections_per_client = connections_per_client  # type: ignore[attr-defined]
-    site.connections_by_client = {}  # type: ignore[attr-defined]
-    return site

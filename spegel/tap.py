@@ -358,7 +358,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from spegel.mirror import Mirror, SpliceRelaying
     from spegel.peers import peer_client
     from spegel.preflight import PreflightService
-    from spegel.registry import RegistryResource, make_site
+    from spegel.httpserver import make_site
+    from spegel.registry import RegistryResource
     from spegel.store import ContainerdContent
 
     config: NodeConfig = options.node

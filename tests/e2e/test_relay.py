@@ -25,7 +25,8 @@ from spegel.dht.ids import Provider
 from spegel.metrics import Metrics
 from spegel.mirror import Mirror, SpliceRelaying
 from spegel.peers import peer_client
-from spegel.registry import RegistryFilter, RegistryResource, make_site
+from spegel.httpserver import make_site
+from spegel.registry import RegistryFilter, RegistryResource
 from tests.unit.test_registry import MemoryContent
 
 MiB = 1 << 20

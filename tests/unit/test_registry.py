@@ -26,7 +26,8 @@ from spegel.metrics import Metrics
 from spegel.content import BlobContent, ManifestContent, TagTarget
 from spegel.interfaces import ILocalContent, IMirror, Upstream
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
-from spegel.registry import OCIHTTPChannel, RegistryFilter, RegistryResource, make_site
+from spegel.httpserver import OCIHTTPChannel, make_site
+from spegel.registry import RegistryFilter, RegistryResource
 
 REGISTRY = "127.0.0.1:5000"
 BASE = "http://spegel.test"

@@ -23,7 +23,8 @@ from spegel import flags
 from spegel.interfaces import MIRRORED_HEADER
 from spegel.metrics import Metrics
 from spegel.pacing import MIN_RATE, TokenBucket
-from spegel.registry import RegistryFilter, RegistryResource, make_site
+from spegel.httpserver import make_site
+from spegel.registry import RegistryFilter, RegistryResource
 from spegel.tap import Options
 from spegel.uploads import UploadSlots
 from tests.unit.test_registry import REGISTRY, MemoryContent
