@@ -34,7 +34,7 @@ from spegel.dht.ids import Provider
 from spegel.dht.routing import sort_by_distance
 from spegel.interfaces import IDebugRouter
 from spegel.oci import OCIError, UnparseableImageName, Unsupported, is_digest, parse_image_name
-from spegel.selection import PutAside
+from spegel.peerhealth import PutAside
 from spegel.registry import write_oci_error
 
 # Long enough for a lookup that asks every one of the k closest nodes of a large cluster (the

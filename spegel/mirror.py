@@ -59,13 +59,12 @@ from spegel.peerresponse import (
 from spegel.hedging import HedgedRace
 from spegel.piecewise import ParallelCopy
 from spegel.pieces import window_for
+from spegel.peerhealth import LatencyTracker, PutAside
 from spegel.selection import (
     Budget,
-    LatencyTracker,
     PeerClient,
     PeerSession,
     ProviderQueue,
-    PutAside,
     lookup,
 )
 from spegel.streaming import BlobCopy, SpliceRelaying

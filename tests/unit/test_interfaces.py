@@ -22,7 +22,8 @@ from spegel.interfaces import (
 )
 from spegel.metrics import Metrics
 from spegel.mirror import Mirror
-from spegel.selection import PeerClient, PeerSession, ProviderQueue, PutAside, LatencyTracker
+from spegel.peerhealth import LatencyTracker, PutAside
+from spegel.selection import PeerClient, PeerSession, ProviderQueue
 from spegel.store import ContainerdContent
 from spegel.peerresponse import PeerResponse, SpooledBody
 from spegel.streaming import BlobCopy
