@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import cast
 
 from spegel_testing.ports import free_port
 
@@ -62,7 +63,7 @@ def burst(port: int, connections: int, timeout: float = 30.0) -> list[float]:
     deadline = started + timeout
     while pending and time.monotonic() < deadline:
         for key, _ in selector.select(timeout=0.1):
-            sock = key.fileobj
+            sock = cast(socket.socket, key.fileobj)  # as registered
             if pending[sock] == "connecting":
                 if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                     continue

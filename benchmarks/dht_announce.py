@@ -18,11 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from twisted.internet.defer import Deferred  # noqa: E402
-from twisted.internet.task import react  # noqa: E402
+from twisted.internet.defer import Deferred
+from twisted.internet.task import react
 
-from dht_common import now, start_nodes, stop_nodes  # noqa: E402
-from spegel.dht.ids import key_id  # noqa: E402
+from dht_common import now, start_nodes, stop_nodes
+from spegel.dht.ids import key_id
 
 
 async def main(reactor, argv: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -21,9 +21,10 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 
 from spegel.dht.config import RouterConfig
 from spegel.dht.ids import random_id_in_bucket
@@ -151,6 +152,7 @@ class _Worker(ProcessProtocol):
         self._next += 1
         d: Deferred[Any] = Deferred()
         self._calls[self._next] = d
+        assert self.transport is not None
         self.transport.write(json.dumps({"id": self._next, "op": op, **args}).encode() + b"\n")
         return d
 
@@ -282,6 +284,7 @@ class Cluster:
 
 def _kill(worker: _Worker) -> None:
     if worker.running:
+        assert worker.transport is not None
         worker.transport.signalProcess("KILL")
 
 
@@ -329,7 +332,7 @@ class _Commands(LineReceiver):
             return None
         raise ValueError(f"unknown command {op!r}")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # The parent went away: so do we.
         if not self.done.called:
             self.done.callback(None)

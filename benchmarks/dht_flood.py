@@ -27,9 +27,9 @@ import time
 from twisted.internet import defer, reactor, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dht_common import BASE, start_nodes  # noqa: E402
+from dht_common import BASE, start_nodes
 
-from spegel.dht.ids import Provider  # noqa: E402
+from spegel.dht.ids import Provider
 
 FLOODER = r"""
 import os, random, socket, sys
@@ -111,7 +111,7 @@ async def run(datagrams: int, records: int) -> None:
     monitor.stop()
     sent, received = (int(x) for x in result.split())
     ordered = sorted(lateness)
-    p = lambda q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000  # noqa: E731
+    p = lambda q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
     node = victim.node
     print(f"{datagrams} datagrams in {elapsed:.1f} s ({datagrams / elapsed:.0f}/s), store prefilled with {records} records")
     print(f"reactor lateness: p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, max {ordered[-1] * 1000:.1f} ms ({len(ordered)} ticks)")

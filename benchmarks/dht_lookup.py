@@ -25,10 +25,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
-from twisted.internet.task import react  # noqa: E402
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import react
 
-from dht_common import Cluster, now, percentile  # noqa: E402
+from dht_common import Cluster, now, percentile
 
 
 async def measure(reactor, n: int, processes: int, keys: int, lookups: int, rng: random.Random) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -36,7 +36,7 @@ async def measure(reactor, n: int, processes: int, keys: int, lookups: int, rng:
     try:
         await cluster.start(n, processes)
         holders = {}
-        for i in range(keys):
+        for _ in range(keys):
             holder = rng.choice(cluster.nodes)
             key = f"sha256:{rng.getrandbits(256):064x}"
             await holder.provide(key)
@@ -55,9 +55,13 @@ async def measure(reactor, n: int, processes: int, keys: int, lookups: int, rng:
             asker.clear_provider_cache()  # measure lookups, not the cache
             started = now()
             first: list[float] = []
-            providers = await asker.find_providers(
-                key, on_provider=lambda p: first or first.append(now())
-            )
+
+            # Awaited within this iteration: it never sees a later `first`.
+            def note_first(_provider: object) -> None:
+                if not first:  # noqa: B023
+                    first.append(now())  # noqa: B023
+
+            providers = await asker.find_providers(key, on_provider=note_first)
             full_times.append(now() - started)
             if providers:
                 first_times.append(first[0] - started)

@@ -52,7 +52,7 @@ from contextlib import contextmanager
 
 from attrs import frozen
 
-from serve_blob import (  # type: ignore[import-not-found]
+from serve_blob import (
     CLIENTS,
     BenchmarkFailed,
     Client,

@@ -37,9 +37,9 @@ from collections.abc import Sequence
 
 from attrs import define, field, frozen
 
-from p2p_blob import A, B, Stopwatch  # type: ignore[import-not-found]
-from serve_blob import guarded  # type: ignore[import-not-found]
-from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
+from p2p_blob import A, B, Stopwatch
+from serve_blob import guarded
+from serve_blob import BenchmarkFailed
 from spegel_testing.cluster import Cluster, static_bootstrap
 from spegel_testing.containerd import ContainerdBuild, containerd_builds
 from spegel_testing.images import TestImage, build_image
@@ -183,7 +183,7 @@ def _one_run(cluster: Cluster, repo: str, image: TestImage, ref: str, interval: 
             raise BenchmarkFailed(p.error)
         if p.found_at is None:
             raise BenchmarkFailed(f"A did not serve the {what} of {ref} within {timeout:.0f}s of B's pull")
-    assert layer_poller.found_at is not None
+    assert poller.found_at is not None and layer_poller.found_at is not None
     try:
         cluster.wait_findable([A], repo, image, tag=TAG, timeout=timeout, interval=interval)
     except ProcessFailed as e:

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 
 from attrs import frozen
 
-from p2p_blob import A, B, FINDABLE_TIMEOUT, NodeCounters, Stopwatch  # type: ignore[import-not-found]
-from serve_blob import guarded  # type: ignore[import-not-found]
-from serve_blob import BenchmarkFailed  # type: ignore[import-not-found]
+from p2p_blob import A, B, FINDABLE_TIMEOUT, NodeCounters, Stopwatch
+from serve_blob import guarded
+from serve_blob import BenchmarkFailed
 from spegel_testing.cluster import Cluster, static_bootstrap
 from spegel_testing.images import TestImage, build_image
 from spegel_testing.process import ProcessFailed

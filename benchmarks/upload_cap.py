@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from attrs import frozen
 
-from serve_blob import (  # type: ignore[import-not-found]
+from serve_blob import (
     BenchmarkFailed,
     IOCounters,
     _fetch_into_containerd,
@@ -71,6 +71,12 @@ class CappedNode:
     @property
     def label(self) -> str:
         return self.flag if self.rate else "no cap"
+
+    @property
+    def pid(self) -> int:
+        pid = self.node.pid
+        assert pid is not None, f"{self.label}: the node is not running"
+        return pid
 
     def length(self, seconds: float, size: int) -> int:
         """Bytes asked for in one run: C{seconds} of the cap, within the layer."""
@@ -163,7 +169,7 @@ def _measure(
         fetch_range(capped.node.registry_port, path, 0, min(size, 8 * MiB), timeout)
     alone: dict[str, list[float]] = {capped.flag: [] for capped in nodes}
     shared: dict[str, list[float]] = {capped.flag: [] for capped in nodes}
-    io_before = {capped.flag: IOCounters.of(capped.node.pid) for capped in nodes}
+    io_before = {capped.flag: IOCounters.of(capped.pid) for capped in nodes}
     # The node's CPU time and the wall time while its uploads ran (not while the others' did).
     busy = {capped.flag: [0.0, 0.0] for capped in nodes}
     # Each node's bucket refills in 1/8 s; a pause longer than that between runs gives every
@@ -172,7 +178,7 @@ def _measure(
     for run in range(runs):
         for capped in nodes:
             length = capped.length(seconds, size)
-            port, pid = capped.node.registry_port, capped.node.pid
+            port, pid = capped.node.registry_port, capped.pid
             time.sleep(settle)
             cpu = cpu_seconds(pid)
             took = fetch_range(port, path, 0, length, timeout)
@@ -189,11 +195,12 @@ def _measure(
           f"{'bound':>6} {'sendfile':>9} {'CPU':>6}")
     for capped in nodes:
         length = capped.length(seconds, size)
-        io = IOCounters.of(capped.node.pid) - io_before[capped.flag]
+        io = IOCounters.of(capped.pid) - io_before[capped.flag]
         cpu, wall = busy[capped.flag]
         sent = runs * 2 * length
         one, three = statistics.median(alone[capped.flag]), statistics.median(shared[capped.flag])
-        ratio = (lambda rate: f"{rate / capped.rate:6.2f}") if capped.rate else (lambda rate: f"{'-':>6}")
+        # Used within this iteration only.
+        ratio = (lambda rate: f"{rate / capped.rate:6.2f}") if capped.rate else (lambda rate: f"{'-':>6}")  # noqa: B023
         bound = f"{capped.bound(length):6.2f}" if capped.rate else f"{'-':>6}"
         print(
             f"{capped.label:>10} {length / MiB:6.0f}MiB {one / MiB:8.1f}MiB/s {ratio(one)} "

@@ -500,5 +500,5 @@ class Advertiser(Service):
             self._outage = False
             _log.info("containerd is reachable again")
 
-    def _run(self, coroutine: Coroutine[Any, Any, None], failure_message: str, **fields: object) -> None:
+    def _run(self, coroutine: Coroutine[Any, Any, None], failure_message: str, **fields: Any) -> None:
         Deferred.fromCoroutine(coroutine).addErrback(lambda f: _log.failure(failure_message, f, **fields))

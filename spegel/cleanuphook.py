@@ -155,7 +155,7 @@ class Environment:
     """
 
     clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] = time.sleep  # noqa: TID251 - its own process, no reactor
     resolve: Callable[[str, int], Sequence[str]] = resolve_addresses
     probe: Callable[[str, int], bool] = probe_healthz
 

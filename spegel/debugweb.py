@@ -26,6 +26,7 @@ from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from twisted.web.template import Tag, flattenString, tags
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -265,16 +266,16 @@ class DebugWeb:
     # -- errors, all as the registry's JSON ---------------------------------------------
 
     @app.handle_errors(OCIError)
-    def _oci_error(self, request: Request, failure: Failure) -> bytes:
+    def _oci_error(self, request: IRequest, failure: Failure) -> bytes:
         error: OCIError = failure.value  # type: ignore[assignment]
         return write_oci_error(request, error)
 
     @app.handle_errors(NotFound)
-    def _not_found(self, request: Request, failure: Failure) -> bytes:
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return write_oci_error(request, PageNotFound("no such debug page"))
 
     @app.handle_errors(MethodNotAllowed)
-    def _not_allowed(self, request: Request, failure: Failure) -> bytes:
+    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         return write_oci_error(request, Unsupported("the debug pages are read-only"))
 
 

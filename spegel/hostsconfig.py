@@ -152,6 +152,11 @@ def _at_least_one_target(
         raise InvalidMirrorConfiguration("at least one mirror target is required")
 
 
+def _url_tuple(urls: Iterable[RegistryURL]) -> tuple[RegistryURL, ...]:
+    # A typed converter: attrs' mypy plugin cannot type a bare `tuple` as one.
+    return tuple(urls)
+
+
 @frozen
 class MirrorConfiguration:
     """
@@ -167,9 +172,9 @@ class MirrorConfiguration:
     """
 
     mirrored_registries: tuple[RegistryURL, ...] = field(
-        converter=tuple, validator=_no_duplicate_directories
+        converter=_url_tuple, validator=_no_duplicate_directories
     )
-    mirror_targets: tuple[RegistryURL, ...] = field(converter=tuple, validator=_at_least_one_target)
+    mirror_targets: tuple[RegistryURL, ...] = field(converter=_url_tuple, validator=_at_least_one_target)
     resolve_tags: bool = True
     prepend_existing: bool = False
 

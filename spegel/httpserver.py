@@ -7,8 +7,11 @@ L{spegel.registry}: it knows HTTP, not images.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Site
 
@@ -34,12 +37,15 @@ class OCIHTTPChannel(http.HTTPChannel):
     may have at most C{site.connections_per_client} connections open (429 beyond; 0: no bound).
     """
 
+    #: Set by the site that built us (L{Site.buildProtocol}).
+    site: OCISite
     _headers_deadline: Any = None
     _client: str | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         limit = getattr(self.site, "connections_per_client", 0)
+        assert self.transport is not None
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if not limit or host is None:
@@ -68,7 +74,7 @@ class OCIHTTPChannel(http.HTTPChannel):
         self._headers_deadline = None
         self._write_error_and_disconnect(RequestTimeout("request headers not received in time"))
         # A client that does not read either must not keep the socket: abort soon after.
-        self.callLater(1.0, self.transport.abortConnection)
+        self.callLater(1.0, cast(ITCPTransport, self.transport).abortConnection)
 
     def _disarm_headers_deadline(self) -> None:
         if self._headers_deadline is not None:
@@ -76,7 +82,7 @@ class OCIHTTPChannel(http.HTTPChannel):
                 self._headers_deadline.cancel()
             self._headers_deadline = None
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm_headers_deadline()
         if self._client is not None:
             counts = self.site.connections_by_client
@@ -101,11 +107,25 @@ class OCIHTTPChannel(http.HTTPChannel):
     def _write_error_and_disconnect(self, error: OCIError) -> None:
         body = error.to_json()
         reason = http.RESPONSES.get(error.status, b"Request Header Fields Too Large")
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s" % (error.status, reason, len(body), body)
         )
         self.loseConnection()
+
+
+class OCISite(Site):
+    """
+    A L{Site} of L{OCIHTTPChannel}s, with the bounds they apply and the connections they count.
+    """
+
+    # Twisted types Site.protocol as its HTTP/1-or-2 channel factory; any HTTPChannel class
+    # serves, as buildProtocol only calls it and sets the channel's site.
+    protocol = OCIHTTPChannel  # type: ignore[assignment]  # a channel class is such a factory
+    request_headers_timeout: float = REQUEST_HEADERS_TIMEOUT
+    connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT
+    connections_by_client: dict[str, int]
 
 
 def make_site(
@@ -114,11 +134,10 @@ def make_site(
     reactor: Any = None,
     request_headers_timeout: float = REQUEST_HEADERS_TIMEOUT,
     connections_per_client: int = DEFAULT_CONNECTIONS_PER_CLIENT,
-) -> Site:
-    site = Site(resource, reactor=reactor)
-    site.protocol = OCIHTTPChannel
+) -> OCISite:
+    site = OCISite(resource, reactor=reactor)
     site.displayTracebacks = False
-    site.request_headers_timeout = request_headers_timeout  # type: ignore[attr-defined]
-    site.connections_per_client = connections_per_client  # type: ignore[attr-defined]
-    site.connections_by_client = {}  # type: ignore[attr-defined]
+    site.request_headers_timeout = request_headers_timeout
+    site.connections_per_client = connections_per_client
+    site.connections_by_client = {}
     return site

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from spegel.metrics import Metrics
 from spegel.containerd.client import ContainerdClient, ContainerdError, ContainerdUnavailable, ContentInfo, ContentNotFound
@@ -92,8 +93,8 @@ async def gather(coroutines: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
     deferreds = [Deferred.fromCoroutine(c) for c in coroutines]
     results = await DeferredList(deferreds, consumeErrors=True)
     values = []
-    for ok, value in results:
-        if not ok:
+    for _ok, value in results:
+        if isinstance(value, Failure):
             value.raiseException()
         values.append(value)
     return values

@@ -18,9 +18,8 @@ from urllib.parse import quote
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -100,6 +99,9 @@ def forwarded_headers(headers: Headers, content_length: int | None = None) -> tu
 
 
 class _Discard(Protocol):
+    # A response body's transport is the response's producer (deliverBody connects it first).
+    transport: IPushProducer  # type: ignore[assignment]
+
     def connectionMade(self) -> None:
         self.transport.stopProducing()
 
@@ -129,7 +131,7 @@ def span(response: Any) -> tuple[int, int, int]:
             first, last = int(first_text), int(last_text)
             size = int(size_text) if size_text != "*" else last + 1
         except ValueError:
-            raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS)
+            raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS) from None
         if unit != "bytes" or not 0 <= first <= last < size:
             raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS)
         return first, last, size
@@ -152,7 +154,7 @@ class HTTPClient(TypingProtocol):
     What the mirror needs of treq: C{treq.HTTPClient} and C{StubTreq} both fit.
     """
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]: ...
+    def request(self, method: str, url: str, *, headers: Any = ..., unbuffered: bool = ...) -> Deferred[Any]: ...
 
 
 def peer_path(reference: Reference, kind: str, what: str) -> str:
@@ -179,6 +181,9 @@ class _CappedReader(Protocol, TimeoutMixin):
     C{idle_timeout} (when a clock is given).
     """
 
+    # A response body's transport is the response's producer (deliverBody connects it first).
+    transport: IPushProducer  # type: ignore[assignment]
+
     def __init__(self, limit: int, what: str, clock: IReactorTime | None, idle_timeout: float | None):
         self._limit = limit
         self._what = what
@@ -201,7 +206,7 @@ class _CappedReader(Protocol, TimeoutMixin):
             return
         self._chunks.append(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
         if self.done.called:
             return
@@ -249,6 +254,9 @@ class _SpoolWriter(Protocol):
     Writes a body to a file while hashing it, refusing more than C{expected} bytes.
     """
 
+    # A response body's transport is the response's producer (deliverBody connects it first).
+    transport: IPushProducer  # type: ignore[assignment]
+
     def __init__(self, spool: Any, hasher: Any, expected: int):
         self._spool = spool
         self._hasher = hasher
@@ -267,7 +275,7 @@ class _SpoolWriter(Protocol):
         self._hasher.update(data)
         self._spool.write(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if self._received != self._expected:

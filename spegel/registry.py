@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -240,7 +241,7 @@ class RegistryResource:
         ref = Reference(registry, parse_repository(name), digest=parse_digest(digest))
         self._filter.check(ref)
         try:
-            found = await self._content.blob(ref.digest)  # type: ignore[arg-type]
+            found = await self._content.blob(ref.digest)
         except BlobUnknown:
             return await self._miss(request, ref, "blob")
         self._count(request, ref, "hit")
@@ -307,20 +308,20 @@ class RegistryResource:
         raise Unsupported("this registry is a pull-only mirror")
 
     @app.handle_errors(OCIError)
-    def _oci_error(self, request: Request, failure: Failure) -> bytes:
+    def _oci_error(self, request: IRequest, failure: Failure) -> bytes:
         error: OCIError = failure.value  # type: ignore[assignment]
         return write_oci_error(request, error)
 
     @app.handle_errors(NotFound)
-    def _not_found(self, request: Request, failure: Failure) -> bytes:
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
         return write_oci_error(request, NameUnknown("not found"))
 
     @app.handle_errors(MethodNotAllowed)
-    def _not_allowed(self, request: Request, failure: Failure) -> bytes:
+    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         return write_oci_error(request, Unsupported("method not allowed"))
 
     @app.handle_errors(HTTPException)
-    def _other_http_error(self, request: Request, failure: Failure) -> bytes:
+    def _other_http_error(self, request: IRequest, failure: Failure) -> bytes:
         # Whatever else routing raises (a redirect, a bad request) still answers in JSON.
         error = MalformedRequest(failure.getErrorMessage())
         return write_oci_error(request, error)

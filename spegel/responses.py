@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from spegel.bodies import BodyInterrupted
@@ -42,7 +43,7 @@ def set_blob_headers(
         request.setHeader("Content-Length", str(byte_range.length))
 
 
-def write_oci_error(request: Request, error: OCIError) -> bytes:
+def write_oci_error(request: IRequest, error: OCIError) -> bytes:
     """
     Turn C{error} into the response: status, JSON body, and for a 416 the size of the content.
     """

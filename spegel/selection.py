@@ -349,7 +349,7 @@ async def lookup(
             "No provider of {key} ({reason}, after {ms:.0f} ms)",
             key=key, reason=reason, ms=(clock.seconds() - started) * 1000,
         )
-        raise unknown("not found in the cluster", {"key": key})
+        raise unknown("not found in the cluster", {"key": key}) from None
     finally:
         if timer.active():
             timer.cancel()

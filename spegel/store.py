@@ -10,6 +10,7 @@ import os
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from spegel.metrics import Metrics
 from spegel.containerd.client import (
@@ -20,6 +21,7 @@ from spegel.containerd.client import (
     content_path_for,
 )
 from spegel.content import BlobContent, ManifestContent, TagTarget
+from spegel.interfaces import ILocalContent
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
     BlobUnknown,
@@ -30,6 +32,7 @@ from spegel.oci import (
 )
 
 
+@implementer(ILocalContent)
 class ContainerdContent:
     """
     L{ILocalContent} over containerd: its image store for tags, its content store for bytes.
@@ -49,10 +52,10 @@ class ContainerdContent:
         try:
             image = await self._client.get_image(reference.image_name)
         except ImageNotFound:
-            raise ManifestUnknown("manifest unknown", {"tag": reference.tag_key})
+            raise ManifestUnknown("manifest unknown", {"tag": reference.tag_key}) from None
         except ContainerdError as e:
             self._unavailable(e)
-            raise ManifestUnknown("manifest unknown: containerd is unavailable")
+            raise ManifestUnknown("manifest unknown: containerd is unavailable") from e
         return TagTarget(image.target.digest, image.target.media_type or None)
 
     async def manifest(self, digest: str, media_type: str | None = None) -> ManifestContent:
@@ -62,10 +65,10 @@ class ContainerdContent:
                 raise ManifestUnknown("manifest unknown: content too large to be a manifest")
             data = await self._client.read_content(digest, 0, info.size)
         except ContentNotFound:
-            raise ManifestUnknown("manifest unknown", {"digest": digest})
+            raise ManifestUnknown("manifest unknown", {"digest": digest}) from None
         except ContainerdError as e:
             self._unavailable(e)
-            raise ManifestUnknown("manifest unknown: containerd is unavailable")
+            raise ManifestUnknown("manifest unknown: containerd is unavailable") from e
         if len(data) != info.size or not digest_matches(digest, data):
             # Content being rewritten under us; containerd never serves a torn blob knowingly.
             raise ManifestUnknown("manifest unknown: content changed while being read")
@@ -78,10 +81,10 @@ class ContainerdContent:
         try:
             info = await self._client.content_info(digest)
         except ContentNotFound:
-            raise BlobUnknown("blob unknown", {"digest": digest})
+            raise BlobUnknown("blob unknown", {"digest": digest}) from None
         except ContainerdError as e:
             self._unavailable(e)
-            raise BlobUnknown("blob unknown: containerd is unavailable")
+            raise BlobUnknown("blob unknown: containerd is unavailable") from e
         path = None
         if self._content_path is not None:
             candidate = content_path_for(self._content_path, digest)

@@ -17,9 +17,8 @@ from typing import Any, Callable, Protocol as TypingProtocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -196,7 +195,7 @@ class BlobCopy:
         splicing = self._splicing
         if splicing is None or self._expected - self._received < relay.RELAY_MIN:
             return False
-        if relay.peer_socket(body.transport) is None or client_socket(self._request) is None:
+        if self._request is None or relay.peer_socket(body.transport) is None or client_socket(self._request) is None:
             return False
         splicing.reactor.callLater(0, self._take_over, body)
         return True
@@ -384,6 +383,9 @@ class BodyReader(Protocol, TimeoutMixin):
     L{spegel.piecewise.ParallelCopy}); fails it when the peer goes silent while not paused.
     """
 
+    # A response body's transport is the response's producer (deliverBody connects it first).
+    transport: IPushProducer  # type: ignore[assignment]
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -407,7 +409,7 @@ class BodyReader(Protocol, TimeoutMixin):
         self._arm()
         self._on_data(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         if not self._ended:
             self._ended = True

@@ -256,10 +256,10 @@ class Options(flags.CommandOptions):
             super().parseOptions(sys.argv[1:] if options is None else options)
         except usage.UsageError as e:
             sys.stderr.write(f"spegel: error: {e}\n")
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         except flags.ShowText as shown:
             sys.stdout.write(shown.text + "\n")
-            raise SystemExit(0)
+            raise SystemExit(0) from None
 
     def postOptions(self) -> None:
         self.node = self._node_config()
@@ -334,7 +334,8 @@ def make_log_observer(level: LogLevel, logfile: str | None) -> ILogObserver:
     if logfile in (None, "", "-"):
         output = sys.stdout
     else:
-        output = open(logfile, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        # Open for as long as the process lives: the observer writes to it until exit.
+        output = open(logfile, "a", encoding="utf-8")
     return FilteringLogObserver(
         textFileLogObserver(output), [LogLevelFilterPredicate(defaultLogLevel=level)]
     )

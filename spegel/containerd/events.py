@@ -265,7 +265,7 @@ class EventSubscriber(Service):
         self._reactor.callFromThread(self._stream_ended, attempt, error)
 
     def _current(self, attempt: _Attempt) -> bool:
-        return self.running and attempt is self._attempt
+        return bool(self.running) and attempt is self._attempt
 
     def _deliver(self, attempt: _Attempt, event: Event) -> None:
         if not self._current(attempt):

@@ -151,9 +151,9 @@ def read_containerd_config(path: str, _depth: int = 0) -> dict[str, Any]:
         raise PreflightError(f"containerd's configuration {path}: 'imports' is not a list of paths")
     if _depth >= _MAX_IMPORT_DEPTH:
         return document
-    for pattern in imports:
-        if not os.path.isabs(pattern):
-            pattern = os.path.join(os.path.dirname(path), pattern)
+    for imported_pattern in imports:
+        # Relative to the importing file; an absolute pattern comes out of join unchanged.
+        pattern = os.path.join(os.path.dirname(path), imported_pattern)
         for imported in sorted(glob.glob(pattern)):
             document = _merge(document, read_containerd_config(imported, _depth + 1))
     return document
@@ -229,7 +229,9 @@ def running_settings_from_cri_status(info: Mapping[str, str]) -> ImagePullSettin
         return None
     if not isinstance(config, dict) or not isinstance(config.get("registry"), dict):
         return None
-    containerd = config.get("containerd") if isinstance(config.get("containerd"), dict) else {}
+    containerd = config.get("containerd")
+    if not isinstance(containerd, dict):
+        containerd = {}
     path = config["registry"].get("configPath")
     return ImagePullSettings(
         config_path=path if isinstance(path, str) and path else None,
@@ -274,6 +276,7 @@ def _running_settings(channel: grpc.Channel, metadata: Any, timeout: float) -> I
     L{None} when neither says (2.0/2.1, or the CRI plugin disabled).
     """
     request = introspection_pb2.PluginsRequest(filters=["type==io.containerd.cri.v1,id==images"])
+    plugins: Iterable[introspection_pb2.Plugin]
     try:
         plugins = introspection_pb2_grpc.IntrospectionStub(channel).Plugins(
             request, metadata=metadata, timeout=timeout

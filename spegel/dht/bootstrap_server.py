@@ -115,12 +115,13 @@ class HTTPBootstrapServer(StreamServerEndpointService):
         endpoint: str | IStreamServerEndpoint,
         info: Callable[[], BootstrapInfo],
     ) -> None:
-        parsed = endpoint
         if isinstance(endpoint, str):
             try:
                 parsed = serverFromString(reactor, endpoint)
             except Exception as e:
                 raise ValueError(f"HTTP bootstrap address {endpoint!r} is not an endpoint: {e}") from None
+        else:
+            parsed = endpoint
         self.resource = BootstrapInfoResource(info)
         site = Site(self.resource)
         site.noisy = False

@@ -195,7 +195,7 @@ class Bootstrapping(Service):
             _log.warn(
                 "Bootstrap attempt {n} failed: {reason}; retrying in {delay:.2f}s",
                 n=self.consecutive_failures,
-                reason=failure.getErrorMessage() or failure.type.__name__,
+                reason=failure.getErrorMessage() or type(failure.value).__name__,
                 delay=delay,
             )
         else:

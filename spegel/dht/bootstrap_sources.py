@@ -125,11 +125,12 @@ def _answer_addresses(answers: Sequence[dns.RRHeader]) -> list[str]:
     The IP addresses in an answer section. Only A and AAAA records count: a headless
     Service's answer may start with CNAMEs, and a resolver may add unrelated records.
     """
-    found = []
+    found: list[str] = []
     for record in answers:
-        if record.type == dns.A:
+        # The payload's class is the record's type (dns.A, dns.AAAA).
+        if isinstance(record.payload, dns.Record_A):
             found.append(str(ipaddress.IPv4Address(record.payload.address)))
-        elif record.type == dns.AAAA:
+        elif isinstance(record.payload, dns.Record_AAAA):
             found.append(str(ipaddress.IPv6Address(record.payload.address)))
     return found
 
@@ -147,8 +148,18 @@ def _is_nxdomain(failure: Failure) -> bool:
     )
 
 
+class AddressResolver(typing.Protocol):
+    """
+    The lookups L{_resolve} makes: any L{IResolver}'s, and L{spegel.dht.dnsclient.BootstrapResolver}'s.
+    """
+
+    def lookupAddress(self, name: str, timeout: Sequence[int]) -> Deferred[typing.Any]: ...
+
+    def lookupIPV6Address(self, name: str, timeout: Sequence[int]) -> Deferred[typing.Any]: ...
+
+
 async def _resolve(
-    resolver: IResolver, name: str, timeout: Sequence[int] | None
+    resolver: AddressResolver, name: str, timeout: Sequence[int] | None
 ) -> list[str]:
     """
     Every A and AAAA address of C{name}, IPv4 first. A family that does not exist (NXDOMAIN,
@@ -158,14 +169,17 @@ async def _resolve(
     @raise BootstrapDNSError: if both lookups failed for another reason than NXDOMAIN.
     """
     results = await DeferredList(
-        [resolver.lookupAddress(name, timeout), resolver.lookupIPV6Address(name, timeout)],
+        # None is the resolvers' own default timeout, which IResolver's annotation leaves out.
+        [resolver.lookupAddress(name, timeout), resolver.lookupIPV6Address(name, timeout)],  # type: ignore[arg-type]
         consumeErrors=True,
     )
     addresses: list[str] = []
     failures: list[Failure] = []
-    for family, (succeeded, result) in zip(("A", "AAAA"), results):
-        if succeeded:
-            answers, _authority, _additional = result
+    for family, (_succeeded, result) in zip(("A", "AAAA"), results):
+        if not isinstance(result, Failure):
+            # Three sections (answers, authority, additional), each a list of records, which
+            # IResolver's annotation gives as three records.
+            answers, _authority, _additional = typing.cast("tuple[list[dns.RRHeader], ...]", result)
             addresses.extend(_answer_addresses(answers))
         elif result.check(CancelledError):
             result.raiseException()
@@ -178,12 +192,12 @@ async def _resolve(
                 "DNS {family} lookup of {name} failed: {reason}",
                 family=family,
                 name=name,
-                reason=result.getErrorMessage() or result.type.__name__,
+                reason=result.getErrorMessage() or type(result.value).__name__,
             )
     if len(failures) == 2:
         raise BootstrapDNSError(
             f"DNS lookups of {name!r} failed: "
-            + "; ".join(f.getErrorMessage() or f.type.__name__ for f in failures)
+            + "; ".join(f.getErrorMessage() or type(f.value).__name__ for f in failures)
         )
     return list(dict.fromkeys(addresses))
 
@@ -259,7 +273,7 @@ class DNSBootstrapper:
         self,
         domain: str,
         port: int,
-        resolver: IResolver,
+        resolver: AddressResolver,
         *,
         timeout: Sequence[int] | None = DEFAULT_DNS_TIMEOUT,
     ) -> None:
@@ -456,7 +470,7 @@ def _describe(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
         return "; ".join(
-            reason.getErrorMessage() or reason.type.__name__
+            reason.getErrorMessage() or type(reason.value).__name__
             for reason in reasons
             if isinstance(reason, Failure)
         ) or type(error).__name__

@@ -100,6 +100,7 @@ class _TCPQuery(Protocol):
         self.answer: defer.Deferred[dns.Message] = defer.Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(struct.pack("!H", len(self.data)) + self.data)
 
     def dataReceived(self, data: bytes) -> None:
@@ -107,6 +108,7 @@ class _TCPQuery(Protocol):
         if len(self.buffer) >= 2:
             (length,) = struct.unpack("!H", self.buffer[:2])
             if len(self.buffer) >= 2 + length and not self.answer.called:
+                assert self.transport is not None
                 self.transport.loseConnection()
                 try:
                     self.answer.callback(_parse(self.buffer[2 : 2 + length]))
@@ -134,13 +136,13 @@ class BootstrapResolver:
         self._servers = list(servers) if servers is not None else None
         self._resolv_conf = resolv_conf
 
-    def lookupAddress(self, name: str, timeout: Sequence[int] | None = None) -> defer.Deferred[Result]:
+    def lookupAddress(self, name: str, timeout: Sequence[float] | None = None) -> defer.Deferred[Result]:
         return defer.Deferred.fromCoroutine(self._lookup(name, dns.A, timeout))
 
-    def lookupIPV6Address(self, name: str, timeout: Sequence[int] | None = None) -> defer.Deferred[Result]:
+    def lookupIPV6Address(self, name: str, timeout: Sequence[float] | None = None) -> defer.Deferred[Result]:
         return defer.Deferred.fromCoroutine(self._lookup(name, dns.AAAA, timeout))
 
-    async def _lookup(self, name: str, record_type: int, timeout: Sequence[int] | None) -> Result:
+    async def _lookup(self, name: str, record_type: int, timeout: Sequence[float] | None) -> Result:
         # Read on every lookup: a pod's resolv.conf can change while it runs.
         servers = self._servers if self._servers is not None else nameservers(self._resolv_conf)
         last: Exception = dnsError.DNSQueryTimeoutError(name)

@@ -171,7 +171,7 @@ class IterativeLookup:
         candidate.attempts += 1
         self._queried += 1
         d = candidate.request = self.query(candidate.contact)
-        d.addCallbacks(self._answered, self._failed, (candidate,), None, (candidate,), None)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(candidate,), errbackArgs=(candidate,))
 
     def _answered(self, message: Message, candidate: _Candidate) -> None:
         candidate.request = None

@@ -72,8 +72,9 @@ def _resolve_self_records(providers: Iterable[Provider], sender_id: bytes, sende
         if provider.host == UNSPECIFIED_HOST:
             if provider.node_id != sender_id:
                 continue
-            provider = Provider(provider.node_id, sender_host, provider.registry_port)
-        resolved.append(provider)
+            resolved.append(Provider(provider.node_id, sender_host, provider.registry_port))
+        else:
+            resolved.append(provider)
     return resolved
 
 

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from spegel.dht import bootstrap
 from spegel.dht.config import RouterConfig
@@ -25,6 +26,7 @@ from spegel.dht.finder import ProviderFinder
 from spegel.dht.ids import Provider, key_id, load_or_create_node_id
 from spegel.dht.metrics import DHTMetrics
 from spegel.dht.node import AnnounceResult, KademliaNode
+from spegel.interfaces import ICoalescingRouter, IDebugRouter
 
 Address = tuple[str, int]
 MAX_CACHED_LOOKUPS = 10_000
@@ -79,6 +81,7 @@ def _logged(log: Logger, what: str) -> Callable[[Failure], None]:
     return errback
 
 
+@implementer(ICoalescingRouter, IDebugRouter)
 class DHTService(MultiService):
     """
     @ivar node_id: this node's 256-bit id (persisted in C{config.data_dir} when set).
@@ -159,7 +162,7 @@ class DHTService(MultiService):
         if self._unannounced:
             self._schedule_announce()
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -182,7 +185,8 @@ class DHTService(MultiService):
         """
         if self._listener.port is None:
             raise RuntimeError("the DHT service is not listening")
-        host = self._listener.port.getHost()
+        # An IPv4Address or IPv6Address; the DHT simulator's port gives its (host, port) tuple.
+        host: Any = self._listener.port.getHost()
         return (host.host, host.port) if hasattr(host, "host") else (host[0], host[1])
 
     @property

@@ -28,7 +28,7 @@ import hmac
 import ipaddress
 from enum import IntEnum
 from collections.abc import Sequence
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import msgpack
 from attrs import frozen
@@ -259,7 +259,7 @@ def fit(
 
 
 # Limits handed to msgpack so a hostile datagram cannot make it allocate much.
-_UNPACK_LIMITS = dict(
+_UNPACK_LIMITS: dict[str, Any] = dict(
     max_bin_len=MAX_DATAGRAM_SIZE,
     max_str_len=0,
     max_array_len=MAX_KEYS,

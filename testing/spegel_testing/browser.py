@@ -77,7 +77,10 @@ class _DevToolsPipe(ProcessProtocol):
         message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
         if session is not None:
             message["sessionId"] = session
-        answer: Deferred[dict[str, Any]] = Deferred(lambda d: self._answers.pop(message["id"], None))
+        def forget(_: Deferred[dict[str, Any]]) -> None:
+            self._answers.pop(message["id"], None)
+
+        answer: Deferred[dict[str, Any]] = Deferred(forget)
         self._answers[message["id"]] = answer
         self.transport.writeToChild(3, json.dumps(message).encode("utf-8") + b"\0")
         return answer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from attrs import frozen
 
@@ -144,14 +144,15 @@ def per_containerd(template: _T) -> dict[str, _T]:
 
     A build that is missing makes its tests fail (L{ContainerdBuild.check}), never skip.
     """
-    classes = {}
+    classes: dict[str, _T] = {}
     for build in containerd_builds():
         name = f"{template.__name__}_{build.label}"
-        classes[name] = type(
+        # A subclass of the template: a _T, which type() cannot say.
+        classes[name] = cast(_T, type(
             name,
             (template,),
             {"containerd_build": build, "__module__": template.__module__, "__qualname__": name},
-        )
+        ))
     return classes
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 
 def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_path: str | None) -> None:
-    from twisted.internet import protocol, reactor, task
+    from twisted.internet import protocol, reactor, task, tcp
 
     totals: dict[str, Any] = {"bytes_to_clients": 0, "bytes_from_clients": 0, "connections": 0}
     # Per client address: which node took how much from upstream (where a slow pull's time went).
@@ -38,6 +38,8 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
         FIFO with one timer: equal-time delayed calls would not keep their order).
         """
 
+        # A TCP connection, set by makeConnection before any other call.
+        transport: tcp.Connection
         peer: "Side | None" = None
         direction = ""
         client_host = ""
@@ -57,17 +59,17 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
             self._later(None)  # the close travels behind the data
 
         def _later(self, item: bytes | None) -> None:
-            self.queue.append((reactor.seconds() + delay, item))  # type: ignore[attr-defined]
+            self.queue.append((reactor.seconds() + delay, item))
             if self.timer is None:
-                self.timer = reactor.callLater(delay, self._due)  # type: ignore[attr-defined]
+                self.timer = reactor.callLater(delay, self._due)
 
         def _due(self) -> None:
             self.timer = None
-            now = reactor.seconds()  # type: ignore[attr-defined]
+            now = reactor.seconds()
             while self.queue and self.queue[0][0] <= now:
                 self._deliver(self.queue.popleft()[1])
             if self.queue:
-                self.timer = reactor.callLater(max(0.0, self.queue[0][0] - now), self._due)  # type: ignore[attr-defined]
+                self.timer = reactor.callLater(max(0.0, self.queue[0][0] - now), self._due)
 
         def _deliver(self, item: bytes | None) -> None:
             peer = self.peer
@@ -112,10 +114,10 @@ def serve(listen: tuple[str, int], target: tuple[str, int], delay: float, stats_
 
     factory = protocol.ServerFactory()
     factory.protocol = Client
-    reactor.listenTCP(listen[1], factory, interface=listen[0], backlog=1024)  # type: ignore[attr-defined]
+    reactor.listenTCP(listen[1], factory, interface=listen[0], backlog=1024)
     task.LoopingCall(write_stats).start(0.5)
     print(f"delaying {listen[0]}:{listen[1]} -> {target[0]}:{target[1]} by {delay * 1000:.0f} ms each way", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -191,7 +191,7 @@ def _run_in(cluster: Any, image: TestImage, clock: _Clock, rig: bool = False) ->
     try:
         seconds = cluster.wait_findable(others, repo, image, tag="v1", timeout=FINDABLE_WITHIN)
     except ProcessFailed:
-        raise DemoFailed(f"node 1's image is not findable from the other nodes after {FINDABLE_WITHIN:.0f}s")
+        raise DemoFailed(f"node 1's image is not findable from the other nodes after {FINDABLE_WITHIN:.0f}s") from None
     clock.say(f"every blob and the tag are findable from nodes {_names(others)} after {seconds:.2f}s")
 
     registry.stop()
@@ -240,8 +240,8 @@ def _pull(cluster: Cluster, image: TestImage, index: int, ref: str, how: str, cl
             time.sleep(0.05)
             if time.monotonic() - last >= PROGRESS_EVERY and process.running:
                 last = time.monotonic()
-                now = cluster.served()[index]
-                got = 0.0 if now is None or before[index] is None else (now - before[index]).peer
+                now, then = cluster.served()[index], before[index]
+                got = 0.0 if now is None or then is None else (now - then).peer
                 if got >= image.total_size():
                     clock.say(f"    ... node {index + 1}: every byte in, containerd unpacking the layers")
                 elif got > 0:

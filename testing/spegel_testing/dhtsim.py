@@ -94,7 +94,7 @@ class MemoryPort:
             self.protocol.doStop()
 
 
-@implementer(IReactorUDP)
+@implementer(IReactorUDP, IReactorTime)
 class HostReactor:
     """
     The reactor of one simulated host: the shared clock plus C{listenUDP} on its IP.
@@ -104,14 +104,16 @@ class HostReactor:
         self.network = network
         self.host = host
 
-    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> MemoryPort:
+    # A MemoryPort is the part of a UDP port and transport that a DHT node uses (its address is
+    # a plain (host, port) tuple), not the whole of IListeningPort and IUDPTransport.
+    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> MemoryPort:  # type: ignore[override]
         if port == 0:
             port = self.network.free_port(self.host)
         address = (self.host, port)
         if address in self.network.ports:
             raise OSError(f"address in use: {address}")
         listening = self.network.ports[address] = MemoryPort(self.network, address, protocol)
-        protocol.makeConnection(listening)
+        protocol.makeConnection(listening)  # type: ignore[arg-type]
         return listening
 
     def seconds(self) -> float:

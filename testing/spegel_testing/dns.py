@@ -55,9 +55,9 @@ def _serve(address: str, port: int, records_path: str) -> None:
 
     factory = server.DNSServerFactory(authorities=[RecordsFile()])
     reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=address)  # type: ignore[attr-defined]
-    reactor.listenTCP(port, factory, interface=address)  # type: ignore[attr-defined]
+    reactor.listenTCP(port, factory, interface=address)
     print(f"listening on {address}:{port}", flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 @define(eq=False)

@@ -249,7 +249,7 @@ class NetCluster(ClusterQueries):
             pid = node.pid
             try:
                 with open(f"/proc/{pid}/status") as f:
-                    line = next(l for l in f if l.startswith("VmRSS:"))
+                    line = next(entry for entry in f if entry.startswith("VmRSS:"))
                 sizes.append(int(line.split()[1]) / 1024)
             except (OSError, StopIteration, TypeError):
                 sizes.append(0.0)

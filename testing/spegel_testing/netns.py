@@ -32,7 +32,7 @@ from attrs import define, field
 from spegel_testing.process import run
 
 # RFC 2544's benchmarking range: never routed on the internet, and nothing here routes it.
-BENCHMARK_RANGE = ipaddress.ip_network("198.18.0.0/15")
+BENCHMARK_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 NETNS_DIR = "/run/netns"
 
 _live: dict[str, "Network"] = {}
@@ -50,7 +50,7 @@ def _used_subnets() -> set[ipaddress.IPv4Network]:
         if "inet" in words:
             interface = ipaddress.ip_interface(words[words.index("inet") + 1])
             if interface.ip in BENCHMARK_RANGE:
-                used.add(ipaddress.ip_network(f"{interface.ip}/24", strict=False))
+                used.add(ipaddress.IPv4Network(f"{interface.ip}/24", strict=False))
     return used
 
 

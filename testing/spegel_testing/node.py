@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from attrs import define, field
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +24,11 @@ from spegel_testing.httputil import Response, get_status, request
 from spegel_testing.netns import Host
 from spegel_testing.ports import free_port
 from spegel_testing.process import ManagedProcess, ProcessFailed, RunsOneProcess, read_log, wait_for
+
+
+def _str_list(items: Iterable[str]) -> list[str]:
+    # A typed converter: attrs' mypy plugin cannot type a bare `list` as one.
+    return list(items)
 
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -93,7 +98,7 @@ class SpegelNode(RunsOneProcess):
     mirrored_registries: Sequence[str] = ()
     name: str = "spegel"
     base_dir: str = field(factory=lambda: tempfile.mkdtemp(prefix="spegel-node-"))
-    extra_args: list[str] = field(factory=list, converter=list)
+    extra_args: list[str] = field(factory=list, converter=_str_list)
     registry_port: int = field(factory=free_port)
     router_port: int = field(factory=lambda: free_port(udp_too=True))
     metrics_port: int = field(factory=free_port)

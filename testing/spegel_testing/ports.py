@@ -16,6 +16,9 @@ from __future__ import annotations
 import random
 import socket
 
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
+
 _handed_out: set[int] = set()
 # Well clear of the ports services usually take.
 _LOWEST = 10000
@@ -82,3 +85,13 @@ def is_listening(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+def port_number(port: IListeningPort) -> int:
+    """
+    The number C{port} listens on, for one opened on port 0 of an IP address.
+    """
+    address = port.getHost()
+    if not isinstance(address, (IPv4Address, IPv6Address)):
+        raise TypeError(f"{port!r} does not listen on an IP address: {address!r}")
+    return address.port

@@ -231,7 +231,8 @@ class ManagedProcess:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                # Only a prctl() runs between fork and exec: no lock a thread could hold.
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         _live[self._popen.pid] = self
 
@@ -283,7 +284,7 @@ class ManagedProcess:
             returncode = self._popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise ProcessFailed(f"{self.name} still running after {timeout}s:\n{self.log_tail()}")
+            raise ProcessFailed(f"{self.name} still running after {timeout}s:\n{self.log_tail()}") from None
         # Children that outlived their leader must not outlive the test.
         self._signal_group(signal.SIGKILL)
         _live.pop(self._popen.pid, None)

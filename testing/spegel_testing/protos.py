@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.unit.test_containerd_protos -*-
 """
-Regenerate the checked-in gRPC/protobuf stubs in C{spegel/containerd/api/} from our .proto subset.
+Regenerate the checked-in gRPC/protobuf stubs in C{spegel/containerd/api/} from our .proto subset,
+with their type stubs (C{.pyi}, by mypy-protobuf) for mypy.
 
 Usage, from the checkout root::
 
@@ -11,7 +12,8 @@ of this tool, not of the node, so they ship with it in the testing distribution.
 is the proto root joined with the Python package path, so protoc names every generated module and
 every generated import C{spegel.containerd.api.<name>_pb2}: the stubs import correctly as they
 come out of protoc, with no rewriting.  The output depends only on the .proto files and the
-pinned grpcio-tools version, which is what lets L{tests.unit.test_containerd_protos} detect drift.
+pinned grpcio-tools and mypy-protobuf versions, which is what lets
+L{tests.unit.test_containerd_protos} detect drift, in the modules and in their type stubs alike.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 from importlib import resources
 
@@ -37,7 +40,11 @@ API_PACKAGE_DIR = os.path.dirname(os.path.abspath(api.__file__))
 #: The package path below L{PROTO_ROOT} (and below any output root) holding protos and stubs.
 _PACKAGE_PATH = os.path.join("spegel", "containerd", "api")
 
-_GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")
+_GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi")
+
+#: mypy-protobuf's protoc plugins (message stubs, gRPC service stubs): console scripts installed
+#: beside this interpreter, which is where pip put them with the pinned mypy-protobuf.
+_STUB_PLUGINS = ("protoc-gen-mypy", "protoc-gen-mypy_grpc")
 
 
 class RegenerationFailed(Exception):
@@ -63,6 +70,18 @@ def is_generated(filename: str) -> bool:
     return filename.endswith(_GENERATED_SUFFIXES)
 
 
+def _plugin_path(name: str) -> str:
+    """
+    The path of mypy-protobuf's protoc plugin C{name}.
+
+    @raise RegenerationFailed: if mypy-protobuf is not installed in this interpreter's environment.
+    """
+    path = os.path.join(sysconfig.get_path("scripts"), name)
+    if not os.access(path, os.X_OK):
+        raise RegenerationFailed(f"{path} not found: install spegel-testing's pinned mypy-protobuf")
+    return path
+
+
 def generate(output_root: str) -> dict[str, bytes]:
     """
     Run protoc over the subset, writing the stubs under C{output_root}/spegel/containerd/api/.
@@ -77,8 +96,11 @@ def generate(output_root: str) -> dict[str, bytes]:
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        *(f"--plugin={name}={_plugin_path(name)}" for name in _STUB_PLUGINS),
         f"--python_out={output_root}",
         f"--grpc_python_out={output_root}",
+        f"--mypy_out=quiet:{output_root}",
+        f"--mypy_grpc_out=quiet:{output_root}",
         *proto_files(),
     ]
     # protoc resolves the relative .proto paths against the include path, not the cwd.

@@ -19,19 +19,22 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from spegel.advertiser import Advertiser
 from spegel.containerd.client import ContainerdClient
 from spegel.containerd.events import EventSubscriber
+from spegel.interfaces import IAnnouncer
 from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter
-from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.containerd import ContainerdBuild, ContainerdDaemon, per_containerd
 from spegel_testing.images import LINUX_ARM64, MediaFormat, build_image, build_index
 from spegel_testing.registry import UpstreamRegistry
 
 NAMESPACE = "k8s.io"
 
 
+@implementer(IAnnouncer)
 class RecordingRouter:
     """
     The set of keys provided and not withdrawn, with when each key was last provided.
@@ -52,9 +55,12 @@ class RecordingRouter:
 
 
 class RealAdvertiserTests(TestCase):
+    #: Set on each subclass that per_containerd makes.
+    containerd_build: ContainerdBuild
+
     timeout = 90
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits for it
         self.registry = UpstreamRegistry(name="advertiser-registry")
         self.daemon = ContainerdDaemon(
             namespace=NAMESPACE, name="advertiser-containerd", build=self.containerd_build

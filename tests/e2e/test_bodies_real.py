@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from spegel.bodies import FileBodyProducer
+from spegel_testing.ports import port_number
 
 
 class _FileResource(Resource):
@@ -60,11 +61,11 @@ class SendfileOverLoopbackTests(TestCase):
         with open(self.path, "rb") as f:
             self.expected = hashlib.file_digest(f, "sha256").hexdigest()
         self.resource = _FileResource(self.path, self.size)
-        self.port = reactor.listenTCP(0, Site(self.resource), interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, Site(self.resource), interface="127.0.0.1")  # type: ignore[arg-type]  # Twisted annotates a generic ServerFactory
         self.addCleanup(self.port.stopListening)
 
     def fetch(self, slow: bool) -> tuple[bytes, str, int]:
-        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        sock = socket.create_connection(("127.0.0.1", port_number(self.port)))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         sock.sendall(b"GET /blob HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         received = bytearray()

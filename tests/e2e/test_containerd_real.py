@@ -34,7 +34,7 @@ from spegel.containerd.client import (
     content_path_for,
 )
 from spegel.containerd.events import ContentEvent, EventSubscriber, ImageEvent
-from spegel_testing.containerd import ContainerdDaemon, per_containerd
+from spegel_testing.containerd import ContainerdBuild, ContainerdDaemon, per_containerd
 from spegel_testing.images import TestImage, build_image
 
 NAMESPACE = "k8s.io"
@@ -72,9 +72,12 @@ class RealContainerdTests(TestCase):
     The client and the event subscriber talking to a containerd daemon.
     """
 
+    #: Set on each subclass that per_containerd makes.
+    containerd_build: ContainerdBuild
+
     timeout = 60
 
-    def setUp(self) -> Deferred[None]:
+    def setUp(self) -> Deferred[None]:  # type: ignore[override]  # trial waits for it
         self.daemon = ContainerdDaemon(
             namespace=NAMESPACE, name="containerd-under-test", build=self.containerd_build
         )
@@ -211,12 +214,14 @@ class RealContainerdTests(TestCase):
             # 2.1+: every blob is announced as it is committed, before the image exists (and
             # so is the archive's own index, which is no part of the image).
             before_image = self.events[: self.events.index(ImageEvent("create", name))]
-            announced = {e.digest for e in before_image if e in created}  # type: ignore[union-attr]
+            announced = {e.digest for e in before_image if e in created}
             self.assertEqual(image.digests() - announced, set())
         else:
             self.assertEqual(created, [])
 
-        await subscriber.stopService()
+        stopped = subscriber.stopService()
+        assert stopped is not None
+        await stopped
         self.assertEqual([t for t in threading.enumerate() if t.name == "spegel-containerd-events"], [])
         self.assertEqual(self.resubscriptions, 1)
 

@@ -17,6 +17,7 @@ from twisted.web.client import Agent
 
 from spegel.dht.bootstrap import BootstrapHTTPError, BootstrapInfo, HTTPBootstrapper, HTTPBootstrapServer
 
+from spegel_testing.ports import port_number
 from tests.unit.test_dht_bootstrap import NODE_ID
 
 
@@ -38,7 +39,7 @@ class LoopbackHTTPTests(TestCase):
 
         self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         port = await server.listening_port()
-        url = f"http://127.0.0.1:{port.getHost().port}/"
+        url = f"http://127.0.0.1:{port_number(port)}/"
         bootstrapper = HTTPBootstrapper(url, treq=HTTPClient(Agent(reactor)), clock=reactor)
         self.assertEqual(await bootstrapper.info(), info)
         # A router on every interface: the peer is told the address it connected to.

@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorUDP
 from twisted.names import authority, client, dns, server
 from twisted.trial.unittest import TestCase
 
 from spegel.dht.bootstrap import DNSBootstrapper
+from spegel_testing.ports import port_number
 
 
 
@@ -22,11 +24,11 @@ class MemoryAuthority(authority.FileAuthority):
     """A zone held in memory: FileAuthority's answering logic without a zone file."""
 
     def loadFile(self, records: dict[bytes, list[Any]]) -> None:
-        self.soa = (
+        self.soa = (  # type: ignore[assignment]  # FileAuthority declares None until a zone loads
             b"cluster.test",
             dns.Record_SOA(mname=b"ns.cluster.test", rname=b"root.cluster.test", ttl=5),
         )
-        self.records = records
+        self.records = records  # type: ignore[assignment]  # as soa
 
 
 class LoopbackDNSTests(TestCase):
@@ -45,11 +47,11 @@ class LoopbackDNSTests(TestCase):
             }
         )
         factory = server.DNSServerFactory(authorities=[zone])
-        self.port = reactor.listenUDP(
-            0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
+        self.port = IReactorUDP(reactor).listenUDP(
+            0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1", maxPacketSize=8192
         )
         self.addCleanup(self.port.stopListening)
-        self.resolver = client.Resolver(servers=[("127.0.0.1", self.port.getHost().port)])
+        self.resolver = client.Resolver(servers=[("127.0.0.1", port_number(self.port))])
 
     async def peers(self, domain: str) -> list[tuple[str, int]]:
         return await DNSBootstrapper(domain, 5001, self.resolver).peers()

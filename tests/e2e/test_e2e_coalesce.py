@@ -22,7 +22,7 @@ from spegel_testing.cluster import Cluster, static_bootstrap
 from spegel_testing.containerd import per_containerd
 from spegel_testing.images import build_image
 from spegel_testing.process import wait_for
-from tests.e2e.test_e2e_p2p import MiB, _delta, _P2PTestCase
+from tests.e2e.test_e2e_p2p import MiB, _delta, _of, _P2PTestCase
 
 _log = Logger()
 
@@ -204,8 +204,8 @@ class CoalescingTests(_P2PTestCase):
             self.assertHolds(0, ref, image)
             self.assertHolds(1, ref, image)
             # Node 1's containerd got the layer through its node from node 0, the only holder.
-            self.assertGreaterEqual(delta[1].peer, layer.size, delta)
-            self.assertGreaterEqual(delta[0].local, layer.size, delta)
+            self.assertGreaterEqual(_of(delta, 1).peer, layer.size, delta)
+            self.assertGreaterEqual(_of(delta, 0).local, layer.size, delta)
             # And the upstream registry sent it once, to node 0's containerd.
             self.assertEqual(_upstreamGets(cluster, layer.digest), 1)
 
@@ -233,7 +233,7 @@ class CoalescingTests(_P2PTestCase):
             self.assertEqual(after["timeout"], before["timeout"], after)
             self.assertNotRegex(cluster.nodes[2].log_text(), WAITING)
             # Nothing came from peers: there were none to come from.
-            self.assertEqual(delta[2].peer, 0, delta)
+            self.assertEqual(_of(delta, 2).peer, 0, delta)
             # Not held back: the counters and the log above say so without a clock (how long
             # the pull took is logged; it depends on the machine's load).
 

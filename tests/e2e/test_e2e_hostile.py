@@ -16,6 +16,7 @@ import selectors
 import socket
 import threading
 import time
+from typing import cast
 
 from twisted.trial.unittest import TestCase
 
@@ -154,7 +155,7 @@ class HostileNetworkTests(TestCase):
         try:
             while len(results) < len(states) and time.monotonic() - started < timeout:
                 for key, events in selector.select(timeout=1):
-                    s = key.fileobj
+                    s = cast(socket.socket, key.fileobj)  # as registered
                     if events & selectors.EVENT_WRITE:
                         s.send(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
                         selector.modify(s, selectors.EVENT_READ)

@@ -55,6 +55,9 @@ class PullThroughNodeTests(TestCase):
     containerd holds, through node 0, with the upstream registry stopped.
     """
 
+    #: Set on each subclass that per_containerd makes.
+    containerd_build: ContainerdBuild
+
     def setUp(self) -> None:
         self.cluster = _cluster.get(self.containerd_build)
         self.node = self.cluster.nodes[0]
@@ -171,6 +174,9 @@ class LiveNodeHTTPTests(TestCase):
     """
     Node 0's registry port answers distribution API requests for what its containerd holds.
     """
+
+    #: Set on each subclass that per_containerd makes.
+    containerd_build: ContainerdBuild
 
     def setUp(self) -> None:
         self.cluster = _cluster.get(self.containerd_build)
@@ -369,7 +375,7 @@ class DemoTests(TestCase):
         The cluster directory the demo printed is gone and no process mentions it.
         """
         match = re.search(r"\(containerd (/tmp/[^/ ]+)/c0/c\.sock\)", stdout)
-        self.assertIsNotNone(match, stdout)
+        assert match is not None, stdout
         baseDir = match.group(1)
         self.assertFalse(os.path.exists(baseDir))
         self.assertEqual(_processesMentioning(baseDir), [])
@@ -384,7 +390,7 @@ class DemoTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("upstream = node 1 = node 2 = node 3: yes", result.stdout)
         first = re.search(r"node 1 pulled \S+ by tag in [0-9.]+s: ([0-9.]+) MiB from upstream", result.stdout)
-        self.assertIsNotNone(first, result.stdout)
+        assert first is not None, result.stdout
         self.assertGreaterEqual(float(first.group(1)), 2.0)
         for node, how in (("2", "by tag"), ("3", "by digest")):
             pulled = re.search(
@@ -392,7 +398,7 @@ class DemoTests(TestCase):
                 rf"disk, ([0-9.]+) MiB from peers \(node [13]",
                 result.stdout,
             )
-            self.assertIsNotNone(pulled, result.stdout)
+            assert pulled is not None, result.stdout
             self.assertGreaterEqual(float(pulled.group(1)), 2.0)
         self.assertTrue(result.stdout.rstrip().endswith("demo ok"))
         self.assertCleanedUp(result.stdout)
@@ -416,7 +422,7 @@ class DemoTests(TestCase):
                 rf"disk, ([0-9.]+) MiB from peers",
                 result.stdout,
             )
-            self.assertIsNotNone(pulled, result.stdout)
+            assert pulled is not None, result.stdout
             self.assertGreaterEqual(float(pulled.group(2)), 2.0)
         self.assertIn("served to the others during the rollout: node 1", result.stdout)
         self.assertIn("upstream = node 1 = node 2 = node 3 = node 4 = node 5: yes", result.stdout)

@@ -7,7 +7,7 @@ End-to-end test of a large blob fetched in pieces from several holders at once
 from __future__ import annotations
 
 from spegel_testing.containerd import per_containerd
-from tests.e2e.test_e2e_p2p import MiB, _delta, _OwnClusterTestCase
+from tests.e2e.test_e2e_p2p import MiB, _delta, _of, _OwnClusterTestCase
 
 
 class ParallelPullTests(_OwnClusterTestCase):
@@ -42,9 +42,9 @@ class ParallelPullTests(_OwnClusterTestCase):
             # 48 MiB in pieces of 8 MiB: six, each from one holder or the other.
             self.assertGreaterEqual(metrics.total("spegel_mirror_pieces_fetched_total") - pieces, 6)
             for holder in (0, 1):
-                self.assertGreater(delta[holder].local, 0, f"holder {holder} sent no piece: {delta}")
-            self.assertGreaterEqual(delta[0].local + delta[1].local, layer.size, delta)
-            self.assertGreaterEqual(delta[2].peer, layer.size, delta)
+                self.assertGreater(_of(delta, holder).local, 0, f"holder {holder} sent no piece: {delta}")
+            self.assertGreaterEqual(_of(delta, 0).local + _of(delta, 1).local, layer.size, delta)
+            self.assertGreaterEqual(_of(delta, 2).peer, layer.size, delta)
 
 
 globals().update(per_containerd(ParallelPullTests))

@@ -222,7 +222,7 @@ class ChartPodsTests(TestCase):
         What C{helm uninstall} does after deleting the release: the hook's cleanup DaemonSet on
         every node, the Service naming its pods, and the wait pod, which must succeed.
         """
-        hooks: list[dict[str, Any]] = []
+        hooks: list[dict[tuple[str, str], Any]] = []
         cleanup_pods: list[RunningPod] = []
         for kubelet in self.kubelets:
             docs = [d for d in self.manifests(kubelet) if "helm.sh/hook" in d["metadata"].get("annotations", {})]

@@ -8,12 +8,14 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from spegel.peers import PEER_READ_SIZE, peer_client
+from spegel_testing.ports import port_number
 
 
 class _Blob(Resource):
@@ -30,21 +32,21 @@ class _Blob(Resource):
 class LoopbackTests(TestCase):
     async def test_large_body_over_loopback(self) -> None:
         data = os.urandom(8 * 1024 * 1024)
-        port = reactor.listenTCP(0, Site(_Blob(data)), interface="127.0.0.1")
+        port = reactor.listenTCP(0, Site(_Blob(data)), interface="127.0.0.1")  # type: ignore[arg-type]  # Twisted annotates a generic ServerFactory
         self.addCleanup(port.stopListening)
         client = peer_client(reactor)
-        self.addCleanup(client._agent._pool.closeCachedConnections)
+        self.addCleanup(client._agent._pool.closeCachedConnections)  # type: ignore[attr-defined]  # peer_client's pool
         chunks: list[int] = []
 
         class Collect(Protocol):
             def dataReceived(self, chunk: bytes) -> None:
                 chunks.append(len(chunk))
 
-            def connectionLost(self, reason):  # type: ignore[no-untyped-def]
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
                 done.callback(None)
 
         done: Deferred[None] = Deferred()
-        response = await client.get(f"http://127.0.0.1:{port.getHost().port}/", unbuffered=True)
+        response = await client.get(f"http://127.0.0.1:{port_number(port)}/", unbuffered=True)
         response.deliverBody(Collect())
         await done
         self.assertEqual(sum(chunks), len(data))

@@ -18,15 +18,18 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from spegel import relay
 from spegel.bodies import FileBodyProducer
 from spegel.dht.ids import Provider
+from spegel.interfaces import IRouter
 from spegel.metrics import Metrics
 from spegel.mirror import Mirror, SpliceRelaying
 from spegel.peers import peer_client
 from spegel.httpserver import make_site
 from spegel.registry import RegistryFilter, RegistryResource
+from spegel_testing.ports import port_number
 from tests.unit.test_registry import MemoryContent
 
 MiB = 1 << 20
@@ -67,6 +70,7 @@ class _Peer(Resource):
             if self.then_hang:
                 return
             if self.cut_after is not None:
+                assert request.channel.transport is not None
                 request.channel.transport.loseConnection()
             else:
                 request.finish()
@@ -75,6 +79,7 @@ class _Peer(Resource):
         return NOT_DONE_YET
 
 
+@implementer(IRouter)
 class _Router:
     """
     A DHT that knows the providers at once.
@@ -83,10 +88,11 @@ class _Router:
     def __init__(self, providers: list[Provider]):
         self.providers = providers
 
-    def find_providers(self, key: str, *, on_provider: Callable[[Provider], None], limit: int = 20,
+    def find_providers(self, key: str, *, on_provider: Callable[[Provider], None] | None = None, limit: int = 20,
                        use_cache: bool = True) -> Deferred[list[Provider]]:
         for provider in self.providers:
-            on_provider(provider)
+            if on_provider is not None:
+                on_provider(provider)
         return succeed(list(self.providers))
 
 
@@ -144,17 +150,17 @@ class RelayTestCase(TestCase):
 
     def peer(self, path: str, cut_after: int | None = None, then_hang: bool = False) -> tuple[Provider, _Peer]:
         resource = _Peer(path, self.size, cut_after, then_hang)
-        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+        port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")  # type: ignore[arg-type]  # Twisted annotates a generic ServerFactory
         self.addCleanup(port.stopListening)
-        number = port.getHost().port % 250 + 1
-        return Provider(bytes([number]) * 32, "127.0.0.1", port.getHost().port), resource
+        number = port_number(port) % 250 + 1
+        return Provider(bytes([number]) * 32, "127.0.0.1", port_number(port)), resource
 
     def node(self, providers: list[Provider], splice: bool = True, idle_timeout: float = 5.0) -> int:
         hashing = relay.HashingPool(reactor)
         hashing.startService()
         self.addCleanup(hashing.stopService)
         client = peer_client(reactor)
-        self.addCleanup(client._agent._pool.closeCachedConnections)
+        self.addCleanup(client._agent._pool.closeCachedConnections)  # type: ignore[attr-defined]  # peer_client's pool
         self.metrics = Metrics()
         mirror = Mirror(
             reactor, _Router(providers), client, resolve_timeout=1.0, idle_timeout=idle_timeout,
@@ -165,9 +171,9 @@ class RelayTestCase(TestCase):
         # What the access log would say each response's size was.
         self.logged_sizes: list[int] = []
         site.log = lambda request: self.logged_sizes.append(request.sentLength)  # type: ignore[method-assign]
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]  # Twisted annotates a generic ServerFactory
         self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return port_number(port)
 
     def blob_path(self) -> str:
         return f"/v2/{REPO}/blobs/{self.digest}?ns=registry.example"

@@ -11,11 +11,11 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel import advertiser, imagewalk
@@ -215,7 +215,7 @@ class AdvertiserTestCase(SynchronousTestCase):
         self.log_events: list[dict[str, Any]] = []
         # The walk logs from its own module.
         for module in (advertiser, imagewalk):
-            self.patch(module, "_log", Logger(observer=self.log_events.append))
+            self.patch(module, "_log", Logger(observer=cast(ILogObserver, self.log_events.append)))
 
     def make(self, registry_filter: RegistryFilter = RegistryFilter(), **kwargs: Any) -> Advertiser:
         return Advertiser(self.clock, self.containerd, self.router, registry_filter, metrics=self.metrics, **kwargs)  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ class ChunkedReadProducerTests(SynchronousTestCase):
 
     def test_one_read_at_a_time_and_pauses(self) -> None:
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 100, 5000, chunk_size=1000)
+        producer = ChunkedReadProducer(request, self.read, 100, 5000, chunk_size=1000)  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         self.assertEqual(len(self.pending), 1)
         producer.pauseProducing()
@@ -69,7 +69,7 @@ class ChunkedReadProducerTests(SynchronousTestCase):
 
     def test_stop_cancels_the_read(self) -> None:
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 0, 5000, chunk_size=1000)
+        producer = ChunkedReadProducer(request, self.read, 0, 5000, chunk_size=1000)  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         producer.stopProducing()
         self.failureResultOf(done, BodyInterrupted)
@@ -78,7 +78,7 @@ class ChunkedReadProducerTests(SynchronousTestCase):
 
     def test_short_source(self) -> None:
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, lambda o, s: succeed(b""), 0, 10)
+        producer = ChunkedReadProducer(request, lambda o, s: succeed(b""), 0, 10)  # type: ignore[arg-type]  # a DummyRequest
         self.failureResultOf(producer.start(), BodyInterrupted)
 
 
@@ -97,7 +97,7 @@ class FileBodyProducerTests(SynchronousTestCase):
         data = os.urandom(1_000_000)
         request = ProducerRequest()
         fd = self.make_file(data)
-        producer = FileBodyProducer(request, fd, 1000, 900_000)
+        producer = FileBodyProducer(request, fd, 1000, 900_000)  # type: ignore[arg-type]  # a DummyRequest
         self.successResultOf(producer.start())
         self.assertEqual(b"".join(request.written), data[1000:901_000])
         self.assertEqual(producer.bytes_by_sendfile, 0)
@@ -112,8 +112,8 @@ class FileBodyProducerTests(SynchronousTestCase):
             writes.append(len(chunk))
             producer.pauseProducing()
 
-        request.write = write  # type: ignore[method-assign]
-        producer = FileBodyProducer(request, self.make_file(data), 0, len(data))
+        self.patch(request, "write", write)
+        producer = FileBodyProducer(request, self.make_file(data), 0, len(data))  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         self.assertEqual(len(writes), 1)
         self.assertNoResult(done)
@@ -124,5 +124,5 @@ class FileBodyProducerTests(SynchronousTestCase):
 
     def test_truncated_file(self) -> None:
         request = ProducerRequest()
-        producer = FileBodyProducer(request, self.make_file(b"abc"), 0, 10)
+        producer = FileBodyProducer(request, self.make_file(b"abc"), 0, 10)  # type: ignore[arg-type]  # a DummyRequest
         self.failureResultOf(producer.start(), BodyInterrupted)

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -239,7 +239,7 @@ class CleanupServeTests(CommandLineTestMixin, SynchronousTestCase):
         self.assertTrue(reactor.hasRun)
         ((port, site, _, interface),) = reactor.tcpServers
         self.assertEqual((port, interface), (8080, "127.0.0.1"))
-        self.assertIsInstance(site, Site)
+        assert isinstance(site, Site)
         treq = StubTreq(site.resource)
         response = self.successResultOf(treq.get("http://node/healthz"))
         self.assertEqual(response.code, 200)

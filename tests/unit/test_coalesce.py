@@ -130,7 +130,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
         }
 
     def manifest_by_tag(self) -> Deferred[Any]:
-        return ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
+        return ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))  # type: ignore[arg-type]  # a DummyRequest
 
     def test_nobody_pulling_goes_upstream_at_once_and_says_so(self) -> None:
         d = self.manifest_by_tag()
@@ -207,7 +207,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
     def test_blobs_never_wait(self) -> None:
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
         digest = digest_of(b"layer")
-        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", digest=digest), "blob"))
+        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", digest=digest), "blob"))  # type: ignore[arg-type]  # a DummyRequest
         self.failureResultOf(d, BlobUnknown)
         self.assertEqual([key for key, _ in self.router.lookups], [digest])
         self.assertEqual(self.router.provided, [])
@@ -215,7 +215,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
     def test_off_without_a_coalescer(self) -> None:
         mirror = Mirror(self.clock, self.router, self.http, resolve_timeout=0.02, metrics=Metrics())
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
-        d = ensureDeferred(ask_mirror(mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))
+        d = ensureDeferred(ask_mirror(mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))  # type: ignore[arg-type]  # a DummyRequest
         self.failureResultOf(d, ManifestUnknown)
         self.assertEqual([key for key, _ in self.router.lookups], [TAG_KEY])
         self.assertEqual(self.router.provided, [])

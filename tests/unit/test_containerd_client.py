@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -209,8 +210,8 @@ def make_client(
         namespace,
         threadpool_size=3,
         call_timeout=7.5,
-        channel_factory=channel_factory,
-        threadpool_factory=pool_factory,
+        channel_factory=channel_factory,  # type: ignore[arg-type]  # a fake grpc.Channel
+        threadpool_factory=pool_factory,  # type: ignore[arg-type]  # runs calls at once
     )
     if start:
         client.startService()
@@ -499,7 +500,8 @@ class ErrorMappingTests(SynchronousTestCase):
 
     def failure_for(self, code: grpc.StatusCode, method: str = VERSION) -> ContainerdError:
         client, _, _, _ = make_client({method: raising(FakeRpcError(code, "containerd says no"))})
-        call = {VERSION: client.version, LIST: client.list_images}[method]
+        calls: dict[str, Callable[[], Deferred[Any]]] = {VERSION: client.version, LIST: client.list_images}
+        call = calls[method]
         failure = self.failureResultOf(call(), ContainerdError)
         self.assertIn("containerd says no", str(failure.value))
         return failure.value

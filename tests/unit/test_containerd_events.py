@@ -11,11 +11,11 @@ then ends the stream the way the test chose.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
-from twisted.logger import Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.containerd import events as events_module
@@ -302,7 +302,7 @@ class SubscriberTests(SynchronousTestCase):
         self.service.down = True
         self.subscriber.startService()
         delays = []
-        for attempt in range(6):
+        for _ in range(6):
             self.threads[-1].run()
             [call] = self.reactor.getDelayedCalls()
             delays.append(call.getTime() - self.reactor.seconds())
@@ -357,6 +357,7 @@ class SubscriberTests(SynchronousTestCase):
         self.subscriber.startService()
         stream = self.service.streams[0]
         d = self.subscriber.stopService()
+        assert d is not None
         self.assertTrue(stream.cancelled)
         self.assertNoResult(d)
         # The reader thread sees the cancellation; nothing queued is delivered after stop.
@@ -378,11 +379,11 @@ class SubscriberTests(SynchronousTestCase):
         """
         subscriber = self.make_subscriber(initial_backoff=None, max_backoff=None)
         events: list[dict[str, Any]] = []
-        self.patch(events_module, "_log", Logger(observer=events.append))
+        self.patch(events_module, "_log", Logger(observer=cast(ILogObserver, events.append)))
         self.service.down = True
         subscriber.startService()
         delays = []
-        for attempt in range(7):
+        for _ in range(7):
             self.threads[-1].run()
             [call] = self.reactor.getDelayedCalls()
             delays.append(round(call.getTime() - self.reactor.seconds(), 3))
@@ -417,12 +418,16 @@ class SubscriberTests(SynchronousTestCase):
         def broken_resubscribed() -> None:
             raise RuntimeError("resync bug")
 
+        def new_thread(**kw: Any) -> FakeThread:
+            self.threads.append(FakeThread(**kw))
+            return self.threads[-1]
+
         self.subscriber = EventSubscriber(
             self.reactor,
             self.client,
             broken,
             broken_resubscribed,
-            thread_factory=lambda **kw: self.threads.append(FakeThread(**kw)) or self.threads[-1],
+            thread_factory=new_thread,
         )
         self.subscriber.startService()
         self.queue(

@@ -7,6 +7,7 @@ describe containerd's wire names (packages, methods, field numbers).
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -71,7 +72,7 @@ class WireNameTests(SynchronousTestCase):
     """
 
     def test_service_paths(self) -> None:
-        def full(stub_module, service):
+        def full(stub_module: Any, service: str) -> str:
             return stub_module.DESCRIPTOR.services_by_name[service].full_name
 
         self.assertEqual(full(images_pb2, "Images"), "containerd.services.images.v1.Images")
@@ -97,7 +98,7 @@ class WireNameTests(SynchronousTestCase):
         self.assertEqual(content_events_pb2.ContentCreate.DESCRIPTOR.full_name, "containerd.events.ContentCreate")
 
     def test_field_numbers(self) -> None:
-        def numbers(message):
+        def numbers(message: Any) -> dict[str, int]:
             return {f.name: f.number for f in message.DESCRIPTOR.fields}
 
         self.assertEqual(numbers(types_pb2.Descriptor), {"media_type": 1, "digest": 2, "size": 3, "annotations": 5})

@@ -10,12 +10,14 @@ import json
 import sys
 from typing import Any, Callable
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from spegel import flags
 from spegel.debugweb import (
@@ -28,6 +30,7 @@ from spegel.debugweb import (
     put_aside_peers,
 )
 from spegel.dht.ids import Contact, Provider
+from spegel.interfaces import IDebugRouter
 from spegel.dht.routing import RoutingTable
 from spegel.mirror import PutAside
 from spegel.tap import Options, makeService
@@ -48,6 +51,7 @@ class FakeNode:
         self.routing = routing
 
 
+@implementer(IDebugRouter)
 class FakeRouter:
     """
     The part of L{spegel.dht.service.DHTService} the pages read; lookups wait for the test.
@@ -409,6 +413,7 @@ class FlagTests(SynchronousTestCase):
     def metrics_root(self, *argv: str) -> Resource:
         options = self.parse("--data-dir", "", *argv)
         node = makeService(options, MemoryReactorClock())
+        assert isinstance(node, MultiService)
         for service in node:
             resource = getattr(getattr(service, "factory", None), "resource", None)
             if resource is not None and b"metrics" in resource.children:

@@ -148,7 +148,7 @@ class FromConfigTests(SynchronousTestCase):
     def test_static(self) -> None:
         config = FakeRouterConfig(bootstrap_kind="static", static_peers=tuple(PEERS))
         bootstrapper = bootstrapper_from_config(Clock(), config)
-        self.assertIsInstance(bootstrapper, StaticBootstrapper)
+        assert isinstance(bootstrapper, StaticBootstrapper)
         self.assertEqual(self.successResultOf(bootstrapper.peers()), PEERS)
 
     def test_static_hostnames_use_configured_resolver(self) -> None:
@@ -157,6 +157,7 @@ class FromConfigTests(SynchronousTestCase):
             bootstrap_kind="static", static_peers=(("peer.example", 5001),), dns_resolver=resolver
         )
         bootstrapper = bootstrapper_from_config(Clock(), config)
+        assert bootstrapper is not None
         self.assertEqual(self.successResultOf(bootstrapper.peers()), [("10.0.0.7", 5001)])
 
     def test_dns(self) -> None:
@@ -165,7 +166,7 @@ class FromConfigTests(SynchronousTestCase):
             bootstrap_kind="dns", dns_domain=DOMAIN, dns_resolver=resolver, listen_port=6001
         )
         bootstrapper = bootstrapper_from_config(Clock(), config)
-        self.assertIsInstance(bootstrapper, DNSBootstrapper)
+        assert isinstance(bootstrapper, DNSBootstrapper)
         self.assertEqual(self.successResultOf(bootstrapper.peers()), [("10.0.0.1", 6001)])
 
     def test_dns_system_resolver(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -19,12 +19,16 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, RaisingMemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from spegel.dht.bootstrap import BootstrapInfo, BootstrapInfoResource, HTTPBootstrapServer
 
 from tests.unit.test_dht_bootstrap import NODE_ID, URL
+
+#: For servers whose info is never asked for.
+NO_INFO = BootstrapInfo(node_id=NODE_ID, host="10.0.0.9", port=5001)
 
 
 # --- HTTP bootstrap ----------------------------------------------------------------------------
@@ -72,7 +76,7 @@ class BootstrapInfoResourceTests(SynchronousTestCase):
             (UNIXAddress(b"/run/x.sock"), "::"),
         ):
             request = DummyRequest([b""])
-            request.getHost = lambda local=local: local  # type: ignore[method-assign]
+            self.patch(request, "getHost", lambda local=local: local)
             self.assertEqual(json.loads(resource.render(request))["host"], expected)
 
     def test_other_paths_not_found(self) -> None:
@@ -96,10 +100,10 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
     def test_bad_endpoint(self) -> None:
         for endpoint in ("bogus:5002", "tcp:notaport", ""):
             with self.assertRaises(ValueError):
-                HTTPBootstrapServer(Clock(), endpoint, lambda: None)  # type: ignore[arg-type]
+                HTTPBootstrapServer(Clock(), endpoint, lambda: NO_INFO)
 
     def test_listening_port_before_start(self) -> None:
-        server = HTTPBootstrapServer(Clock(), "tcp:0", lambda: None)  # type: ignore[arg-type]
+        server = HTTPBootstrapServer(Clock(), "tcp:0", lambda: NO_INFO)
         self.assertRaises(RuntimeError, server.listening_port)
 
     def test_listens_on_endpoint_and_stops(self) -> None:
@@ -109,6 +113,7 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
         server.startService()
         ((port, site, _backlog, interface),) = memory.tcpServers
         self.assertEqual((port, interface), (5002, "127.0.0.1"))
+        assert isinstance(site, Site)
         self.assertIs(site.resource, server.resource)
         self.successResultOf(server.listening_port())
         self.successResultOf(server.stopService())
@@ -116,7 +121,7 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
 
     def test_listen_failure_logged_and_reported(self) -> None:
         failing = RaisingMemoryReactor(listenException=CannotListenError("", 5002, "in use"))
-        server = HTTPBootstrapServer(failing, "tcp:5002", lambda: None)  # type: ignore[arg-type]
+        server = HTTPBootstrapServer(failing, "tcp:5002", lambda: NO_INFO)
         server.startService()
         self.failureResultOf(server.listening_port(), CannotListenError)
         self.assertEqual(len(self.flushLoggedErrors(CannotListenError)), 1)
@@ -131,7 +136,7 @@ class HTTPBootstrapServerTests(SynchronousTestCase):
             def listen(self, factory: Any) -> Deferred:
                 return pending
 
-        server = HTTPBootstrapServer(Clock(), SlowEndpoint(), lambda: None)  # type: ignore[arg-type]
+        server = HTTPBootstrapServer(Clock(), SlowEndpoint(), lambda: NO_INFO)
         server.startService()
         waiter = server.listening_port()
         self.assertNoResult(waiter)

@@ -233,8 +233,8 @@ class BootstrappingTests(SynchronousTestCase):
         self.assertEqual(bootstrapper.calls, 1)
 
     def test_stop_cancels_attempt_in_flight(self) -> None:
-        cancelled = []
-        joining: Deferred = Deferred(cancelled.append)
+        cancelled: list[Deferred[Any]] = []
+        joining: Deferred[Any] = Deferred(cancelled.append)
         service, bootstrapper, join = self.make([PEERS], [joining])
         joined = service.when_joined()
         service.startService()
@@ -265,11 +265,12 @@ class BootstrappingTests(SynchronousTestCase):
     def test_invalid_settings(self) -> None:
         bootstrapper = ScriptedBootstrapper([PEERS])
         join = ScriptedJoin([FOUND])
-        for settings in (
+        invalid: list[dict[str, Any]] = [
             {"min_backoff": 0.0},
             {"min_backoff": 5.0, "max_backoff": 1.0},
             {"rejoin_interval": 0.0},
-        ):
+        ]
+        for settings in invalid:
             with self.assertRaises(ValueError):
                 Bootstrapping(Clock(), bootstrapper, join, **settings)
 

@@ -15,7 +15,7 @@ from spegel.dht.metrics import DHTMetrics
 from spegel.dht.node import KEYS_PER_MESSAGE, KademliaNode
 from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock
 from spegel.dht.wire import Message
-from tests.unit.test_dht_protocol import FakeTransport
+from tests.unit.test_dht_protocol import FakeTransport, body_as
 
 CONFIG = RouterConfig(k=4, alpha=2, rpc_timeout=1.0, registry_port=5000)
 PEER = ("10.0.0.2", 5001)
@@ -30,9 +30,9 @@ class RequestTests(SynchronousTestCase):
         self.clock = Clock()
         self.node = KademliaNode(b"\x00" * 32, self.clock, CONFIG, randbytes=random.Random(1).randbytes, metrics=DHTMetrics())
         self.transport = FakeTransport()
-        self.node.protocol.makeConnection(self.transport)
+        self.node.protocol.makeConnection(self.transport)  # type: ignore[arg-type]  # a fake: write() only
 
-    def ask(self, body: wire.Body, sender: bytes = peer_id(9), address=PEER) -> wire.Body:
+    def ask(self, body: wire.Body, sender: bytes = peer_id(9), address: tuple[str, int] = PEER) -> wire.Body:
         self.node.protocol.datagramReceived(wire.encode(Message(b"t" * 8, sender, body)), address)
         data, to = self.transport.written[-1]
         self.assertEqual(to, address)
@@ -45,7 +45,7 @@ class RequestTests(SynchronousTestCase):
     def test_find_node_returns_closest_but_not_the_asker(self) -> None:
         for i in range(1, 8):
             self.node.routing.observe(Contact(peer_id(i), f"10.0.1.{i}", 5001))
-        body = self.ask(wire.FindNode(peer_id(3)), sender=peer_id(2))
+        body = body_as(wire.Nodes, self.ask(wire.FindNode(peer_id(3)), sender=peer_id(2)))
         ids = [c.node_id for c in body.contacts]
         self.assertEqual(ids[0], peer_id(3))
         self.assertNotIn(peer_id(2), ids)
@@ -54,10 +54,10 @@ class RequestTests(SynchronousTestCase):
     def test_add_and_get_providers(self) -> None:
         keys = (b"a" * 32, b"b" * 32)
         self.assertEqual(self.ask(wire.AddProvider(30020, keys)), wire.AddProviderAck(2))
-        body = self.ask(wire.GetProviders(b"a" * 32), sender=peer_id(5), address=("10.0.0.5", 5001))
+        body = body_as(wire.Providers, self.ask(wire.GetProviders(b"a" * 32), sender=peer_id(5), address=("10.0.0.5", 5001)))
         self.assertEqual(body.providers, (Provider(peer_id(9), PEER[0], 30020),))
         self.assertEqual([c.node_id for c in body.contacts], [peer_id(9)])
-        self.assertEqual(self.ask(wire.GetProviders(b"c" * 32)).providers, ())
+        self.assertEqual(body_as(wire.Providers, self.ask(wire.GetProviders(b"c" * 32))).providers, ())
 
     def test_copied_id_from_another_address_changes_nothing(self) -> None:
         """
@@ -80,15 +80,15 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *PEER))
         self.assertIn(real, self.node.store.get(key, 10))
         # Lookups still get the real record, next to the copy.
-        body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
+        body = body_as(wire.Providers, self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001)))
         self.assertIn(real, body.providers)
 
     def test_holder_answers_with_itself(self) -> None:
         key = b"h" * 32
         self.node.provides = lambda k: k == key
-        body = self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001))
+        body = body_as(wire.Providers, self.ask(wire.GetProviders(key), sender=peer_id(5), address=("10.0.0.5", 5001)))
         self.assertEqual(body.providers, (Provider(self.node.node_id, "0.0.0.0", CONFIG.registry_port),))
-        self.assertEqual(self.ask(wire.GetProviders(b"x" * 32)).providers, ())
+        self.assertEqual(body_as(wire.Providers, self.ask(wire.GetProviders(b"x" * 32))).providers, ())
 
     def test_self_record_takes_the_address_it_answered_from(self) -> None:
         """
@@ -119,7 +119,7 @@ class RequestTests(SynchronousTestCase):
         self.successResultOf(d)
         sent = [wire.decode(data).body for data, to in self.transport.written if to == PEER]
         self.assertEqual([type(b) for b in sent], [wire.AddProvider, wire.AddProvider])
-        self.assertEqual(sorted(k for b in sent for k in b.keys), sorted(keys))
+        self.assertEqual(sorted(k for b in sent if isinstance(b, wire.AddProvider) for k in b.keys), sorted(keys))
         # Only the first time it is seen answering.
         self.transport.written.clear()
         d = self.node.ping(PEER)
@@ -156,7 +156,8 @@ class RequestTests(SynchronousTestCase):
         real = Provider(peer_id(9), PEER[0], 5000)
         reply = Message(request.txid, peer_id(9), wire.Providers((real,), ()))
         self.node.protocol.datagramReceived(wire.encode(reply), PEER)
-        self.assertEqual(set(self.successResultOf(d)), {fake, real})
+        found = self.successResultOf(d)
+        self.assertEqual(set(found), {fake, real})
         self.assertEqual(seen, [fake, real])
 
     def test_moved_node_replaces_silent_old_address(self) -> None:
@@ -169,7 +170,7 @@ class RequestTests(SynchronousTestCase):
         moved = ("10.0.0.77", 5001)
         self.ask(wire.Ping(), address=moved)
         # Until the old address is found silent, nothing changes.
-        self.assertEqual(self.node.routing.get(peer_id(9)).host, PEER[0])
+        self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *PEER))
         self.clock.advance(CONFIG.rpc_timeout)
         self.assertEqual(self.node.routing.get(peer_id(9)), Contact(peer_id(9), *moved))
         self.assertEqual(self.node.store.get(key, 10), [])
@@ -223,8 +224,7 @@ class RequestTests(SynchronousTestCase):
         while not d.called:
             data, to = self.transport.written[-1]
             request = wire.decode(data)
-            self.assertIsInstance(request.body, wire.FindNode)
-            targets.append(request.body.target)
+            targets.append(body_as(wire.FindNode, request.body).target)
             # The neighbour knows nobody else.
             self.node.protocol.datagramReceived(
                 wire.encode(Message(request.txid, neighbour, wire.Nodes(()))), to
@@ -304,10 +304,10 @@ class NetworkTests(SynchronousTestCase):
         self.assertLessEqual(result.messages, len(destinations) + 1000 // KEYS_PER_MESSAGE)
         finder = self.nodes[17]
         for key in keys[:20]:
-            found = []
-            d = finder.find_providers(key, on_provider=found.append)
+            found: list[Provider] = []
+            lookup = finder.find_providers(key, on_provider=found.append)
             self.clock.advance(5)
-            providers = self.successResultOf(d)
+            providers = self.successResultOf(lookup)
             self.assertEqual(found, providers)
             self.assertEqual([p.node_id for p in providers], [announcer.node_id])
             self.assertEqual(providers[0].host, "10.0.0.1")

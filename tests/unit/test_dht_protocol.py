@@ -4,6 +4,7 @@ sockets.
 """
 
 import random
+from typing import TypeVar
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,17 @@ from spegel.dht.wire import Message
 PEER = ("10.0.0.2", 5001)
 PEER_ID = b"p" * 32
 OWN_ID = b"o" * 32
+
+_Kind = TypeVar("_Kind")
+
+
+def body_as(kind: type[_Kind], body: wire.Body) -> _Kind:
+    """
+    C{body}, checked to be a C{kind}: which reply comes depends on the request.
+    """
+    if not isinstance(body, kind):
+        raise AssertionError(f"expected {kind.__name__}, got {body!r}")
+    return body
 
 
 class FakeTransport:
@@ -64,23 +76,24 @@ class ProtocolTests(SynchronousTestCase):
             randbytes=random.Random(0).randbytes,
             metrics=DHTMetrics(),
         )
-        self.protocol.makeConnection(self.transport)
+        self.protocol.makeConnection(self.transport)  # type: ignore[arg-type]  # a fake: write() only
 
     def sent(self) -> tuple[Message, tuple[str, int]]:
         data, address = self.transport.written[-1]
         self.assertLessEqual(len(data), wire.MAX_DATAGRAM_SIZE)
         return wire.decode(data, self.secret), address
 
-    def deliver(self, body: wire.Body, txid: bytes, address=PEER, sender=PEER_ID) -> None:
+    def deliver(self, body: wire.Body, txid: bytes, address: tuple = PEER, sender: bytes = PEER_ID) -> None:
         self.protocol.datagramReceived(wire.encode(Message(txid, sender, body), self.secret), address)
 
     def test_request_reply(self) -> None:
-        for request, reply in [
+        exchanges: list[tuple[wire.Body, wire.Body]] = [
             (wire.Ping(), wire.Pong()),
             (wire.FindNode(b"t" * 32), wire.Nodes((Contact(b"c" * 32, "10.0.0.3", 9),))),
             (wire.AddProvider(5000, (b"k" * 32,)), wire.AddProviderAck(1)),
             (wire.GetProviders(b"k" * 32), wire.Providers((), ())),
-        ]:
+        ]
+        for request, reply in exchanges:
             d = self.protocol.request(PEER, request)
             message, address = self.sent()
             self.assertEqual((message.body, address, message.sender_id), (request, PEER, OWN_ID))
@@ -151,7 +164,7 @@ class ProtocolTests(SynchronousTestCase):
         )
         self.assertEqual(self.handler.seen[0][0].body, wire.FindNode(b"t" * 32))
 
-    def verify(self, address=PEER) -> None:
+    def verify(self, address: tuple[str, int] = PEER) -> None:
         """Have C{address} answer a request of ours: it is then known to receive what we send."""
         d = self.protocol.request(address, wire.Ping())
         self.deliver(wire.Pong(), self.sent()[0].txid, address=address)
@@ -170,7 +183,7 @@ class ProtocolTests(SynchronousTestCase):
         (ping, ping_to), (reply, reply_to) = self.transport.written
         self.assertEqual((wire.decode(ping, self.secret).body, ping_to), (wire.Ping(), PEER))
         self.assertLessEqual(len(reply), AMPLIFICATION_LIMIT * len(request))
-        trimmed = wire.decode(reply, self.secret).body.contacts
+        trimmed = body_as(wire.Nodes, wire.decode(reply, self.secret).body).contacts
         self.assertGreater(len(trimmed), 0)
         self.assertLess(len(trimmed), 20)
         # A second request before the pong is answered: small again, and no second ping.
@@ -178,7 +191,7 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(len(self.transport.written), 3)
         self.deliver(wire.Pong(), wire.decode(ping, self.secret).txid)
         self.protocol.datagramReceived(request, PEER)
-        self.assertEqual(len(self.sent()[0].body.contacts), 20)
+        self.assertEqual(len(body_as(wire.Nodes, self.sent()[0].body).contacts), 20)
 
     def test_forged_sources_cost_bounded_pings(self) -> None:
         """
@@ -207,12 +220,12 @@ class ProtocolTests(SynchronousTestCase):
         providers = tuple(wire.Provider(bytes([i]) * 32, "2001:db8::2", 5000) for i in range(10))
         self.handler.reply = wire.Providers(providers, contacts)
         self.deliver(wire.GetProviders(b"k" * 32), b"12345678")
-        body = self.sent()[0].body
+        body = body_as(wire.Providers, self.sent()[0].body)
         self.assertEqual(body.providers, providers)
         self.assertLess(len(body.contacts), 32)
         self.handler.reply = wire.Nodes(contacts)
         self.deliver(wire.FindNode(b"k" * 32), b"12345678")
-        self.assertGreaterEqual(len(self.sent()[0].body.contacts), 20)
+        self.assertGreaterEqual(len(body_as(wire.Nodes, self.sent()[0].body).contacts), 20)
 
     def test_handler_error_is_contained(self) -> None:
         self.handler.explode = True
@@ -264,7 +277,7 @@ class FuzzTests(SynchronousTestCase):
     @given(st.binary(max_size=1300), st.sampled_from([None, b"key"]))
     def test_fuzzed_datagrams_are_counted_never_raised(self, data: bytes, secret: bytes | None) -> None:
         protocol = DHTProtocol(OWN_ID, Clock(), RecordingHandler(), secret=secret, metrics=DHTMetrics())
-        protocol.makeConnection(FakeTransport())
+        protocol.makeConnection(FakeTransport())  # type: ignore[arg-type]  # a fake: write() only
         protocol.datagramReceived(data, PEER)
         # Every datagram is either dropped with a reason or accepted as a request.
         self.assertEqual(sum(protocol.dropped.values()) + sum(protocol.received.values()), 1)

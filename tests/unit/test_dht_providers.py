@@ -119,7 +119,7 @@ class ProviderStoreTests(SynchronousTestCase):
         for i in range(10):
             self.store.add(i.to_bytes(32, "big"), gone)
 
-        class NoIteration(dict):  # type: ignore[type-arg]
+        class NoIteration(dict):
             def __iter__(self):  # type: ignore[no-untyped-def]
                 raise AssertionError("the whole store was scanned")
 

@@ -58,6 +58,7 @@ class RoutingTableTests(SynchronousTestCase):
             self.table.observe(c)
         newcomer = in_bucket(0, 10)
         oldest = self.table.observe(newcomer)
+        assert oldest is not None
         self.table.observe(oldest)
         self.assertNotIn(newcomer.node_id, self.table)
         self.assertEqual(self.table.bucket(0), contacts[1:] + contacts[:1])
@@ -68,6 +69,7 @@ class RoutingTableTests(SynchronousTestCase):
         for i in range(3):
             self.table.observe(in_bucket(0, i))
         oldest = self.table.observe(in_bucket(0, 10))
+        assert oldest is not None
         self.table.observe(in_bucket(0, 11))
         self.table.evict(oldest.node_id)
         self.assertNotIn(oldest.node_id, self.table)

@@ -4,13 +4,14 @@ finding with the cache, readiness, and start/stop.
 """
 
 import random
+from typing import cast
 
 from attrs import evolve
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht.config import RouterConfig
-from spegel.dht.ids import NODE_ID_FILE
+from spegel.dht.ids import NODE_ID_FILE, Provider
 from spegel.dht.metrics import DHTMetrics
 from spegel.dht.service import PROVIDER_CACHE_REFRESH, DHTService
 from spegel_testing.dhtsim import MemoryNetwork, SimulatedClock, SimulatedCluster
@@ -49,7 +50,7 @@ class ServiceTests(SynchronousTestCase):
         holder.provide(["sha256:aa", "sha256:bb", "sha256:aa"])
         self.assertEqual(holder.provided_keys_count(), 2)
         self.clock.advance(0.5)
-        found = []
+        found: list[Provider] = []
         providers = self.find(asker, "sha256:aa", on_provider=found.append)
         self.assertEqual([p.node_id for p in providers], [holder.node_id])
         self.assertEqual(found, providers)
@@ -64,7 +65,7 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(d)
         sent = sum(asker.node.protocol.sent.values())
         # Within the refresh age: from the cache, nothing sent.
-        found = []
+        found: list[Provider] = []
         d = asker.find_providers("k", on_provider=found.append)
         self.assertEqual([p.node_id for p in self.successResultOf(d)], [holder.node_id])
         self.assertEqual(len(found), 1)
@@ -113,7 +114,11 @@ class ServiceTests(SynchronousTestCase):
         service = self.services[4]
         self.assertIsNotNone(service._settle_call)
         refreshed: list[float | None] = []
-        self.patch(service.node, "refresh", lambda interval=None: refreshed.append(interval) or succeed(None))
+        def refresh(interval: float | None = None) -> Deferred[None]:
+            refreshed.append(interval)
+            return succeed(None)
+
+        self.patch(service.node, "refresh", refresh)
         self.clock.advance(CONFIG.settle_refresh_delay)
         self.assertEqual(refreshed.count(0), 1)
         service.join([])  # later joins schedule nothing more
@@ -196,11 +201,12 @@ class IdentityTests(SynchronousTestCase):
         A node without a cluster key says so at start (anyone on the pod network can steer its
         DHT) and exports 0; with one key 1, during a rotation 2.
         """
-        from twisted.logger import globalLogPublisher
+        from twisted.logger import ILogObserver, globalLogPublisher
 
         events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         for config, keys in (
             (CONFIG, 0.0),
             (evolve(CONFIG, secret=b"k" * 16), 1.0),

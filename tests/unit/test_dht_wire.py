@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.dht import wire
 from spegel.dht.ids import Contact, Provider
+from tests.unit.test_dht_protocol import body_as
 
 rng = random.Random(1)
 TXID = rng.randbytes(8)
@@ -21,7 +22,7 @@ def contact(i: int, host: str = "10.0.0.1") -> Contact:
     return Contact(bytes([i]) * 32, host, 5001 + i)
 
 
-EXAMPLES = [
+EXAMPLES: list[wire.Body] = [
     wire.Ping(),
     wire.Pong(),
     wire.FindNode(b"t" * 32),
@@ -72,9 +73,9 @@ class RoundTripTests(SynchronousTestCase):
         data = wire.fit(
             lambda n: wire.Message(TXID, SENDER, wire.Nodes(contacts[:n])), 32, b"secret"
         )
-        decoded = wire.decode(data, b"secret")
-        self.assertLess(len(decoded.body.contacts), 32)
-        self.assertGreaterEqual(len(decoded.body.contacts), 20)
+        decoded = body_as(wire.Nodes, wire.decode(data, b"secret").body)
+        self.assertLess(len(decoded.contacts), 32)
+        self.assertGreaterEqual(len(decoded.contacts), 20)
 
     def test_ipv4_mapped_normalized(self) -> None:
         self.assertEqual(wire.normalize_host("::ffff:10.0.0.1"), "10.0.0.1")

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def golden_snapshot(root: Path) -> dict[str, bytes | None]:
     """
     A golden tree as L{snapshot} would see it once its C{.empty} markers are empty directories.
     """
-    tree = {}
+    tree: dict[str, Any] = {}
     for path, data in snapshot(root).items():
         if path.endswith("/" + EMPTY_MARKER):
             tree[path[: -len(EMPTY_MARKER)]] = None
@@ -103,7 +104,7 @@ class GoldenTestMixin:
 
 
 def configuration(
-    registries: list[str], targets: list[str] = [TARGET], **kwargs: Any
+    registries: list[str], targets: Sequence[str] = (TARGET,), **kwargs: Any
 ) -> MirrorConfiguration:
     return MirrorConfiguration.from_strings(registries, targets, **kwargs)
 

@@ -40,8 +40,7 @@ class RealClassesTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IMirror, Mirror(clock, FakeRouter(clock), FakeHTTP(), metrics=Metrics())))
 
     def test_dht_service(self) -> None:
-        # DHTService does not declare what it provides (spegel.dht is its own package): its
-        # methods are checked against the interfaces all the same.
+        # Checked as a class: an instance needs a reactor and a node.
         for interface in (IRouter, IAnnouncer, ICoalescingRouter, IDebugRouter):
             self.assertTrue(verifyClass(interface, DHTService, tentative=True))
 

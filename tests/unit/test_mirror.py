@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Callable
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.defer import CancelledError
@@ -193,7 +193,7 @@ class MirrorTestCase(SynchronousTestCase):
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
     def blob(self, request: ClientRequest) -> Deferred[Any]:
-        return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))
+        return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))  # type: ignore[arg-type]  # a DummyRequest
 
     def serve_whole(self, index: int) -> None:
         """Peer request C{index} is answered 200 with the whole blob."""
@@ -489,7 +489,11 @@ class SpoolTests(MirrorTestCase):
 class HedgingTests(MirrorTestCase):
     def test_load_spreads_over_holders(self) -> None:
         picks: list[int] = []
-        self.mirror = self.build_mirror(pick=lambda n: picks.append(n) or n - 1)
+        def pick(n: int) -> int:
+            picks.append(n)
+            return n - 1
+
+        self.mirror = self.build_mirror(pick=pick)
         self.blob(ClientRequest())
         self.router.announce(provider(1), provider(2), provider(3))
         self.assertIn("127.0.0.3:5003", self.http.requests[0][1])
@@ -551,7 +555,7 @@ class ManifestTests(MirrorTestCase):
     def test_corrupt_manifest_is_fetched_again_elsewhere(self) -> None:
         request = ClientRequest()
         ref = Reference(REGISTRY, "team/app", digest=self.manifest_digest)
-        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))
+        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))  # type: ignore[arg-type]  # a DummyRequest
         self.router.announce(provider(1), provider(2))
         bad = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST)
         bad.send(self.manifest.replace(b"2", b"3"))
@@ -567,7 +571,7 @@ class ManifestTests(MirrorTestCase):
     def test_tag_resolves_through_tag_key_and_checks_announced_digest(self) -> None:
         request = ClientRequest()
         ref = Reference(REGISTRY, "team/app", tag="v1")
-        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))
+        d = ensureDeferred(ask_mirror(self.mirror, request, ref, "manifest"))  # type: ignore[arg-type]  # a DummyRequest
         self.assertEqual(self.router.lookups[0][0], f"{REGISTRY}/team/app:v1")
         self.router.announce(provider(1))
         self.assertIn("/v2/team/app/manifests/v1?ns=", self.http.requests[0][1])
@@ -579,7 +583,7 @@ class ManifestTests(MirrorTestCase):
 
     def test_unknown_everywhere(self) -> None:
         ref = Reference(REGISTRY, "team/app", tag="v1")
-        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), ref, "manifest"))
+        d = ensureDeferred(ask_mirror(self.mirror, ClientRequest(), ref, "manifest"))  # type: ignore[arg-type]  # a DummyRequest
         self.router.announce(provider(1), end=True)
         self.http.answer(0, 404, 0)
         self.failureResultOf(d, ManifestUnknown)

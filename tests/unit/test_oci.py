@@ -94,8 +94,10 @@ class RangeTests(SynchronousTestCase):
         self.assertEqual(oci.parse_range("bytes=-3", 10), oci.ByteRange(7, 9, 10))
         self.assertEqual(oci.parse_range("bytes=-30", 10), oci.ByteRange(0, 9, 10))
         self.assertEqual(oci.parse_range("bytes=5-100", 10), oci.ByteRange(5, 9, 10))
-        self.assertEqual(oci.parse_range("bytes=2-5", 10).content_range, "bytes 2-5/10")
-        self.assertEqual(oci.parse_range("bytes=2-5", 10).length, 4)
+        byte_range = oci.parse_range("bytes=2-5", 10)
+        assert byte_range is not None
+        self.assertEqual(byte_range.content_range, "bytes 2-5/10")
+        self.assertEqual(byte_range.length, 4)
 
     def test_unsatisfiable_and_garbage(self) -> None:
         for bad in ["bytes=10-", "bytes=10-20", "bytes=-0", "bytes=5-2", "bytes=-", "bytes=a-b",

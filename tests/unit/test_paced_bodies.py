@@ -37,7 +37,7 @@ class PacedFileBodyTests(SynchronousTestCase):
         with open(path, "wb") as f:
             f.write(self.data)
         length = len(self.data) - offset if length is None else length
-        return FileBodyProducer(request, os.open(path, os.O_RDONLY), offset, length, pacer=self.bucket.upload())
+        return FileBodyProducer(request, os.open(path, os.O_RDONLY), offset, length, pacer=self.bucket.upload())  # type: ignore[arg-type]  # a DummyRequest
 
     def written(self, request: ProducerRequest) -> int:
         return sum(len(chunk) for chunk in request.written)
@@ -159,7 +159,7 @@ class PacedChunkedReadTests(SynchronousTestCase):
 
     def test_reads_are_sized_and_timed_by_the_cap(self) -> None:
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())
+        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         # The first read is the burst (less than a 1 MiB chunk), reserved before it starts.
         self.assertEqual([size for _, size, _ in self.pending], [self.bucket.burst])
@@ -177,7 +177,7 @@ class PacedChunkedReadTests(SynchronousTestCase):
     def test_short_read_gives_tokens_back(self) -> None:
         upload = self.bucket.upload()
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=upload)
+        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=upload)  # type: ignore[arg-type]  # a DummyRequest
         producer.start()
         offset, size, d = self.pending.pop(0)
         d.callback(self.data[:1000])
@@ -186,7 +186,7 @@ class PacedChunkedReadTests(SynchronousTestCase):
 
     def test_client_goes_away_while_waiting(self) -> None:
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())
+        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         self.answer()
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
@@ -201,7 +201,7 @@ class PacedChunkedReadTests(SynchronousTestCase):
         The read in flight is cancelled and its reserved tokens return to the bucket.
         """
         request = ProducerRequest()
-        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())
+        producer = ChunkedReadProducer(request, self.read, 0, len(self.data), pacer=self.bucket.upload())  # type: ignore[arg-type]  # a DummyRequest
         done = producer.start()
         producer.stopProducing()
         self.failureResultOf(done, BodyInterrupted)

@@ -107,7 +107,7 @@ class TokenBucketTests(SynchronousTestCase):
         """
         bucket = TokenBucket(self.clock, 10 * MiB, metrics=Metrics())
         upload = bucket.upload()
-        upload.take(bucket.burst)
+        upload.take(int(bucket.burst))
         self.clock.advance(bucket.quantum / bucket.rate / 2)
         self.assertEqual(upload.take(MiB), 0)
         self.assertGreater(upload.take(100), 0)
@@ -134,7 +134,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertLessEqual(total, bucket.burst + rate * 10 + 1)
         self.assertGreaterEqual(total, bucket.burst + rate * 10 - bucket.quantum)
         # The burst went to whoever asked first; the rest, in turns of a quantum.
-        shares = [upload.sent for upload in uploads]
+        shares: list[float] = [upload.sent for upload in uploads]
         shares[0] -= bucket.burst
         self.assertLessEqual(max(shares) - min(shares), 2 * bucket.quantum, shares)
 
@@ -202,7 +202,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.clock.advance(1000)
         bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         upload = bucket.upload()
-        upload.take(bucket.burst)
+        upload.take(int(bucket.burst))
         self.clock.rightNow -= 500
         self.assertEqual(upload.take(1), 0)
         self.clock.advance(0.1)
@@ -211,7 +211,7 @@ class TokenBucketTests(SynchronousTestCase):
     def test_a_failing_upload_does_not_stop_the_others(self) -> None:
         bucket = TokenBucket(self.clock, MiB, metrics=Metrics())
         broken = bucket.upload()
-        broken.take(bucket.burst)
+        broken.take(int(bucket.burst))
 
         def fail() -> None:
             raise RuntimeError("a bug in a producer")

@@ -47,4 +47,5 @@ class LargeReadsTests(SynchronousTestCase):
             (b"http://[fd00::5]:5000/v2/", TCP6ClientEndpoint),
             (b"http://peer.example:5000/v2/", HostnameEndpoint),
         ]:
-            self.assertIsInstance(factory.endpointForURI(URI.fromBytes(uri))._endpoint, kind, uri)
+            endpoint = factory.endpointForURI(URI.fromBytes(uri))
+            self.assertIsInstance(endpoint._endpoint, kind, uri)  # type: ignore[attr-defined]  # the wrapped one

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.address import IPv4Address
@@ -70,7 +70,7 @@ class MemoryContent:
         try:
             return TagTarget(self.tags[reference.tag_key], None)
         except KeyError:
-            raise ManifestUnknown("manifest unknown")
+            raise ManifestUnknown("manifest unknown") from None
 
     async def manifest(self, digest: str, media_type: str | None = None) -> ManifestContent:
         data = self.manifests.get(digest)

@@ -124,7 +124,7 @@ class ImageBuilderTests(SynchronousTestCase):
         self.assertEqual(onDisk.digest, inMemory.digest)
         layer = onDisk.layers[0]
         self.assertIsNone(layer.data)
-        self.assertEqual(os.path.basename(layer.path), layer.digest.replace(":", "-"))
+        self.assertEqual(os.path.basename(layer.path or ""), layer.digest.replace(":", "-"))
         self.assertEqual(layer.media_type, OCI_LAYER_TAR)
         self.assertEqual(layer.digest, onDisk.platform_images[0].diff_ids[0])
         self.assertEqual(b"".join(iter_chunks(layer, 4096)), inMemory.layers[0].data)

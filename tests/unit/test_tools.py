@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel_testing import tools
 from spegel_testing.containerd import ContainerdBuild, built_containerd
+from spegel_testing.process import ProcessFailed
 
 # Records its arguments; "go build ... -o DIR/ pkg..." creates one executable per package.
 FAKE_GO = """#!/bin/sh
@@ -104,7 +105,7 @@ class BuildTests(SynchronousTestCase):
         build = built_containerd(TOOL)
         self.assertEqual(build.label, "containerd_9_9")
         self.assertIn("run bash .ci/setup", build.missing or "")
-        self.assertRaises(Exception, build.check)
+        self.assertRaises(ProcessFailed, build.check)
 
     def test_config_versions(self) -> None:
         self.assertEqual(ContainerdBuild("1.6.20").config_version, 2)

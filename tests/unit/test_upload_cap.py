@@ -14,6 +14,7 @@ import sys
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
+from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -90,7 +91,10 @@ class UploadCapTests(SynchronousTestCase):
 
     def bucket_timers(self) -> list[object]:
         # The HTTP channels' idle timers are on the same clock.
-        return [call for call in self.clock.getDelayedCalls() if call.func == self.bucket._wake]
+        return [
+            call for call in self.clock.getDelayedCalls()
+            if isinstance(call, DelayedCall) and call.func == self.bucket._wake
+        ]
 
     def run_until(self, *exchanges: Exchange, size: int) -> None:
         """Advance the clock until every exchange has its C{size}-byte body, checking the cap."""

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from treq.testing import StubTreq
+from tests.unit.stubtreq import StubTreq
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
