@@ -100,7 +100,7 @@ def forwarded_headers(headers: Headers, content_length: int | None = None) -> tu
 
 class _Discard(Protocol):
     # A response body's transport is the response's producer (deliverBody connects it first).
-    transport: IPushProducer  # type: ignore[assignment]
+    transport: IPushProducer  # type: ignore[assignment]  # a producer, not a connection
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
@@ -182,7 +182,7 @@ class _CappedReader(Protocol, TimeoutMixin):
     """
 
     # A response body's transport is the response's producer (deliverBody connects it first).
-    transport: IPushProducer  # type: ignore[assignment]
+    transport: IPushProducer  # type: ignore[assignment]  # a producer, not a connection
 
     def __init__(self, limit: int, what: str, clock: IReactorTime | None, idle_timeout: float | None):
         self._limit = limit
@@ -255,7 +255,7 @@ class _SpoolWriter(Protocol):
     """
 
     # A response body's transport is the response's producer (deliverBody connects it first).
-    transport: IPushProducer  # type: ignore[assignment]
+    transport: IPushProducer  # type: ignore[assignment]  # a producer, not a connection
 
     def __init__(self, spool: Any, hasher: Any, expected: int):
         self._spool = spool

@@ -384,7 +384,7 @@ class BodyReader(Protocol, TimeoutMixin):
     """
 
     # A response body's transport is the response's producer (deliverBody connects it first).
-    transport: IPushProducer  # type: ignore[assignment]
+    transport: IPushProducer  # type: ignore[assignment]  # a producer, not a connection
 
     def __init__(
         self,

@@ -170,7 +170,7 @@ async def _resolve(
     """
     results = await DeferredList(
         # None is the resolvers' own default timeout, which IResolver's annotation leaves out.
-        [resolver.lookupAddress(name, timeout), resolver.lookupIPV6Address(name, timeout)],  # type: ignore[arg-type]
+        [resolver.lookupAddress(name, timeout), resolver.lookupIPV6Address(name, timeout)],  # type: ignore[arg-type]  # None: their default
         consumeErrors=True,
     )
     addresses: list[str] = []

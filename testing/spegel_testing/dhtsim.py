@@ -106,14 +106,14 @@ class HostReactor:
 
     # A MemoryPort is the part of a UDP port and transport that a DHT node uses (its address is
     # a plain (host, port) tuple), not the whole of IListeningPort and IUDPTransport.
-    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> MemoryPort:  # type: ignore[override]
+    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192) -> MemoryPort:  # type: ignore[override]  # a partial port
         if port == 0:
             port = self.network.free_port(self.host)
         address = (self.host, port)
         if address in self.network.ports:
             raise OSError(f"address in use: {address}")
         listening = self.network.ports[address] = MemoryPort(self.network, address, protocol)
-        protocol.makeConnection(listening)  # type: ignore[arg-type]
+        protocol.makeConnection(listening)  # type: ignore[arg-type]  # a partial transport, as above
         return listening
 
     def seconds(self) -> float:

@@ -232,7 +232,7 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,
                 # Only a prctl() runs between fork and exec: no lock a thread could hold.
-                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509 - prctl() only
             )
         _live[self._popen.pid] = self
 
