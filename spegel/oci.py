@@ -16,6 +16,7 @@ import re
 from typing import Any, Mapping
 
 from attrs import field, frozen
+from werkzeug.http import parse_range_header
 
 from spegel.addresses import InvalidAddress, parse_netloc
 
@@ -274,9 +275,6 @@ class ByteRange:
         return f"bytes {self.first}-{self.last}/{self.size}"
 
 
-_RANGE_SPEC = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
-
-
 def range_to_honour(range_header: str | None, if_range: str | None, digest: str) -> str | None:
     """
     The C{Range} header to serve, given the request's C{If-Range} (RFC 9110, 13.1.5): with an
@@ -301,26 +299,20 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     """
     if header is None:
         return None
-    match = _RANGE_SPEC.fullmatch(header.strip())
-    if match is None:
-        if header.strip().startswith("bytes=") and "," in header:
-            raise RangeNotSatisfiable("only a single byte range is supported", size)
+    parsed = parse_range_header(header.strip())
+    if parsed is None or parsed.units != "bytes":
         raise RangeNotSatisfiable("malformed Range header", size)
-    first_text, last_text = match.groups()
-    if not first_text:
-        if not last_text:
-            raise RangeNotSatisfiable("malformed Range header", size)
-        suffix = int(last_text)
-        if suffix == 0 or size == 0:
-            raise RangeNotSatisfiable("range not satisfiable", size)
-        return ByteRange(max(0, size - suffix), size - 1, size)
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
-        raise RangeNotSatisfiable("malformed Range header", size)
-    if first >= size:
+    if len(parsed.ranges) != 1:
+        raise RangeNotSatisfiable("only a single byte range is supported", size)
+    first, stop = parsed.ranges[0]
+    if stop is None:
+        # "bytes=-N": the last N bytes, all of them when N is larger than the blob (RFC 9110;
+        # werkzeug's range_for_length refuses that case, so the range is resolved here).
+        first = max(0, size + first) if first < 0 else first
+        stop = size
+    if first >= min(stop, size):
         raise RangeNotSatisfiable("range not satisfiable", size)
-    return ByteRange(first, min(last, size - 1), size)
+    return ByteRange(first, min(stop, size) - 1, size)
 
 
 def sniff_manifest_media_type(data: bytes) -> str | None:

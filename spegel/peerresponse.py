@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
+from werkzeug.http import parse_content_range_header
 from zope.interface import implementer
 
 from spegel.metrics import Metrics
@@ -124,15 +125,12 @@ def span(response: Any) -> tuple[int, int, int]:
     """
     content_range = response_header(response.headers, b"content-range")
     if response.code == 206 and content_range:
-        unit, _, rest = content_range.partition(" ")
-        bytes_span, _, size_text = rest.partition("/")
-        first_text, _, last_text = bytes_span.partition("-")
-        try:
-            first, last = int(first_text), int(last_text)
-            size = int(size_text) if size_text != "*" else last + 1
-        except ValueError:
-            raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS) from None
-        if unit != "bytes" or not 0 <= first <= last < size:
+        parsed = parse_content_range_header(content_range)
+        if parsed is None or parsed.units != "bytes" or parsed.start is None or parsed.stop is None:
+            raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS)
+        first, last = parsed.start, parsed.stop - 1
+        size = parsed.length if parsed.length is not None else last + 1
+        if not 0 <= first <= last < size:
             raise PeerFailed(f"unreadable Content-Range {content_range!r}", STATUS)
         return first, last, size
     # Twisted's UNKNOWN_LENGTH (no Content-Length: a chunked body) is a string, not a number.
