@@ -278,6 +278,10 @@ class ChunkedReadProducer:
     Only one read is in flight at a time and none starts while the transport has paused us,
     so memory holds at most one chunk per response. Each read is as large as C{pacer} allows
     (its bytes are reserved before the read starts), and none starts while it holds us back.
+
+    With C{ready}, a source still being written (L{spegel.ingest.GrowingFile}) is waited for
+    before each read: C{ready(offset)} returns L{None} when the byte at C{offset} can be read,
+    else a L{Deferred} that fires when it can. No pacer tokens are held while it waits.
     """
 
     def __init__(
@@ -290,9 +294,12 @@ class ChunkedReadProducer:
         chunk_size: int = 1024 * 1024,
         on_bytes: Callable[[int], None] = lambda n: None,
         pacer: IPacer = UNPACED,
+        ready: Callable[[int], Deferred[None] | None] | None = None,
     ):
         self._request = request
         self._read = read
+        self._ready = ready
+        self._waiting: Deferred[None] | None = None
         self._offset = offset
         self._remaining = length
         self._chunk_size = chunk_size
@@ -327,6 +334,14 @@ class ChunkedReadProducer:
     def _read_next(self) -> None:
         if self._paused or self._throttled or self._done.called or self._remaining == 0:
             return
+        if self._waiting is not None:
+            return
+        if self._ready is not None:
+            waiting = self._ready(self._offset)
+            if waiting is not None:
+                self._waiting = waiting
+                waiting.addCallbacks(self._now_ready, self._read_failed)
+                return
         size = self._pacer.take(min(self._chunk_size, self._remaining))
         if not size:
             self._throttled = True
@@ -338,6 +353,11 @@ class ChunkedReadProducer:
 
     def _unthrottled(self) -> None:
         self._throttled = False
+        if self._reading is None:
+            self._read_next()
+
+    def _now_ready(self, _: None) -> None:
+        self._waiting = None
         if self._reading is None:
             self._read_next()
 
@@ -363,7 +383,7 @@ class ChunkedReadProducer:
             self._read_next()
 
     def _read_failed(self, failure: Failure) -> None:
-        self._reading = None
+        self._reading = self._waiting = None
         self._unreserve(0)
         if not self._done.called and not failure.check(CancelledError):
             self._stop(Failure(BodyInterrupted(f"reading the content failed: {failure.value}")))
@@ -376,6 +396,9 @@ class ChunkedReadProducer:
             reading, self._reading = self._reading, None
             reading.cancel()
             self._unreserve(0)
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
         if fire and not self._done.called:
             if result is None:
                 self._done.callback(None)

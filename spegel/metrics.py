@@ -134,6 +134,11 @@ class Metrics:
         "spegel_uploads_refused_total",
         "Peer blob requests answered 429 because --max-uploads were being served.",
     )
+    partial_uploads_total: Counter = collector(
+        Counter,
+        "spegel_partial_uploads_total",
+        "Peer blob requests served from a blob this node's containerd was still downloading.",
+    )
     uploaded_bytes_total: Counter = collector(
         Counter,
         "spegel_uploaded_bytes_total",

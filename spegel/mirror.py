@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any, Callable
 
+from cachetools import TTLCache
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -34,10 +35,12 @@ from spegel.metrics import Metrics
 from spegel.oci import (
     MAX_MANIFEST_SIZE,
     BlobUnknown,
+    InvalidManifest,
     ManifestUnknown,
     OCIError,
     Reference,
     digest_matches,
+    manifest_references,
 )
 from spegel.peerresponse import (
     BODY,
@@ -68,6 +71,11 @@ from spegel.selection import (
     lookup,
 )
 from spegel.streaming import BlobCopy, SpliceRelaying
+from spegel.uploads import PARTIAL_HEADER
+
+# Blobs named by manifests from peers are expected for this long, this many at most.
+EXPECTED_BLOBS_FOR = 600.0
+EXPECTED_BLOBS_MAX = 4096
 
 if TYPE_CHECKING:
     # Only a type here; spegel.coalesce builds on the router interface alone.
@@ -104,6 +112,10 @@ class Mirror:
     @param piece_size: bytes per piece.
     @param parallel_window: pieces fetched ahead of the client (so in memory at most); L{None}:
         twice C{parallel_peers}, within L{spegel.pieces.WINDOW_BYTES}.
+    @param blob_wait: a blob named by a manifest this node got from a peer, and not in the DHT yet,
+        is waited for this long (polled every C{blob_poll_interval}) before a 404: the image is
+        being pulled in the cluster, and its other holder says it holds the blob as soon as its
+        containerd asks for it (L{spegel.ingest}), not all at once. 0: never wait.
     @param metrics: where the node's figures are recorded.
     """
 
@@ -129,6 +141,8 @@ class Mirror:
         parallel_peers: int = 4,
         piece_size: int = 8 * 1024 * 1024,
         parallel_window: int | None = None,
+        blob_wait: float = 0.0,
+        blob_poll_interval: float = 1.0,
         metrics: Metrics,
     ):
         self._clock = clock
@@ -149,6 +163,12 @@ class Mirror:
         self._parallel_peers = parallel_peers
         self._piece_size = piece_size
         self._parallel_window = parallel_window or window_for(parallel_peers, piece_size)
+        self._blob_wait = blob_wait
+        self._blob_poll_interval = blob_poll_interval
+        # Blobs named by manifests peers served lately: the cluster is pulling their image.
+        self._expected_blobs: TTLCache[str, bool] = TTLCache(
+            maxsize=EXPECTED_BLOBS_MAX, ttl=EXPECTED_BLOBS_FOR, timer=clock.seconds
+        )
 
     # IMirror ---------------------------------------------------------------------------------
 
@@ -169,6 +189,8 @@ class Mirror:
                     self._peers.failed(upstream.provider, e.reason)
                     continue
                 self._succeeded()
+                if self._blob_wait > 0:
+                    self._expect_blobs_of(data)
                 headers = upstream.response.headers
                 if method == "HEAD":
                     return Upstream(200, forwarded_headers(headers), b"")
@@ -181,7 +203,7 @@ class Mirror:
 
     async def blob(self, reference: Reference, *, method: str, byte_range: str | None) -> Upstream:
         digest: str = reference.digest  # type: ignore[assignment]
-        providers = await self._providers(digest, BlobUnknown)
+        providers = await self._blob_providers(digest, method)
         path = peer_path(reference, "blobs", digest)
         budget = Budget(self._retries)
         # A streamed copy may resume on providers the lookup finds later: it finishes the queue.
@@ -238,6 +260,9 @@ class Mirror:
             and response.length is not None
             and response.length >= self._parallel_min_size
             and providers.has_ready()
+            # A holder still downloading it sends it as fast as it gets it: pieces from it
+            # would only wait.
+            and response_header(response.headers, PARTIAL_HEADER.lower().encode()) is None
         )
 
     # Bodies ----------------------------------------------------------------------------------
@@ -297,33 +322,77 @@ class Mirror:
             coalescer.pulling(key)
             raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
         self._log.info("another node is pulling {key} from upstream: waiting for it", key=key)
-        deadline = self._clock.seconds() + coalescer.timeout
-        while (remaining := deadline - self._clock.seconds()) > 0:
-            await deferLater(self._clock, min(coalescer.poll_interval, remaining))
-            try:
-                providers = await self._providers(key, ManifestUnknown, fresh=True, poll=coalescer.poll_interval)
-            except ManifestUnknown:
-                continue
-            self._metrics.pull_coalescing_total.labels("waited").inc()
+        providers = await self._wait_for_providers(key, ManifestUnknown, coalescer.timeout, coalescer.poll_interval)
+        if providers is not None:
             return providers
-        self._metrics.pull_coalescing_total.labels("timeout").inc()
         # This node's containerd goes upstream now: others may wait on it in turn.
         coalescer.pulling(key)
         raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
 
+    async def _blob_providers(self, digest: str, method: str) -> ProviderQueue:
+        """
+        The providers of a blob; on a miss of a blob named by a manifest a peer served lately,
+        those that appear within C{blob_wait}.
+        """
+        will_wait = method == "GET" and self._blob_wait > 0 and digest in self._expected_blobs
+        try:
+            # A miss that is waited on is no 404 (yet).
+            return await self._providers(digest, BlobUnknown, count_miss=not will_wait)
+        except BlobUnknown:
+            if not will_wait:
+                raise
+        self._log.info("{digest}, of an image in the cluster, has no holder yet: waiting for one", digest=digest)
+        providers = await self._wait_for_providers(digest, BlobUnknown, self._blob_wait, self._blob_poll_interval)
+        if providers is None:
+            self._metrics.unresolved_total.labels("not_found").inc()
+            raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
+        return providers
+
+    async def _wait_for_providers(
+        self, key: str, unknown: type[OCIError], timeout: float, poll_interval: float
+    ) -> ProviderQueue | None:
+        """
+        The providers of C{key} that appear within C{timeout}, looked for afresh every
+        C{poll_interval}; L{None} if none did.
+        """
+        deadline = self._clock.seconds() + timeout
+        while (remaining := deadline - self._clock.seconds()) > 0:
+            await deferLater(self._clock, min(poll_interval, remaining))
+            try:
+                providers = await self._providers(key, unknown, fresh=True, poll=poll_interval)
+            except unknown:
+                continue
+            self._metrics.pull_coalescing_total.labels("waited").inc()
+            return providers
+        self._metrics.pull_coalescing_total.labels("timeout").inc()
+        return None
+
+    def _expect_blobs_of(self, data: bytes) -> None:
+        """
+        Remember the config and layers an image manifest names: a peer served it, so the cluster
+        is pulling or holds that image, and a miss of one of them is worth a wait.
+        """
+        try:
+            references = manifest_references(data, None)
+        except InvalidManifest:
+            return
+        for digest in references.blobs:
+            self._expected_blobs[digest] = True
+
     async def _providers(
-        self, key: str, unknown: type[OCIError], fresh: bool = False, poll: float | None = None
+        self, key: str, unknown: type[OCIError], fresh: bool = False, poll: float | None = None, count_miss: bool = True
     ) -> ProviderQueue:
         """
         @param poll: this lookup is one look of a coalesced wait, made every C{poll} seconds: it
             may take that long (a loaded cluster's lookups outlast the resolve timeout, and cut
             at it a wait would never see the content appear), and finding nothing is no 404.
+        @param count_miss: finding nothing is a 404 (counted in C{spegel_mirror_unresolved_total}).
         """
         return await lookup(
             self._clock, self._router, key, ProviderQueue(self.put_aside, self._pick, self._peers.load.score, self._clock),
             resolve_timeout=self._resolve_timeout if poll is None else max(poll, self._resolve_timeout),
             limit=max(self._retries * 2, 5), unknown=unknown, fresh=fresh, metrics=self._metrics,
-            count_miss=poll is None,
+            count_miss=count_miss and poll is None,
         )
 
     async def _race(

@@ -49,10 +49,11 @@ from spegel.oci import (
     TooManyUploads,
 )
 from spegel.content import BlobContent
+from spegel.ingest import GrowingFile, NotYet, PartialPulls
 from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
 from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer
-from spegel.uploads import RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
+from spegel.uploads import PARTIAL_HEADER, RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
 from spegel.responses import (
     abort_response,
     request_header as _header,
@@ -161,6 +162,9 @@ class RegistryResource:
     @param content: what this node's containerd holds.
     @param ready: tells whether the node is ready (C{/readyz}).
     @param mirror: what to ask on a local miss; L{None} answers every miss with a 404.
+    @param uploads: the slots and the bandwidth cap blob bodies sent to peers share.
+    @param partials: the blobs this node's containerd is downloading, said in the DHT and served
+        to peers from their ingests as they arrive; L{None}: a blob is served once it is whole.
     @param metrics: where the node's figures are recorded.
     """
 
@@ -179,6 +183,7 @@ class RegistryResource:
         ready: Callable[[], bool] = lambda: True,
         mirror: IMirror | None = None,
         uploads: UploadSlots | None = None,
+        partials: PartialPulls | None = None,
         metrics: Metrics,
     ):
         self._clock = clock
@@ -188,6 +193,7 @@ class RegistryResource:
         self._mirror = mirror
         self._metrics = metrics
         self._uploads = uploads if uploads is not None else UploadSlots(metrics=metrics)
+        self._partials = partials
 
     def resource(self) -> Any:
         return UTF8Only(self.app.resource())
@@ -238,15 +244,48 @@ class RegistryResource:
     @_observed("blob")
     async def blob(self, request: Request, name: str, digest: str) -> bytes | None:
         registry = self._registry(request)
-        ref = Reference(registry, parse_repository(name), digest=parse_digest(digest))
+        blob_digest = parse_digest(digest)
+        ref = Reference(registry, parse_repository(name), digest=blob_digest)
         self._filter.check(ref)
+        to_peer = _header(request, MIRRORED_HEADER) == "true"
+        growing: GrowingFile | None = None
         try:
             found = await self._content.blob(ref.digest)
         except BlobUnknown:
-            return await self._miss(request, ref, "blob")
+            growing = await self._being_pulled(request, blob_digest) if to_peer else None
+            if growing is None:
+                if self._partials is not None and not to_peer and request.method == b"GET":
+                    # containerd downloads it next, through the mirror or upstream: peers may
+                    # fetch it from here as it arrives.
+                    self._partials.started(blob_digest)
+                return await self._miss(request, ref, "blob")
+            found = BlobContent(blob_digest, growing.total, None)
+        try:
+            return await self._serve_blob(request, ref, found, to_peer, growing)
+        finally:
+            if growing is not None:
+                growing.close()
+
+    async def _being_pulled(self, request: Request, digest: str) -> GrowingFile | None:
+        """
+        What this node's containerd has written so far of C{digest}, which it is downloading,
+        for a peer; L{None} when it is not downloading it.
+        """
+        if self._partials is None:
+            return None
+        try:
+            return await self._partials.open(digest)
+        except NotYet:
+            # Its download starts in a moment; the asking mirror takes a 429 as "ask another
+            # holder, or this one again shortly".
+            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
+            raise TooManyUploads("this node is about to download the blob: ask again shortly", {"digest": digest}) from None
+
+    async def _serve_blob(
+        self, request: Request, ref: Reference, found: BlobContent, to_peer: bool, growing: GrowingFile | None
+    ) -> bytes | None:
         self._count(request, ref, "hit")
         byte_range = parse_range(range_to_honour(_header(request, "Range"), _header(request, "If-Range"), found.digest), found.size)
-        to_peer = _header(request, MIRRORED_HEADER) == "true"
         if to_peer:
             request.setHeader(UPLOADS_HEADER, self._uploads.header_value())
         upload = to_peer and request.method == b"GET"
@@ -254,17 +293,25 @@ class RegistryResource:
             # At once, before any blob header: the asking mirror tries another holder.
             request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
             raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
+        if growing is not None:
+            request.setHeader(PARTIAL_HEADER, "true")
         # Only uploads share the cap (--max-upload-rate): this node's containerd is never held back.
         pacer = self._uploads.pacer() if upload else UNPACED
         try:
-            return await self._send_blob(request, found, byte_range, pacer, upload)
+            return await self._send_blob(request, found, byte_range, pacer, upload, growing)
         finally:
             if upload:
                 pacer.stop()
                 self._uploads.give_back()
 
     async def _send_blob(
-        self, request: Request, found: BlobContent, byte_range: ByteRange | None, pacer: IPacer, upload: bool
+        self,
+        request: Request,
+        found: BlobContent,
+        byte_range: ByteRange | None,
+        pacer: IPacer,
+        upload: bool,
+        growing: GrowingFile | None,
     ) -> bytes | None:
         set_blob_headers(request, found.digest, found.size, byte_range)
         if request.method == b"HEAD":
@@ -273,7 +320,11 @@ class RegistryResource:
         length = byte_range.length if byte_range else found.size
         served = self._uploads.sent if upload else self._metrics.served_bytes_total.labels("local").inc
         producer: FileBodyProducer | ChunkedReadProducer | None = None
-        if found.path is not None:
+        if growing is not None:
+            producer = ChunkedReadProducer(
+                request, growing.read, first, length, on_bytes=served, pacer=pacer, ready=growing.wait_for
+            )
+        elif found.path is not None:
             try:
                 fd = os.open(found.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:

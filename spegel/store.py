@@ -92,6 +92,14 @@ class ContainerdContent:
                 path = candidate
         return BlobContent(digest, info.size, path)
 
+    async def holds(self, digest: str) -> bool:
+        """Whether containerd holds blob C{digest} whole (committed)."""
+        try:
+            await self.blob(digest)
+        except BlobUnknown:
+            return False
+        return True
+
     def read(self, digest: str, offset: int, size: int) -> Deferred[bytes]:
         return self._client.read_content(digest, offset, size)
 

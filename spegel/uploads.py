@@ -27,6 +27,9 @@ from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer, TokenBucket
 
 UPLOADS_HEADER = "Spegel-Uploads"
+# On a blob answer served from a download still under way (L{spegel.ingest}): its bytes come as
+# fast as this node receives them, so the asking mirror does not fetch pieces of it in parallel.
+PARTIAL_HEADER = "Spegel-Partial"
 # What a busy node asks a peer to wait before asking again: short, as uploads of layers finish
 # in seconds on a LAN; the asking mirror jitters it.
 RETRY_AFTER_SECONDS = 1

@@ -20,6 +20,7 @@ _HIGHER = {
     "spegel.hedging": {"spegel.registry", "spegel.responses", "spegel.mirror", "spegel.streaming"},
     "spegel.mirror": {"spegel.registry", "spegel.responses"},
     "spegel.coalesce": {"spegel.registry", "spegel.mirror"},
+    "spegel.ingest": {"spegel.registry", "spegel.mirror", "spegel.selection", "spegel.streaming"},
     "spegel.responses": {"spegel.registry", "spegel.mirror"},
     "spegel.registry": {"spegel.mirror", "spegel.selection", "spegel.streaming"},
 }
