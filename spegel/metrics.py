@@ -114,7 +114,7 @@ class Metrics:
     pull_coalescing_total: Counter = collector(
         Counter,
         "spegel_pull_coalescing_total",
-        "Manifest misses with coalescing on, by outcome: upstream (this node's containerd pulls "
+        "Manifest misses with coalescing on, and misses of blobs of an image a peer served, by outcome: upstream (this node's containerd pulls "
         "it and said so), waited (another node's pull provided it), timeout (waited in vain).",
         ("outcome",),
     )

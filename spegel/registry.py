@@ -321,6 +321,9 @@ class RegistryResource:
         served = self._uploads.sent if upload else self._metrics.served_bytes_total.labels("local").inc
         producer: FileBodyProducer | ChunkedReadProducer | None = None
         if growing is not None:
+            # The headers now, not with the first byte, which may be seconds away (the asking
+            # mirror gives up on a peer that sends no headers within its deadline).
+            request.write(b"")
             producer = ChunkedReadProducer(
                 request, growing.read, first, length, on_bytes=served, pacer=pacer, ready=growing.wait_for
             )

@@ -272,6 +272,19 @@ class RegistryPartialTests(SynchronousTestCase):
         self.assertEqual(self.uploads.active, 0)
         self.assertEqual(self.metrics.registry.get_sample_value("spegel_uploaded_bytes_total"), len(self.data))
 
+    def test_headers_go_before_the_first_byte_is_written(self) -> None:
+        ingest = write_ingest(self.root, "a", "k8s.io-3-layer-" + self.digest, b"", len(self.data))
+        d = self.get(Range="bytes=4000-4999")
+        self.treq.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 206)
+        body = response.content()
+        self.assertNoResult(body)
+        append(ingest, self.data)
+        self.clock.advance(0.05)
+        self.treq.flush()
+        self.assertEqual(self.successResultOf(body), self.data[4000:])
+
     def test_a_range_of_it(self) -> None:
         write_ingest(self.root, "a", "k8s.io-3-layer-" + self.digest, self.data[:3000], len(self.data))
         d = self.get(Range="bytes=1000-1999")
