@@ -100,7 +100,9 @@ def run_case(
             try:
                 times[index] = cluster.pull(index, ref, timeout=1800)
             except (CommandFailed, ProcessFailed) as e:
-                failed[index] = str(e).splitlines()[0][:200]
+                # The command, then what it said: the last line says why.
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                failed[index] = lines[-1][-300:] if lines else repr(e)
 
         with ThreadPoolExecutor(len(wave)) as executor:
             list(executor.map(lambda item: pull(*item), enumerate(wave)))

@@ -23,6 +23,7 @@ response after C{stall_timeout}, and the asking mirror resumes from another hold
 from __future__ import annotations
 
 import os
+import time
 from typing import Awaitable, Callable
 
 from attrs import frozen
@@ -46,10 +47,14 @@ class Ingest:
     """
     @ivar data_path: the file containerd writes the blob into, from its first byte on.
     @ivar total: the blob's size, as containerd was told when the download started.
+    @ivar written: how many bytes it held when looked at.
+    @ivar written_at: when containerd last wrote to it (wall clock, seconds).
     """
 
     data_path: str
     total: int
+    written: int = 0
+    written_at: float = 0.0
 
 
 class IngestStalled(Exception):
@@ -57,7 +62,15 @@ class IngestStalled(Exception):
 
 
 class NotYet(Exception):
-    """This node's containerd asked for the blob a moment ago and has not started writing it yet."""
+    """
+    This node's containerd asked for the blob a moment ago and has not started writing it yet,
+    or its download is not moving: a peer should ask another holder, or this one again shortly.
+    """
+
+
+# An ingest not written to for this long is not moving: its own source is waiting, or failed.
+# Served anyway, it would hold the asking node's copy still until that node gave up on it.
+STILL_FOR = 2.0
 
 
 def find_ingest(content_root: str, digest: str) -> Ingest | None:
@@ -87,14 +100,14 @@ def find_ingest(content_root: str, digest: str) -> Ingest | None:
             with open(os.path.join(directory, "total"), "rb") as f:
                 total = int(f.read(64))
             data_path = os.path.join(directory, "data")
-            written = os.stat(data_path).st_size
+            status = os.stat(data_path)
         except (OSError, ValueError):
             # Committed or aborted while we looked, or no size was given: not servable.
             continue
         if total <= 0:
             continue
-        if best is None or written > best[0]:
-            best = (written, Ingest(data_path, total))
+        if best is None or status.st_size > best[0]:
+            best = (status.st_size, Ingest(data_path, total, status.st_size, status.st_mtime))
     return best[1] if best is not None else None
 
 
@@ -187,6 +200,7 @@ class PartialPulls(Service):
     @param run_blocking: runs a blocking call off the reactor.
     @param locate: L{find_ingest}, or a stand-in.
     @param open_file: opens an ingest's data file (a file descriptor).
+    @param wall: the wall clock, which file times are on.
     @param metrics: where served and refused partial uploads are counted.
     """
 
@@ -206,8 +220,10 @@ class PartialPulls(Service):
         run_blocking: Callable[..., Deferred[object]] = deferToThread,
         locate: Callable[[str, str], Ingest | None] = find_ingest,
         open_file: Callable[[str], int] = lambda path: os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+        wall: Callable[[], float] = time.time,
         metrics: Metrics,
     ):
+        self._wall = wall
         self._clock = clock
         self._announcer = announcer
         self._content_root = content_root
@@ -271,7 +287,8 @@ class PartialPulls(Service):
         The ingest of C{digest} as a L{GrowingFile}, for a peer that asked for it.
 
         @return: L{None} when containerd is not downloading it.
-        @raise NotYet: containerd asked for it a moment ago and has not started writing it.
+        @raise NotYet: containerd asked for it a moment ago and has not started writing it, has
+            written nothing yet, or has written nothing for L{STILL_FOR} seconds.
         """
         ingest = await self._run_blocking(self._locate, self._content_root, digest)
         if ingest is None:
@@ -280,6 +297,8 @@ class PartialPulls(Service):
                 raise NotYet(digest)
             return None
         assert isinstance(ingest, Ingest)
+        if ingest.written == 0 or (ingest.written < ingest.total and self._wall() - ingest.written_at > STILL_FOR):
+            raise NotYet(digest)
         try:
             fd = self._open_file(ingest.data_path)
         except OSError:

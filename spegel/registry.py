@@ -248,23 +248,33 @@ class RegistryResource:
         ref = Reference(registry, parse_repository(name), digest=blob_digest)
         self._filter.check(ref)
         to_peer = _header(request, MIRRORED_HEADER) == "true"
+        if to_peer:
+            request.setHeader(UPLOADS_HEADER, self._uploads.header_value())
+        upload = to_peer and request.method == b"GET"
+        if upload and not self._uploads.take():
+            # At once, before looking at the content: a busy node says so in microseconds, and
+            # the asking mirror tries another holder.
+            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
+            raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
         growing: GrowingFile | None = None
         try:
-            found = await self._content.blob(ref.digest)
-        except BlobUnknown:
-            growing = await self._being_pulled(request, blob_digest) if to_peer else None
-            if growing is None:
-                if self._partials is not None and not to_peer and request.method == b"GET":
-                    # containerd downloads it next, through the mirror or upstream: peers may
-                    # fetch it from here as it arrives.
-                    self._partials.started(blob_digest)
-                return await self._miss(request, ref, "blob")
-            found = BlobContent(blob_digest, growing.total, None)
-        try:
-            return await self._serve_blob(request, ref, found, to_peer, growing)
+            try:
+                found = await self._content.blob(blob_digest)
+            except BlobUnknown:
+                growing = await self._being_pulled(request, blob_digest) if to_peer else None
+                if growing is None:
+                    if self._partials is not None and not to_peer and request.method == b"GET":
+                        # containerd downloads it next, through the mirror or upstream: peers
+                        # may fetch it from here as it arrives.
+                        self._partials.started(blob_digest)
+                    return await self._miss(request, ref, "blob")
+                found = BlobContent(blob_digest, growing.total, None)
+            return await self._serve_blob(request, ref, found, upload, growing)
         finally:
             if growing is not None:
                 growing.close()
+            if upload:
+                self._uploads.give_back()
 
     async def _being_pulled(self, request: Request, digest: str) -> GrowingFile | None:
         """
@@ -282,17 +292,13 @@ class RegistryResource:
             raise TooManyUploads("this node is about to download the blob: ask again shortly", {"digest": digest}) from None
 
     async def _serve_blob(
-        self, request: Request, ref: Reference, found: BlobContent, to_peer: bool, growing: GrowingFile | None
+        self, request: Request, ref: Reference, found: BlobContent, upload: bool, growing: GrowingFile | None
     ) -> bytes | None:
+        """
+        Send C{found}, whole or the range asked for; C{upload}: to a peer, holding an upload slot.
+        """
         self._count(request, ref, "hit")
         byte_range = parse_range(range_to_honour(_header(request, "Range"), _header(request, "If-Range"), found.digest), found.size)
-        if to_peer:
-            request.setHeader(UPLOADS_HEADER, self._uploads.header_value())
-        upload = to_peer and request.method == b"GET"
-        if upload and not self._uploads.take():
-            # At once, before any blob header: the asking mirror tries another holder.
-            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
-            raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
         if growing is not None:
             request.setHeader(PARTIAL_HEADER, "true")
         # Only uploads share the cap (--max-upload-rate): this node's containerd is never held back.
@@ -300,9 +306,7 @@ class RegistryResource:
         try:
             return await self._send_blob(request, found, byte_range, pacer, upload, growing)
         finally:
-            if upload:
-                pacer.stop()
-                self._uploads.give_back()
+            pacer.stop()
 
     async def _send_blob(
         self,

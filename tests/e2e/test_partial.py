@@ -64,10 +64,31 @@ class PartialBlobTests(TestCase):
     def test_a_blob_is_served_while_containerd_writes_it(self) -> None:
         self.assertEqual(self.peer_get()[0], 404)
         process = self.ingest()
-        assert process.stdin is not None
+        stdin = process.stdin
+        assert stdin is not None
         half = len(self.data) // 2
-        process.stdin.write(self.data[:half])
-        process.stdin.flush()
+        trickle = 4096
+        release = threading.Event()
+
+        def download() -> None:
+            """
+            Half at once, then a trickle (a download that is moving, however loaded the machine:
+            a still one is answered "not yet"), then the rest once the test says so.
+            """
+            stdin.write(self.data[:half])
+            stdin.flush()
+            offset = half
+            while not release.wait(0.25) and offset + trickle < len(self.data) - MiB:
+                stdin.write(self.data[offset : offset + trickle])
+                stdin.flush()
+                offset += trickle
+            stdin.write(self.data[offset:])
+            stdin.close()
+
+        writer = threading.Thread(target=download)
+        writer.start()
+        self.addCleanup(writer.join, 60)
+        self.addCleanup(release.set)
         # The first bytes are readable once containerd has written them.
         wait_for(lambda: self.peer_get(Range="bytes=0-0")[0] == 206, timeout=30, what="the ingest to be served")
         status, headers, body = self.peer_get(Range=f"bytes=0-{half - 1}")
@@ -81,17 +102,8 @@ class PartialBlobTests(TestCase):
         response = connection.getresponse()
         self.assertEqual((response.status, response.getheader(PARTIAL_HEADER)), (200, "true"))
         self.assertEqual(response.getheader("content-length"), str(len(self.data)))
-
-        def write_the_rest() -> None:
-            for start in range(half, len(self.data), MiB):
-                process.stdin.write(self.data[start : start + MiB])  # type: ignore[union-attr]
-                process.stdin.flush()  # type: ignore[union-attr]
-            process.stdin.close()  # type: ignore[union-attr]
-
-        writer = threading.Thread(target=write_the_rest)
-        writer.start()
+        release.set()
         body = response.read()
-        writer.join(timeout=60)
         self.assertEqual(process.wait(timeout=60), 0, process.stderr.read() if process.stderr else b"")
         self.assertEqual(hashlib.sha256(body).hexdigest(), self.digest.split(":")[1])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Any, Callable
 
 from tests.unit.stubtreq import StubTreq
@@ -17,7 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from spegel.ingest import GrowingFile, Ingest, IngestStalled, NotYet, PartialPulls, find_ingest
+from spegel.ingest import GrowingFile, IngestStalled, NotYet, PartialPulls, find_ingest
 from spegel.interfaces import MIRRORED_HEADER, IAnnouncer
 from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter, RegistryResource
@@ -63,13 +64,18 @@ class FindIngestTests(SynchronousTestCase):
     def test_found_by_the_digest_its_ref_ends_with(self) -> None:
         write_ingest(self.root, "a", "k8s.io-7-layer-" + digest_of(b"other"), b"xx", 10)
         path = write_ingest(self.root, "b", "k8s.io-8-layer-" + self.digest, b"abc", 5000)
-        self.assertEqual(find_ingest(self.root, self.digest), Ingest(path, 5000))
+        found = find_ingest(self.root, self.digest)
+        assert found is not None
+        self.assertEqual((found.data_path, found.total, found.written), (path, 5000, 3))
+        self.assertEqual(found.written_at, os.stat(path).st_mtime)
 
     def test_the_furthest_of_several_is_chosen(self) -> None:
         write_ingest(self.root, "a", "moby-1-layer-" + self.digest, b"a" * 10, 5000)
         path = write_ingest(self.root, "b", "k8s.io-2-layer-" + self.digest, b"b" * 20, 5000)
         write_ingest(self.root, "c", "default-3-layer-" + self.digest, b"c" * 5, 5000)
-        self.assertEqual(find_ingest(self.root, self.digest), Ingest(path, 5000))
+        found = find_ingest(self.root, self.digest)
+        assert found is not None
+        self.assertEqual((found.data_path, found.written), (path, 20))
 
     def test_none_without_a_size_or_an_ingest(self) -> None:
         self.assertIsNone(find_ingest(self.root, self.digest))  # no ingest directory at all
@@ -152,9 +158,10 @@ class PartialPullsTests(SynchronousTestCase):
         self.announcer = RecordingAnnouncer()
         self.held: set[str] = set()
         self.metrics = Metrics()
+        self.wall: float | None = None
         self.pulls = PartialPulls(
             self.clock, self.announcer, self.root, is_held=self.is_held, starting_for=5.0, recheck_after=120.0,
-            run_blocking=in_place, metrics=self.metrics,
+            run_blocking=in_place, wall=lambda: time.time() if self.wall is None else self.wall, metrics=self.metrics,
         )
         self.digest = digest_of(b"layer")
 
@@ -198,6 +205,27 @@ class PartialPullsTests(SynchronousTestCase):
         self.assertEqual(growing.total, 10)
         self.assertEqual(self.successResultOf(growing.read(0, 10)), b"abc")
         self.assertEqual(self.metrics.registry.get_sample_value("spegel_partial_uploads_total"), 1)
+
+    def test_an_ingest_not_moving_is_not_yet(self) -> None:
+        """
+        Nothing written yet, or nothing for a while: the asking peer should try another holder
+        rather than wait on this one. A complete ingest (about to be committed) is served.
+        """
+        path = write_ingest(self.root, "a", "k8s.io-1-layer-" + self.digest, b"", 10)
+        self.failureResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)), NotYet)
+        append(path, b"abc")
+        written_at = os.stat(path).st_mtime
+        self.wall = written_at + 1.9
+        growing = self.successResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)))
+        assert growing is not None
+        growing.close()
+        self.wall = written_at + 2.1
+        self.failureResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)), NotYet)
+        append(path, b"x" * 7)
+        self.wall = os.stat(path).st_mtime + 60
+        growing = self.successResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)))
+        assert growing is not None
+        growing.close()
 
     def test_just_started_is_not_yet_then_not_here(self) -> None:
         self.pulls.started(self.digest)
@@ -273,14 +301,14 @@ class RegistryPartialTests(SynchronousTestCase):
         self.assertEqual(self.metrics.registry.get_sample_value("spegel_uploaded_bytes_total"), len(self.data))
 
     def test_headers_go_before_the_first_byte_is_written(self) -> None:
-        ingest = write_ingest(self.root, "a", "k8s.io-3-layer-" + self.digest, b"", len(self.data))
+        ingest = write_ingest(self.root, "a", "k8s.io-3-layer-" + self.digest, self.data[:1000], len(self.data))
         d = self.get(Range="bytes=4000-4999")
         self.treq.flush()
         response = self.successResultOf(d)
         self.assertEqual(response.code, 206)
         body = response.content()
         self.assertNoResult(body)
-        append(ingest, self.data)
+        append(ingest, self.data[1000:])
         self.clock.advance(0.05)
         self.treq.flush()
         self.assertEqual(self.successResultOf(body), self.data[4000:])

@@ -112,6 +112,17 @@ class ContainerdContentTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.call(self.store.blob(d))).path, path)
         self.failureResultOf(self.call(self.store.blob("sha256:" + "0" * 64)), BlobUnknown)
 
+    def test_a_blob_on_disk_needs_no_call_to_containerd(self) -> None:
+        data = os.urandom(1000)
+        d = digest_of(data)
+        path = os.path.join(self.root, "blobs", "sha256", d.split(":")[1])
+        with open(path, "wb") as f:
+            f.write(data)
+        self.client.down = True
+        found = self.successResultOf(self.call(self.store.blob(d)))
+        self.assertEqual((found.size, found.path), (1000, path))
+        self.assertEqual(self.metrics.registry.get_sample_value("spegel_containerd_errors_total"), 0)
+
     def test_containerd_down_is_a_miss(self) -> None:
         self.client.down = True
         self.failureResultOf(
