@@ -193,8 +193,9 @@ class PartialPulls(Service):
     @param announcer: the DHT announcer this node provides keys with.
     @param content_root: containerd's content store directory, as this process sees it.
     @param is_held: whether containerd holds a blob whole (a L{Deferred} of a bool).
-    @param starting_for: how long after containerd asked for a blob a peer is told "not yet" (429)
-        rather than "not here" (404) while no ingest has appeared.
+    @param starting_for: how long after containerd's request for a blob ended a peer is told "not
+        yet" (429) rather than "not here" (404) while no ingest has appeared; while the request
+        lasts (the mirror is looking for the blob, or waiting for a holder), always "not yet".
     @param recheck_after: how long after containerd asked a pull is looked at again: complete
         (the advertiser keeps announcing it), still going (looked at later), or gone (withdrawn).
     @param run_blocking: runs a blocking call off the reactor.
@@ -238,18 +239,37 @@ class PartialPulls(Service):
         self._metrics = metrics
         # digest -> when containerd last asked for it, and the check that may withdraw it.
         self._started: dict[str, tuple[float, IDelayedCall]] = {}
+        # digest -> containerd's requests for it that are still going on.
+        self._asking: dict[str, int] = {}
 
     def started(self, digest: str) -> None:
         """
         This node's containerd asked for C{digest} and does not hold it: it is about to download
         it (from a peer through the mirror, or upstream). Say so in the DHT now.
+
+        Call L{answered} when that request ends.
         """
+        self._asking[digest] = self._asking.get(digest, 0) + 1
         previous = self._started.pop(digest, None)
         if previous is not None and previous[1].active():
             previous[1].cancel()
         else:
             self._announcer.provide([digest])
         self._started[digest] = (self._clock.seconds(), self._clock.callLater(self._recheck_after, self._recheck, digest))
+
+    def answered(self, digest: str) -> None:
+        """
+        containerd's request for C{digest} ended: it has the blob from a peer, or goes upstream
+        for it now, and writes it either way.
+        """
+        left = self._asking.get(digest, 0) - 1
+        if left > 0:
+            self._asking[digest] = left
+        else:
+            self._asking.pop(digest, None)
+        started = self._started.get(digest)
+        if started is not None:
+            self._started[digest] = (self._clock.seconds(), started[1])
 
     def _recheck(self, digest: str) -> None:
         d = ensureDeferred(self._run_check(digest))
@@ -266,7 +286,7 @@ class PartialPulls(Service):
         ingest = await self._run_blocking(self._locate, self._content_root, digest)
         if digest not in self._started:
             return
-        if ingest is not None:
+        if ingest is not None or digest in self._asking:
             asked_at = self._started[digest][0]
             self._started[digest] = (asked_at, self._clock.callLater(self._recheck_after, self._recheck, digest))
             return
@@ -280,6 +300,7 @@ class PartialPulls(Service):
             if call.active():
                 call.cancel()
         self._started.clear()
+        self._asking.clear()
         return super().stopService()
 
     async def open(self, digest: str) -> GrowingFile | None:
@@ -293,7 +314,9 @@ class PartialPulls(Service):
         ingest = await self._run_blocking(self._locate, self._content_root, digest)
         if ingest is None:
             started = self._started.get(digest)
-            if started is not None and self._clock.seconds() - started[0] < self._starting_for:
+            if digest in self._asking or (
+                started is not None and self._clock.seconds() - started[0] < self._starting_for
+            ):
                 raise NotYet(digest)
             return None
         assert isinstance(ingest, Ingest)

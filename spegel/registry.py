@@ -263,11 +263,15 @@ class RegistryResource:
             except BlobUnknown:
                 growing = await self._being_pulled(request, blob_digest) if to_peer else None
                 if growing is None:
-                    if self._partials is not None and not to_peer and request.method == b"GET":
-                        # containerd downloads it next, through the mirror or upstream: peers
-                        # may fetch it from here as it arrives.
-                        self._partials.started(blob_digest)
-                    return await self._miss(request, ref, "blob")
+                    if self._partials is None or to_peer or request.method != b"GET":
+                        return await self._miss(request, ref, "blob")
+                    # containerd downloads it next, through the mirror or upstream: peers may
+                    # fetch it from here as it arrives.
+                    self._partials.started(blob_digest)
+                    try:
+                        return await self._miss(request, ref, "blob")
+                    finally:
+                        self._partials.answered(blob_digest)
                 found = BlobContent(blob_digest, growing.total, None)
             return await self._serve_blob(request, ref, found, upload, growing)
         finally:

@@ -14,6 +14,7 @@ are in L{spegel.peerresponse}).
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 from attrs import Factory, define, field
@@ -370,6 +371,7 @@ class PeerSession:
     peers: PeerClient
     providers: ProviderQueue
     path: str
+    jitter: Callable[[], float] = random.random
 
     def next_provider(self) -> Deferred[Provider | None]:
         return self.providers.next()
@@ -382,6 +384,10 @@ class PeerSession:
 
     def busy(self, provider: Provider) -> None:
         self.peers.busy(provider, BUSY_RETRY_CAP)
+
+    def retry_later(self, provider: Provider) -> bool:
+        # Jittered, so the nodes a holder turned away do not all come back at once.
+        return self.providers.requeue(provider, BUSY_RETRY_CAP * (0.25 + 0.5 * self.jitter()))
 
     def done(self) -> None:
         self.providers.close()

@@ -58,6 +58,12 @@ class PeerSource(TypingProtocol):
     def busy(self, provider: Provider) -> None:
         """C{provider} answered 429 (at its upload limit): not a failure, ask it later."""
 
+    def retry_later(self, provider: Provider) -> bool:
+        """
+        Offer busy C{provider} again shortly, unless this request has waited on busy peers long
+        enough; L{False} then.
+        """
+
     def done(self) -> None:
         """
         The copy is over: nobody waits for another provider any more.
@@ -352,9 +358,13 @@ class BlobCopy:
                 self._peers.failed(provider, CONNECT)
                 continue
             if response.code == 429:
-                # Busy, not broken: the next holder continues the copy.
+                # Busy, not broken: the next holder continues the copy, or this one shortly.
+                # Not a resume spent: cut here, containerd's pull fails, and in a rollout
+                # every holder of a layer may be busy for a second or two.
                 discard(response)
                 self._peers.busy(provider)
+                if self._peers.retry_later(provider):
+                    self._resumes -= 1
                 continue
             try:
                 answered = span(response)[:2] if response.code == 206 else None

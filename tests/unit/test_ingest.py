@@ -177,12 +177,16 @@ class PartialPullsTests(SynchronousTestCase):
 
     def test_a_pull_that_never_completes_is_withdrawn(self) -> None:
         self.pulls.started(self.digest)
+        self.clock.advance(120)  # containerd's request still waits on the mirror
+        self.assertEqual(self.announcer.withdrawn, [])
+        self.pulls.answered(self.digest)
         self.clock.advance(120)
         self.assertEqual(self.announcer.withdrawn, [self.digest])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_pull_still_going_is_looked_at_again(self) -> None:
         self.pulls.started(self.digest)
+        self.pulls.answered(self.digest)
         path = write_ingest(self.root, "a", "k8s.io-1-layer-" + self.digest, b"ab", 10)
         self.clock.advance(120)
         self.assertEqual(self.announcer.withdrawn, [])
@@ -192,6 +196,7 @@ class PartialPullsTests(SynchronousTestCase):
 
     def test_a_completed_pull_stays_announced(self) -> None:
         self.pulls.started(self.digest)
+        self.pulls.answered(self.digest)
         self.held.add(self.digest)
         self.clock.advance(120)
         self.assertEqual(self.announcer.withdrawn, [])
@@ -229,8 +234,12 @@ class PartialPullsTests(SynchronousTestCase):
 
     def test_just_started_is_not_yet_then_not_here(self) -> None:
         self.pulls.started(self.digest)
+        self.clock.advance(30)  # containerd's request lasts (the mirror waits for a holder)
         self.failureResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)), NotYet)
-        self.clock.advance(5)
+        self.pulls.answered(self.digest)
+        self.clock.advance(4.9)
+        self.failureResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest)), NotYet)
+        self.clock.advance(0.1)
         self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(self.pulls.open(self.digest))))
         # Nothing was started for another digest: not here at once.
         other = digest_of(b"other")

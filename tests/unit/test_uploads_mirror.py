@@ -89,6 +89,25 @@ class BusyPeerTests(MirrorTestCase):
         self.assertEqual(request.body, self.data)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(2)), "a busy peer is not a broken one")
 
+    def test_a_resume_waits_out_a_busy_only_holder(self) -> None:
+        """
+        The only holder left is busy more times than a copy may resume: it is asked again
+        shortly each time, as a first request would, rather than the client's copy being cut.
+        """
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), end=True)
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:40_000])
+        first.end(Failure(ConnectionLost()))  # provider 1 is put aside: only provider 2 is left
+        for attempt in range(1, 6):  # more than the 3 resumes
+            self.http.answer(attempt, 429, 0, retry_after="1")
+            self.clock.advance(1.6)
+        self.assertEqual(len(self.http.requests), 7)
+        self.serve_rest(6, 40_000)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
     def test_busy_answers_do_not_spend_the_retry_budget(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
