@@ -81,6 +81,9 @@ class ContainerdContent:
         on_disk = self._on_disk(digest)
         if on_disk is not None:
             return on_disk
+        if self._store_readable():
+            # Every blob containerd holds has its file in blobs/: none there, none held.
+            raise BlobUnknown("blob unknown", {"digest": digest})
         try:
             info = await self._client.content_info(digest)
         except ContentNotFound:
@@ -100,9 +103,9 @@ class ContainerdContent:
         The blob from the content store's files, without asking containerd, when it is there.
 
         containerd renames a blob into C{blobs/} only once it is whole and verified, so a
-        readable file there is the blob; a stat costs microseconds, where containerd's Info
-        call, under a rollout's load on a busy node, took seconds and made peers give up on
-        this node's response headers.
+        readable file there is the blob, and no file there means containerd does not hold it.
+        A stat costs microseconds, where containerd's Info call, under a rollout's load on a
+        busy node, took seconds and made peers give up on this node's response headers.
         """
         if self._content_path is None:
             return None
@@ -114,6 +117,12 @@ class ContainerdContent:
         if not os.access(path, os.R_OK):
             return None
         return BlobContent(digest, size, path)
+
+    def _store_readable(self) -> bool:
+        """Whether this process sees containerd's content store (its C{blobs/} directory)."""
+        if self._content_path is None:
+            return False
+        return os.access(os.path.join(self._content_path, "blobs"), os.R_OK | os.X_OK)
 
     async def holds(self, digest: str) -> bool:
         """Whether containerd holds blob C{digest} whole (committed)."""

@@ -104,13 +104,17 @@ class ContainerdContentTests(SynchronousTestCase):
         data = os.urandom(1000)
         d = digest_of(data)
         self.client.content[d] = data
-        found = self.successResultOf(self.call(self.store.blob(d)))
+        # A store this process cannot see: containerd is asked, and its Read API serves.
+        unseen = ContainerdContent(self.client, self.mktemp(), metrics=self.metrics)  # type: ignore[arg-type]
+        found = self.successResultOf(self.call(unseen.blob(d)))
         self.assertEqual((found.size, found.path), (1000, None))
+        self.failureResultOf(self.call(unseen.blob("sha256:" + "0" * 64)), BlobUnknown)
+        # A store it sees: the file is the blob, and no file is no blob, without asking.
+        self.failureResultOf(self.call(self.store.blob(d)), BlobUnknown)
         path = os.path.join(self.root, "blobs", "sha256", d.split(":")[1])
         with open(path, "wb") as f:
             f.write(data)
         self.assertEqual(self.successResultOf(self.call(self.store.blob(d))).path, path)
-        self.failureResultOf(self.call(self.store.blob("sha256:" + "0" * 64)), BlobUnknown)
 
     def test_a_blob_on_disk_needs_no_call_to_containerd(self) -> None:
         data = os.urandom(1000)
@@ -125,9 +129,10 @@ class ContainerdContentTests(SynchronousTestCase):
 
     def test_containerd_down_is_a_miss(self) -> None:
         self.client.down = True
+        unseen = ContainerdContent(self.client, None, metrics=self.metrics)  # type: ignore[arg-type]
         self.failureResultOf(
             self.call(self.store.resolve_tag(Reference("r.io", "team/app", tag="v1"))), ManifestUnknown
         )
         self.failureResultOf(self.call(self.store.manifest(self.manifest_digest)), ManifestUnknown)
-        self.failureResultOf(self.call(self.store.blob(self.manifest_digest)), BlobUnknown)
+        self.failureResultOf(self.call(unseen.blob(self.manifest_digest)), BlobUnknown)
         self.assertEqual(self.metrics.registry.get_sample_value("spegel_containerd_errors_total"), 3)
