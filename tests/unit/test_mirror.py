@@ -806,6 +806,28 @@ class BusyPeerTests(MirrorTestCase):
         self.assertEqual(request.body, self.data)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
 
+    def test_headers_waiting_when_the_deadline_comes_due_win(self) -> None:
+        """
+        A node the kernel did not run for a while runs its due timers before it reads its
+        sockets. The deadline gives the reactor one more turn: headers read in it count.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.rightNow += self.latency.header_deadline() + 1  # a stall: nothing ran
+        (due,) = [call for call in self.clock.getDelayedCalls() if getattr(call.func, "__name__", "") == "due"]
+        self.clock.calls.remove(due)
+        due.func(*due.args, **due.kw)  # the timer pass, as the reactor runs it
+        self.serve_whole(0)  # the I/O pass: the headers were in the socket
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
+        # Nothing in the socket at the next turn: the deadline stands.
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(2), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.01)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(2)))
+
     def test_silent_past_the_patient_deadline_it_fails(self) -> None:
         self.serve_once()
         d = self.blob(ClientRequest())
