@@ -814,7 +814,7 @@ class BusyPeerTests(MirrorTestCase):
         d = self.blob(ClientRequest())
         self.router.announce(provider(1), end=True)
         self.clock.rightNow += self.latency.header_deadline() + 1  # a stall: nothing ran
-        (due,) = [call for call in self.clock.getDelayedCalls() if getattr(call.func, "__name__", "") == "due"]
+        (due,) = [call for call in self.clock.calls if getattr(call.func, "__name__", "") == "due"]
         self.clock.calls.remove(due)
         due.func(*due.args, **due.kw)  # the timer pass, as the reactor runs it
         self.serve_whole(0)  # the I/O pass: the headers were in the socket
