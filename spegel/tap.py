@@ -201,9 +201,10 @@ class Options(flags.CommandOptions):
         ),
         _parameter(
             "max-uploads",
-            "0",
+            "3",
             "Blob bodies served to peers at once; the next peer is told to ask another holder "
-            "(429) at once. 0: no limit.",
+            "(429) at once. With blobs served while they download, the nodes of a rollout form "
+            "a tree this wide. 0: no limit.",
             flags.whole_number(0, 10_000, " (0: no limit)"),
         ),
         _parameter(
