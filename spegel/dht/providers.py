@@ -98,17 +98,18 @@ class ProviderStore:
 
     def get(self, key: bytes, limit: int) -> list[Provider]:
         """
-        Up to C{limit} unexpired providers of C{key}; a random sample when there are more, so
-        that different nodes answering one lookup return different providers.
+        Up to C{limit} unexpired providers of C{key}, in random order: a random sample when
+        there are more, so that different nodes answering one lookup return different
+        providers, and shuffled when there are fewer, because the asking mirror asks the first
+        it sees first. In the order they announced, the first holder of an image came first in
+        every answer of a rollout and served the most.
         """
         providers = self._records.get(key)
         if not providers:
             return []
         now = self.now()
         live = [p for p, expires in providers.values() if expires > now]
-        if len(live) > limit:
-            return self.random.sample(live, limit)
-        return live
+        return self.random.sample(live, min(limit, len(live)))
 
     def remove_provider(self, node_id: bytes, host: str) -> int:
         """

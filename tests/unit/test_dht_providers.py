@@ -38,6 +38,18 @@ class ProviderStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.store), 0)
         self.assertEqual(sum(self.changes), 0)
 
+    def test_fewer_than_asked_come_in_random_order(self) -> None:
+        """
+        The asking mirror asks the first provider it sees first: the first to announce must
+        not come first in every answer.
+        """
+        for i in range(1, 6):
+            self.store.add(KEY, provider(i))
+        firsts = [self.store.get(KEY, 10)[0] for _ in range(50)]
+        self.assertEqual(set(firsts), {provider(i) for i in range(1, 6)})
+        self.assertEqual(set(self.store.get(KEY, 10)), {provider(i) for i in range(1, 6)})
+        self.assertEqual(len(self.store.get(KEY, 10)), 5)
+
     def test_reannounce_extends_and_updates(self) -> None:
         self.store.add(KEY, provider(1))
         self.clock.advance(90)
