@@ -125,6 +125,15 @@ class _P2PTestCase(TestCase):
         _log.info("{what}: findable from nodes {others} after {seconds:.3f}s", what=what, others=others, seconds=seconds)
         return seconds
 
+    def restartAndAnnounce(self, index: int) -> None:
+        """
+        Start node C{index} again and wait until it has announced what its containerd holds.
+        """
+        announced = self.announcements(index)
+        self.cluster.nodes[index].start()
+        self.cluster.nodes[index].wait_ready()
+        wait_for(lambda: self.announcements(index) > announced, timeout=30, what=f"node {index} announcing again")
+
     def subscriptions(self, index: int) -> int:
         """
         How many times node C{index} has subscribed to its containerd's events.
@@ -361,9 +370,9 @@ class CorruptPeerTests(_OwnClusterTestCase):
     def test_corruptCopyNeverStored(self) -> None:
         """
         Node 0's copy of a small layer is corrupted on disk; node 1 holds a good copy; upstream
-        is stopped.  While node 1's containerd is down (node 1 then finds nothing locally), the
+        is stopped.  While node 1 is down, the
         only copy on offer is the bad one: node 2 checks it before sending a byte, the pull
-        fails, and no containerd stored it.  Once node 1's containerd is back, node 3 pulls
+        fails, and no containerd stored it.  Once node 1 is back, node 3 pulls
         and gets the good copy (if it tries node 0 first, containerd never notices).
         """
         cluster = self.cluster
@@ -382,7 +391,9 @@ class CorruptPeerTests(_OwnClusterTestCase):
             self.assertEqual(list(cluster.containerds[0].damaged_content()), [layer.digest])
 
             with self.upstreamStopped():
-                cluster.containerds[1].stop()
+                # Its spegel node, not its containerd: a node serves the blobs in its
+                # containerd's store from disk, containerd up or not.
+                cluster.nodes[1].stop()
                 with self.assertRaises(CommandFailed):
                     cluster.pull(2, ref)
                 self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
@@ -400,9 +411,7 @@ class CorruptPeerTests(_OwnClusterTestCase):
                     )
                 self.assertGreater(_mismatches(cluster, 2), 0)
 
-                subscribed = self.subscriptions(1)
-                cluster.containerds[1].start()
-                wait_for(lambda: self.subscriptions(1) > subscribed, timeout=15, what="node 1 resubscribing")
+                self.restartAndAnnounce(1)
                 served = cluster.served()
                 cluster.pull(3, ref)
             delta = _delta(cluster.served(), served)
@@ -435,9 +444,9 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
     def test_corruptStreamedLayerNeverStored(self) -> None:
         """
         Node 0's copy of a 16 MiB layer has one byte flipped near its start; node 1's is good but
-        its containerd is down; upstream is stopped.  Node 2's pull gets node 0's bytes up to the
+        its spegel node is down; upstream is stopped.  Node 2's pull gets node 0's bytes up to the
         held-back end, then the connection is cut: the pull fails and containerd keeps nothing.
-        With node 1's containerd back, the next pull (containerd starts the blob afresh) comes
+        With node 1 back, the next pull (containerd starts the blob afresh) comes
         from node 1 and stores the good layer.  What containerd does after the cut is what a
         kubelet retry would see.
         """
@@ -458,16 +467,14 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
                 f.write(bytes([flipped]))
 
             with self.upstreamStopped():
-                cluster.containerds[1].stop()
+                cluster.nodes[1].stop()  # see CorruptPeerTests
                 with self.assertRaises(CommandFailed):
                     cluster.pull(2, ref)
                 self.assertGreater(_mismatches(cluster, 2), 0)
                 self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
                 self.assertEqual(cluster.containerds[2].damaged_content(), {})
 
-                subscribed = self.subscriptions(1)
-                cluster.containerds[1].start()
-                wait_for(lambda: self.subscriptions(1) > subscribed, timeout=15, what="node 1 resubscribing")
+                self.restartAndAnnounce(1)
                 served = cluster.served()
                 try:
                     cluster.pull(2, ref)
