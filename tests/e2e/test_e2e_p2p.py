@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import shutil
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
@@ -124,15 +125,6 @@ class _P2PTestCase(TestCase):
         seconds = self.cluster.wait_findable(others, repo, image, tag=tag, timeout=FINDABLE_WITHIN)
         _log.info("{what}: findable from nodes {others} after {seconds:.3f}s", what=what, others=others, seconds=seconds)
         return seconds
-
-    def restartAndAnnounce(self, index: int) -> None:
-        """
-        Start node C{index} again and wait until it has announced what its containerd holds.
-        """
-        announced = self.announcements(index)
-        self.cluster.nodes[index].start()
-        self.cluster.nodes[index].wait_ready()
-        wait_for(lambda: self.announcements(index) > announced, timeout=30, what=f"node {index} announcing again")
 
     def subscriptions(self, index: int) -> int:
         """
@@ -370,9 +362,9 @@ class CorruptPeerTests(_OwnClusterTestCase):
     def test_corruptCopyNeverStored(self) -> None:
         """
         Node 0's copy of a small layer is corrupted on disk; node 1 holds a good copy; upstream
-        is stopped.  While node 1 is down, the
+        is stopped.  While node 1's copy is out of its store (node 1 then finds nothing locally), the
         only copy on offer is the bad one: node 2 checks it before sending a byte, the pull
-        fails, and no containerd stored it.  Once node 1 is back, node 3 pulls
+        fails, and no containerd stored it.  Once node 1's copy is back, node 3 pulls
         and gets the good copy (if it tries node 0 first, containerd never notices).
         """
         cluster = self.cluster
@@ -391,9 +383,10 @@ class CorruptPeerTests(_OwnClusterTestCase):
             self.assertEqual(list(cluster.containerds[0].damaged_content()), [layer.digest])
 
             with self.upstreamStopped():
-                # Its spegel node, not its containerd: a node serves the blobs in its
-                # containerd's store from disk, containerd up or not.
-                cluster.nodes[1].stop()
+                # Node 1's good copy out of its store (node 1 then answers 404 for it; its
+                # containerd stays up): node 1 serves what its store holds on disk whether
+                # containerd answers or not.
+                hidden = _hide(cluster.containerds[1].blob_path(layer.digest))
                 with self.assertRaises(CommandFailed):
                     cluster.pull(2, ref)
                 self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
@@ -411,7 +404,7 @@ class CorruptPeerTests(_OwnClusterTestCase):
                     )
                 self.assertGreater(_mismatches(cluster, 2), 0)
 
-                self.restartAndAnnounce(1)
+                hidden()
                 served = cluster.served()
                 cluster.pull(3, ref)
             delta = _delta(cluster.served(), served)
@@ -444,9 +437,9 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
     def test_corruptStreamedLayerNeverStored(self) -> None:
         """
         Node 0's copy of a 16 MiB layer has one byte flipped near its start; node 1's is good but
-        its spegel node is down; upstream is stopped.  Node 2's pull gets node 0's bytes up to the
+        it is out of its store for a while; upstream is stopped.  Node 2's pull gets node 0's bytes up to the
         held-back end, then the connection is cut: the pull fails and containerd keeps nothing.
-        With node 1 back, the next pull (containerd starts the blob afresh) comes
+        With node 1's copy back, the next pull (containerd starts the blob afresh) comes
         from node 1 and stores the good layer.  What containerd does after the cut is what a
         kubelet retry would see.
         """
@@ -467,14 +460,14 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
                 f.write(bytes([flipped]))
 
             with self.upstreamStopped():
-                cluster.nodes[1].stop()  # see CorruptPeerTests
+                hidden = _hide(cluster.containerds[1].blob_path(layer.digest))  # see CorruptPeerTests
                 with self.assertRaises(CommandFailed):
                     cluster.pull(2, ref)
                 self.assertGreater(_mismatches(cluster, 2), 0)
                 self.assertNotIn(layer.digest, cluster.containerds[2].content_digests())
                 self.assertEqual(cluster.containerds[2].damaged_content(), {})
 
-                self.restartAndAnnounce(1)
+                hidden()
                 served = cluster.served()
                 try:
                     cluster.pull(2, ref)
@@ -514,6 +507,15 @@ def _overwrite(path: str, data: bytes) -> None:
 def _sha256Of(path: str) -> str:
     with open(path, "rb") as f:
         return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+def _hide(path: str) -> Callable[[], None]:
+    """
+    Move the blob file C{path} out of its content store; the returned function puts it back.
+    """
+    aside = path + ".hidden"
+    os.rename(path, aside)
+    return lambda: os.rename(aside, path)
 
 
 def _removeTree(path: str) -> None:
