@@ -21,8 +21,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from spegel.dht.ids import Provider
-from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard, response_header
-from spegel.selection import BUSY_RETRY_CAP, Budget, PeerClient, ProviderQueue, cancel_then_pass
+from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard
+from spegel.selection import Budget, PeerClient, ProviderQueue, busy_delay, cancel_then_pass
 
 _log = Logger()
 
@@ -150,7 +150,7 @@ class _Race:
         and not charged to the retry budget; it is offered again after its Retry-After (capped,
         jittered), and meanwhile the queue offers less loaded holders first.
         """
-        delay = min(retry_after(response), BUSY_RETRY_CAP) * (0.5 + self.jitter())
+        delay = busy_delay(response, self.jitter)
         self.peers.busy(provider, delay)
         if self.providers.requeue(provider, delay):
             self.budget.left += 1
@@ -284,11 +284,3 @@ class HedgedRace:
         else:
             self._inputs.give_up()
         return self._race.result
-
-
-def retry_after(response: Any) -> float:
-    """A busy peer's C{Retry-After} in seconds (1 when absent or not a small number)."""
-    value = response_header(response.headers, b"retry-after")
-    if value is None or not value.isdigit() or len(value) > 4:
-        return 1.0
-    return float(value)

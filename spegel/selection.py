@@ -191,6 +191,24 @@ def cancel_then_pass(result: object, call: IDelayedCall) -> object:
 # A peer that answers busy (429, at its --max-uploads) is offered again after its Retry-After,
 # capped at this and jittered, so the nodes it turned away do not all come back at once.
 BUSY_RETRY_CAP = 2.0
+
+
+def retry_after(response: Any) -> float:
+    """A busy peer's C{Retry-After} in seconds (1 when absent or not a small number)."""
+    value = response_header(response.headers, b"retry-after")
+    if value is None or not value.isdigit() or len(value) > 4:
+        return 1.0
+    return float(value)
+
+
+def busy_delay(response: Any, jitter: Callable[[], float]) -> float:
+    """
+    When to offer again a peer that answered C{response} (429, busy): its Retry-After, capped
+    and jittered, so the nodes it turned away do not all come back at once.
+    """
+    return min(retry_after(response), BUSY_RETRY_CAP) * (0.5 + jitter())
+
+
 # One request waits out busy peers this long in all; after that a busy answer is a loss (and
 # without another provider the request ends in a 404: containerd goes upstream).
 BUSY_PATIENCE = 10.0
@@ -398,9 +416,8 @@ class PeerSession:
     def busy(self, provider: Provider) -> None:
         self.peers.busy(provider, BUSY_RETRY_CAP)
 
-    def retry_later(self, provider: Provider) -> bool:
-        # Jittered, so the nodes a holder turned away do not all come back at once.
-        return self.providers.requeue(provider, BUSY_RETRY_CAP * (0.25 + 0.5 * self.jitter()))
+    def retry_later(self, provider: Provider, response: Any) -> bool:
+        return self.providers.requeue(provider, busy_delay(response, self.jitter))
 
     def done(self) -> None:
         self.providers.close()

@@ -58,10 +58,10 @@ class PeerSource(TypingProtocol):
     def busy(self, provider: Provider) -> None:
         """C{provider} answered 429 (at its upload limit): not a failure, ask it later."""
 
-    def retry_later(self, provider: Provider) -> bool:
+    def retry_later(self, provider: Provider, response: Any) -> bool:
         """
-        Offer busy C{provider} again shortly, unless this request has waited on busy peers long
-        enough; L{False} then.
+        Offer C{provider}, busy by C{response}, again shortly (L{spegel.selection.busy_delay}),
+        unless this request has waited on busy peers long enough; L{False} then.
         """
 
     def done(self) -> None:
@@ -363,7 +363,7 @@ class BlobCopy:
                 # every holder of a layer may be busy for a second or two.
                 discard(response)
                 self._peers.busy(provider)
-                if self._peers.retry_later(provider):
+                if self._peers.retry_later(provider, response):
                     self._resumes -= 1
                 continue
             try:
