@@ -78,12 +78,30 @@ class ContainerdContent:
         return ManifestContent(digest, media_type, data)
 
     async def blob(self, digest: str) -> BlobContent:
-        on_disk = self._on_disk(digest)
-        if on_disk is not None:
-            return on_disk
-        if self._store_readable():
-            # Every blob containerd holds has its file in blobs/: none there, none held.
-            raise BlobUnknown("blob unknown", {"digest": digest})
+        """
+        Blob C{digest} from the content store's files when this process sees them, else from
+        containerd (its Read API then serves the bytes).
+
+        containerd renames a blob into C{blobs/} only once it is whole and verified, so a
+        readable file there is the blob, and no file there means containerd does not hold it.
+        A stat costs microseconds, where containerd's Info call, under a rollout's load on a
+        busy node, took seconds and made peers give up on this node's response headers.
+        """
+        if self._content_path is not None:
+            try:
+                path = content_path_for(self._content_path, digest)
+            except ValueError:
+                raise BlobUnknown("blob unknown: not a sha256 or sha512 digest", {"digest": digest}) from None
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                if self._store_readable():
+                    raise BlobUnknown("blob unknown", {"digest": digest}) from None
+            except OSError:
+                pass
+            else:
+                if os.access(path, os.R_OK):
+                    return BlobContent(digest, size, path)
         try:
             info = await self._client.content_info(digest)
         except ContentNotFound:
@@ -91,37 +109,12 @@ class ContainerdContent:
         except ContainerdError as e:
             self._unavailable(e)
             raise BlobUnknown("blob unknown: containerd is unavailable") from e
-        path = None
-        if self._content_path is not None:
-            candidate = content_path_for(self._content_path, digest)
-            if os.access(candidate, os.R_OK):
-                path = candidate
-        return BlobContent(digest, info.size, path)
-
-    def _on_disk(self, digest: str) -> BlobContent | None:
-        """
-        The blob from the content store's files, without asking containerd, when it is there.
-
-        containerd renames a blob into C{blobs/} only once it is whole and verified, so a
-        readable file there is the blob, and no file there means containerd does not hold it.
-        A stat costs microseconds, where containerd's Info call, under a rollout's load on a
-        busy node, took seconds and made peers give up on this node's response headers.
-        """
-        if self._content_path is None:
-            return None
-        try:
-            path = content_path_for(self._content_path, digest)
-            size = os.stat(path).st_size
-        except (OSError, ValueError):
-            return None
-        if not os.access(path, os.R_OK):
-            return None
-        return BlobContent(digest, size, path)
+        # Here the store's file is not readable by this process: the Read API serves it.
+        return BlobContent(digest, info.size, None)
 
     def _store_readable(self) -> bool:
         """Whether this process sees containerd's content store (its C{blobs/} directory)."""
-        if self._content_path is None:
-            return False
+        assert self._content_path is not None
         return os.access(os.path.join(self._content_path, "blobs"), os.R_OK | os.X_OK)
 
     async def holds(self, digest: str) -> bool:
