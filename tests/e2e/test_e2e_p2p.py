@@ -468,6 +468,14 @@ class CorruptLargeLayerTests(_OwnClusterTestCase):
                 self.assertEqual(cluster.containerds[2].damaged_content(), {})
 
                 hidden()
+                # The next pull as the kubelet's retry makes it, seconds later: by then containerd
+                # has collected the cut pull's ingest with its lease (restarting node 1's
+                # containerd, as this test once did, gave it that time).
+                wait_for(
+                    lambda: layer.digest not in cluster.containerds[2].ctr("content", "active"),
+                    timeout=30,
+                    what="containerd 2 dropping the cut ingest",
+                )
                 served = cluster.served()
                 try:
                     cluster.pull(2, ref)
