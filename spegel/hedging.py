@@ -21,8 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from spegel.dht.ids import Provider
-from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, describe, discard
-from spegel.selection import Budget, PeerClient, ProviderQueue, busy_delay, cancel_then_pass
+from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, deferred, describe, discard
+from spegel.selection import Budget, PeerClient, ProviderQueue, busy_delay, cancel_then_pass, deferral_delay
+from spegel.uploads import ALTERNATIVES_HEADER
 
 _log = Logger()
 
@@ -100,7 +101,8 @@ class _Race:
         self.budget.left -= 1
         clock = self.peers.clock
         asked_at = clock.seconds()
-        attempt = self.peers.ask(provider, self.method, self.path, self.headers)
+        headers = {**self.headers, ALTERNATIVES_HEADER: str(self.providers.alternatives(provider))}
+        attempt = self.peers.ask(provider, self.method, self.path, headers)
         self.pending[attempt] = provider
         if self.hedge is not None and self.hedge.active():
             self.hedge.cancel()
@@ -115,7 +117,11 @@ class _Race:
                 return
             discard(response)
             if response.code == 429 and not self.settled:
-                self._busy(provider, response)
+                # It served its share: the others first, this one after them.
+                if deferred(response) and self.providers.defer(provider, deferral_delay(self.jitter)):
+                    self.budget.left += 1
+                else:
+                    self._busy(provider, response)
                 inputs.attempt_lost()
                 return
             if response.code in (404, 416):

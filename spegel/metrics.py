@@ -134,6 +134,11 @@ class Metrics:
         "spegel_uploads_refused_total",
         "Peer blob requests answered 429 because --max-uploads were being served.",
     )
+    uploads_deferred_total: Counter = collector(
+        Counter,
+        "spegel_uploads_deferred_total",
+        "Peer blob requests answered 429 because this node had served its share of the blob and the peer had other holders to ask.",
+    )
     partial_uploads_total: Counter = collector(
         Counter,
         "spegel_partial_uploads_total",

@@ -32,6 +32,7 @@ from spegel.metrics import Metrics
 from spegel.bodies import FileBodyProducer
 from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
+from spegel.uploads import DEFERRED_HEADER
 from spegel.oci import Reference, hashed_digest, new_hasher
 
 # Why a peer failed, as spegel_mirror_peer_failures_total counts it.
@@ -82,6 +83,14 @@ def describe(provider: Provider) -> str:
 def response_header(headers: Headers, name: bytes) -> str | None:
     values = headers.getRawHeaders(name)
     return values[0].decode("latin-1") if values else None
+
+
+def deferred(response: Any) -> bool:
+    """
+    Whether C{response}, a 429, says the peer has served its share of the blob and defers to
+    the other holders (L{spegel.uploads.UploadShares}), rather than being busy.
+    """
+    return response_header(response.headers, DEFERRED_HEADER.encode()) == "true"
 
 
 def forwarded_headers(headers: Headers, content_length: int | None = None) -> tuple[tuple[bytes, bytes], ...]:

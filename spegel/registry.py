@@ -53,7 +53,16 @@ from spegel.ingest import GrowingFile, NotYet, PartialPulls
 from spegel.interfaces import MIRRORED_HEADER, ILocalContent, IMirror
 from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer
-from spegel.uploads import PARTIAL_HEADER, RETRY_AFTER_SECONDS, UPLOADS_HEADER, UploadSlots
+from spegel.uploads import (
+    ALTERNATIVES_HEADER,
+    DEFERRED_HEADER,
+    PARTIAL_HEADER,
+    RETRY_AFTER_SECONDS,
+    UPLOADS_HEADER,
+    UploadShares,
+    UploadSlots,
+    parse_alternatives,
+)
 from spegel.responses import (
     abort_response,
     request_header as _header,
@@ -163,6 +172,7 @@ class RegistryResource:
     @param ready: tells whether the node is ready (C{/readyz}).
     @param mirror: what to ask on a local miss; L{None} answers every miss with a 404.
     @param uploads: the slots and the bandwidth cap blob bodies sent to peers share.
+    @param shares: how much of each blob this node sent peers lately (its fair share).
     @param partials: the blobs this node's containerd is downloading, said in the DHT and served
         to peers from their ingests as they arrive; L{None}: a blob is served once it is whole.
     @param metrics: where the node's figures are recorded.
@@ -183,6 +193,7 @@ class RegistryResource:
         ready: Callable[[], bool] = lambda: True,
         mirror: IMirror | None = None,
         uploads: UploadSlots | None = None,
+        shares: UploadShares | None = None,
         partials: PartialPulls | None = None,
         metrics: Metrics,
     ):
@@ -193,6 +204,7 @@ class RegistryResource:
         self._mirror = mirror
         self._metrics = metrics
         self._uploads = uploads if uploads is not None else UploadSlots(metrics=metrics)
+        self._shares = shares if shares is not None else UploadShares(clock)
         self._partials = partials
 
     def resource(self) -> Any:
@@ -301,8 +313,17 @@ class RegistryResource:
         """
         Send C{found}, whole or the range asked for; C{upload}: to a peer, holding an upload slot.
         """
+        if upload and parse_alternatives(_header(request, ALTERNATIVES_HEADER)) and self._shares.over(found.digest, found.size):
+            self._metrics.uploads_deferred_total.inc()
+            request.setHeader(DEFERRED_HEADER, "true")
+            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
+            raise TooManyUploads(
+                "this node has served its share of the blob: ask the other holders first", {"digest": found.digest}
+            )
         self._count(request, ref, "hit")
         byte_range = parse_range(range_to_honour(_header(request, "Range"), _header(request, "If-Range"), found.digest), found.size)
+        if upload:
+            self._shares.promise(found.digest, byte_range.length if byte_range else found.size)
         if growing is not None:
             request.setHeader(PARTIAL_HEADER, "true")
         # Only uploads share the cap (--max-upload-rate): this node's containerd is never held back.

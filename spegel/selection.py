@@ -30,7 +30,7 @@ from spegel.interfaces import MIRRORED_HEADER, IRouter
 from spegel.oci import OCIError
 from spegel.peerhealth import LatencyTracker, PeerLoad, PutAside
 from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url, response_header
-from spegel.uploads import UPLOADS_HEADER, parse_uploads_header
+from spegel.uploads import ALTERNATIVES_HEADER, UPLOADS_HEADER, parse_uploads_header
 
 _log = Logger()
 
@@ -53,6 +53,9 @@ class ProviderQueue:
         self._load = load
         self._clock = clock
         self._ready: list[Provider] = []
+        # Holders that deferred this request to the others (they served their share of the
+        # blob): asked again later, naming no alternative, so that they serve.
+        self._deferred_by: set[tuple[str, int]] = set()
         self._seen: set[tuple[str, int]] = set()
         self._waiting: list[Deferred[Provider | None]] = []
         self._requeues: list[IDelayedCall] = []
@@ -69,12 +72,43 @@ class ProviderQueue:
 
     @property
     def requeued(self) -> int:
-        """Busy providers to be offered again shortly (L{requeue})."""
+        """Busy or deferring providers to be offered again shortly (L{requeue}, L{defer})."""
         return len(self._requeues)
 
     def exhausted(self) -> bool:
         """Nothing at hand, nothing to come: the lookup ended and no busy peer will be back."""
         return self.finished and not self._ready and not self._requeues
+
+    def alternatives(self, provider: Provider) -> int:
+        """
+        The holders this request may still ask besides C{provider}, at hand or busy for a
+        moment: what it tells C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a
+        holder that has served its share of the blob leaves the request to them.  0 for a
+        holder that deferred this request once already: it serves, or two holders over their
+        share would send the request back and forth.
+        """
+        if (provider.host, provider.registry_port) in self._deferred_by:
+            return 0
+        return len(self._ready) + len(self._requeues)
+
+    def defer(self, provider: Provider, delay: float) -> bool:
+        """
+        C{provider} has served its share of the blob and leaves this request to the others:
+        offer it again after C{delay} seconds, when the others at hand have been asked and the
+        busy ones asked again.  It spends none of the request's L{BUSY_PATIENCE}.
+
+        @return: L{False} when it deferred this request before (asked again, it was told of no
+            alternative): not a deferral the request honours; the caller takes it as busy.
+        """
+        key = (provider.host, provider.registry_port)
+        if key in self._deferred_by:
+            return False
+        self._deferred_by.add(key)
+        if self._clock is None:
+            self._offer(provider)
+        else:
+            self._offer_later(provider, delay, self._clock.seconds())
+        return True
 
     def requeue(self, provider: Provider, delay: float) -> bool:
         """
@@ -90,6 +124,11 @@ class ProviderQueue:
             self._busy_since = now
         if now + delay - self._busy_since > BUSY_PATIENCE:
             return False
+        self._offer_later(provider, delay, now)
+        return True
+
+    def _offer_later(self, provider: Provider, delay: float, now: float) -> None:
+        assert self._clock is not None
 
         def back() -> None:
             self._requeues.remove(call)
@@ -106,7 +145,6 @@ class ProviderQueue:
             again = self.look_again()
             self._lookups_again.append(again)
             again.addBoth(self._looked_again, again)
-        return True
 
     def _looked_again(self, result: object, again: Deferred[Any]) -> None:
         self._lookups_again.remove(again)
@@ -207,6 +245,15 @@ def busy_delay(response: Any, jitter: Callable[[], float]) -> float:
     and jittered, so the nodes it turned away do not all come back at once.
     """
     return min(retry_after(response), BUSY_RETRY_CAP) * (0.5 + jitter())
+
+
+def deferral_delay(jitter: Callable[[], float]) -> float:
+    """
+    When to offer again a holder that deferred a request to the others (it served its share):
+    after the busy ones come back (L{busy_delay}, at most 1.5 s for the usual Retry-After 1),
+    so that they are asked first; jittered like them.
+    """
+    return BUSY_RETRY_CAP * (0.75 + 0.5 * jitter())
 
 
 # One request waits out busy peers this long in all; after that a busy answer is a loss (and
@@ -408,7 +455,12 @@ class PeerSession:
         return self.providers.next()
 
     def open_range(self, provider: Provider, first: int, last: int) -> Deferred[Any]:
-        return self.peers.ask(provider, "GET", self.path, {"Range": f"bytes={first}-{last}"})
+        return self.peers.ask(
+            provider,
+            "GET",
+            self.path,
+            {"Range": f"bytes={first}-{last}", ALTERNATIVES_HEADER: str(self.providers.alternatives(provider))},
+        )
 
     def failed(self, provider: Provider, reason: str) -> None:
         self.peers.failed(provider, reason)
@@ -418,6 +470,9 @@ class PeerSession:
 
     def retry_later(self, provider: Provider, response: Any) -> bool:
         return self.providers.requeue(provider, busy_delay(response, self.jitter))
+
+    def defer(self, provider: Provider) -> bool:
+        return self.providers.defer(provider, deferral_delay(self.jitter))
 
     def done(self) -> None:
         self.providers.close()

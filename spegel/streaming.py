@@ -38,6 +38,7 @@ from spegel.peerresponse import (
     STATUS,
     PeerFailed,
     PeerResponse,
+    deferred,
     describe,
     discard,
     span,
@@ -62,6 +63,12 @@ class PeerSource(TypingProtocol):
         """
         Offer C{provider}, busy by C{response}, again shortly (L{spegel.selection.busy_delay}),
         unless this request has waited on busy peers long enough; L{False} then.
+        """
+
+    def defer(self, provider: Provider) -> bool:
+        """
+        C{provider} served its share of the blob (L{spegel.uploads.UploadShares}): offer it
+        after the other holders; L{False} if it deferred this request before (then it is busy).
         """
 
     def done(self) -> None:
@@ -362,6 +369,9 @@ class BlobCopy:
                 # Not a resume spent: cut here, containerd's pull fails, and in a rollout
                 # every holder of a layer may be busy for a second or two.
                 discard(response)
+                if deferred(response) and self._peers.defer(provider):
+                    self._resumes -= 1
+                    continue
                 self._peers.busy(provider)
                 if self._peers.retry_later(provider, response):
                     self._resumes -= 1

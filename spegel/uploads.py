@@ -17,11 +17,23 @@ lying about it can only attract or repel requests it could refuse anyway.
 
 With C{--max-upload-rate} the uploads also share a bandwidth cap (L{spegel.pacing.TokenBucket}):
 each gets its pacer here, L{UploadSlots.pacer}.
+
+A node also keeps to a fair share of each blob (L{UploadShares}).  In a rollout the first node to
+hold a layer would otherwise serve it all along: its slots fill while it downloads, and once it
+is whole it is the fastest holder, so every slot it frees is taken at once.  So an asking mirror
+says how many other holders it could ask instead, at hand or busy for a moment
+(C{Spegel-Alternatives}); a node that has already sent peers L{FAIR_SHARE_COPIES} copies of the
+blob lately answers one that has any with 429 and C{Spegel-Deferred: true}.  The asking mirror
+asks those others first, the busy ones again when they are due, and this node again after them
+(L{spegel.selection.deferral_delay}, about 2 s), naming none: it is then served.  A node defers
+a request once, so no request waits more than that for it, and a node that is the only holder
+serves as before.
 """
 
 from __future__ import annotations
 
 from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
 
 from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer, TokenBucket
@@ -30,6 +42,19 @@ UPLOADS_HEADER = "Spegel-Uploads"
 # On a blob answer served from a download still under way (L{spegel.ingest}): its bytes come as
 # fast as this node receives them, so the asking mirror does not fetch pieces of it in parallel.
 PARTIAL_HEADER = "Spegel-Partial"
+# Sent by an asking mirror: how many other holders of the blob it could ask now, instead.
+ALTERNATIVES_HEADER = "Spegel-Alternatives"
+# On a 429 from a node that has served its fair share of the blob (L{UploadShares}): ask the
+# others first, and this node again when none is left.
+DEFERRED_HEADER = "Spegel-Deferred"
+# Copies of one blob a node sends peers before it leaves the next asker that has other holders
+# to them.  Two keeps the first holder of an image near the mean in a rollout (it sends at most
+# these, plus what nobody else could serve), and costs a node-to-node round trip per deferral.
+FAIR_SHARE_COPIES = 2
+# A blob's count starts again after this long without a peer asking for it: the share is about
+# one rollout, not the node's lifetime.
+SHARE_WINDOW = 600.0
+MAX_SHARED_DIGESTS = 4096
 # What a busy node asks a peer to wait before asking again: short, as uploads of layers finish
 # in seconds on a LAN; the asking mirror jitters it.
 RETRY_AFTER_SECONDS = 1
@@ -93,3 +118,48 @@ def parse_uploads_header(value: str | None) -> tuple[int, int] | None:
     if not (active.isdigit() and limit.isdigit()) or len(active) > 6 or len(limit) > 6:
         return None
     return int(active), int(limit)
+
+
+def parse_alternatives(value: str | None) -> int:
+    """
+    The other holders an asking mirror could ask (L{ALTERNATIVES_HEADER}); 0 when absent or
+    unreadable: a mirror of another version, or one sending garbage, is served as one with no
+    other choice would be.
+    """
+    if not value or not value.isdigit() or len(value) > 6:
+        return 0
+    return int(value)
+
+
+@define
+class UploadShares:
+    """
+    How much of each blob this node has sent peers lately, to keep to a fair share of it (see
+    the module's docstring).  Counted are the bytes promised, each answer's length when it
+    starts: an upload under way counts in full, one cut short counts too (it was the slot's).
+    """
+
+    clock: IReactorTime
+    fair_copies: int = FAIR_SHARE_COPIES
+    # digest -> (bytes promised to peers, when last); oldest first.
+    _promised: dict[str, tuple[int, float]] = field(factory=dict)
+
+    def _current(self, digest: str) -> int:
+        promised = self._promised.get(digest)
+        if promised is None or self.clock.seconds() - promised[1] >= SHARE_WINDOW:
+            return 0
+        return promised[0]
+
+    def over(self, digest: str, size: int) -> bool:
+        """
+        Whether this node has sent peers its fair share of C{digest} (of C{size} bytes) lately.
+        """
+        return self.fair_copies > 0 and self._current(digest) >= self.fair_copies * max(size, 1)
+
+    def promise(self, digest: str, length: int) -> None:
+        """An answer of C{length} bytes of C{digest} to a peer starts."""
+        total = self._current(digest) + length
+        self._promised.pop(digest, None)
+        if len(self._promised) >= MAX_SHARED_DIGESTS:
+            del self._promised[next(iter(self._promised))]  # the one asked for longest ago
+        self._promised[digest] = (total, self.clock.seconds())

@@ -1,7 +1,7 @@
 """
 Tests for L{spegel.uploads} and the registry's upload limit (C{--max-uploads}): a node at its
 limit answers peers at once with 429 and Retry-After; every blob answer to a peer says how busy
-the node is.
+the node is; a node that has served its share of a blob leaves a peer with other holders to them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from spegel.interfaces import MIRRORED_HEADER
 from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter, RegistryResource
-from spegel.uploads import UPLOADS_HEADER, UploadSlots, parse_uploads_header
+from spegel.uploads import (
+    ALTERNATIVES_HEADER,
+    DEFERRED_HEADER,
+    FAIR_SHARE_COPIES,
+    MAX_SHARED_DIGESTS,
+    SHARE_WINDOW,
+    UPLOADS_HEADER,
+    UploadShares,
+    UploadSlots,
+    parse_alternatives,
+    parse_uploads_header,
+)
 from tests.unit.test_registry import BASE, REGISTRY, MemoryContent
 
 
@@ -130,3 +141,131 @@ class RegistryLimitTests(SynchronousTestCase):
         self.treq.flush()
         self.failureResultOf(first)  # the response is cut: the peer sees a broken transfer
         self.assertEqual(self.uploads.active, 0)
+
+
+class ShareTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.shares = UploadShares(self.clock)
+
+    def test_over_after_the_fair_copies(self) -> None:
+        self.assertEqual(FAIR_SHARE_COPIES, 2)
+        self.assertFalse(self.shares.over("sha256:a", 1000))
+        self.shares.promise("sha256:a", 1000)
+        self.shares.promise("sha256:a", 999)
+        self.assertFalse(self.shares.over("sha256:a", 1000))
+        self.shares.promise("sha256:a", 1)
+        self.assertTrue(self.shares.over("sha256:a", 1000))
+        self.assertFalse(self.shares.over("sha256:b", 1000), "counted per blob")
+
+    def test_counted_again_after_the_window(self) -> None:
+        self.shares.promise("sha256:a", 2000)
+        self.clock.advance(SHARE_WINDOW - 1)
+        self.assertTrue(self.shares.over("sha256:a", 1000))
+        self.shares.promise("sha256:a", 10)  # asked again: the window starts again
+        self.clock.advance(SHARE_WINDOW - 1)
+        self.assertTrue(self.shares.over("sha256:a", 1000))
+        self.clock.advance(1)
+        self.assertFalse(self.shares.over("sha256:a", 1000))
+        self.shares.promise("sha256:a", 1000)
+        self.assertFalse(self.shares.over("sha256:a", 1000), "the old count is gone")
+
+    def test_empty_blobs_and_no_share(self) -> None:
+        self.assertFalse(self.shares.over("sha256:e", 0))
+        self.shares.promise("sha256:e", 0)
+        self.assertFalse(self.shares.over("sha256:e", 0))
+        unlimited = UploadShares(self.clock, fair_copies=0)
+        unlimited.promise("sha256:a", 10**9)
+        self.assertFalse(unlimited.over("sha256:a", 1))
+
+    def test_bounded(self) -> None:
+        for index in range(MAX_SHARED_DIGESTS + 10):
+            self.shares.promise(f"sha256:{index}", 2000)
+        self.assertEqual(len(self.shares._promised), MAX_SHARED_DIGESTS)
+        self.assertFalse(self.shares.over("sha256:0", 1000), "the oldest went first")
+        self.assertTrue(self.shares.over(f"sha256:{MAX_SHARED_DIGESTS + 9}", 1000))
+
+    def test_parse_alternatives(self) -> None:
+        self.assertEqual(parse_alternatives("3"), 3)
+        self.assertEqual(parse_alternatives("0"), 0)
+        for bad in (None, "", "-1", "x", " 3", "1234567"):
+            with self.subTest(bad=bad):
+                self.assertEqual(parse_alternatives(bad), 0)
+
+
+class RegistryShareTests(SynchronousTestCase):
+    """
+    A node that has sent peers its share of a blob answers a peer that has other holders to ask
+    with 429 and C{Spegel-Deferred}; one that has none, or does not say, is served.
+    """
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.content = MemoryContent(self.mktemp())
+        os.makedirs(self.content.tmpdir)
+        self.data = os.urandom(3000)
+        self.digest = self.content.add_blob(self.data)
+        self.metrics = Metrics()
+        self.uploads = UploadSlots(4, metrics=self.metrics)
+        registry = RegistryResource(
+            self.clock, self.content, RegistryFilter(frozenset({REGISTRY})), uploads=self.uploads, metrics=self.metrics
+        )
+        self.treq = StubTreq(registry.resource())
+        self.path = f"{BASE}/v2/team/app/blobs/{self.digest}?ns={REGISTRY}"
+
+    def get(self, alternatives: str | None = "1", peer: bool = True, **headers: str) -> Any:
+        if peer:
+            headers[MIRRORED_HEADER] = "true"
+        if alternatives is not None:
+            headers[ALTERNATIVES_HEADER] = alternatives
+        d = self.treq.request("GET", self.path, headers=headers)
+        self.treq.flush()
+        return self.successResultOf(d)
+
+    def deferrals(self) -> float:
+        return self.metrics.registry.get_sample_value("spegel_uploads_deferred_total") or 0.0
+
+    def test_deferred_after_its_share(self) -> None:
+        for _ in range(FAIR_SHARE_COPIES):
+            response = self.get()
+            self.assertEqual(response.code, 200)
+            self.assertEqual(self.successResultOf(response.content()), self.data)
+        response = self.get()
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders(DEFERRED_HEADER), ["true"])
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["errors"][0]["code"], "TOOMANYREQUESTS")
+        self.assertEqual(self.deferrals(), 1)
+        self.assertEqual(self.uploads.active, 0, "a deferral gives its slot back")
+
+    def test_served_when_the_peer_has_no_other_holder(self) -> None:
+        for _ in range(FAIR_SHARE_COPIES + 3):
+            self.assertEqual(self.get(alternatives="0").code, 200)
+        for _ in range(2):
+            response = self.get(alternatives=None)  # a peer of another version
+            self.assertEqual(response.code, 200)
+            self.assertIsNone(response.headers.getRawHeaders(DEFERRED_HEADER))
+        self.assertEqual(self.get(alternatives="2").code, 429)
+
+    def test_containerd_is_never_deferred(self) -> None:
+        for _ in range(FAIR_SHARE_COPIES):
+            self.get()
+        response = self.get(peer=False)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(response.content()), self.data)
+        self.assertEqual(self.deferrals(), 0)
+
+    def test_ranges_count_by_their_length(self) -> None:
+        half = len(self.data) // 2
+        for _ in range(2 * FAIR_SHARE_COPIES - 1):
+            self.assertEqual(self.get(Range=f"bytes=0-{half - 1}").code, 206)
+        self.assertEqual(self.get(Range=f"bytes={half}-").code, 206)
+        self.assertEqual(self.get(Range="bytes=0-0").code, 429)
+
+    def test_served_again_after_the_window(self) -> None:
+        for _ in range(FAIR_SHARE_COPIES):
+            self.get()
+        self.assertEqual(self.get().code, 429)
+        self.clock.advance(SHARE_WINDOW)
+        self.assertEqual(self.get().code, 200)

@@ -6,11 +6,15 @@ same one again shortly; holders that report fewer uploads are asked first.
 
 from __future__ import annotations
 
+from twisted.internet import task
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.oci import BlobUnknown
-from spegel.selection import BUSY_PATIENCE
+from spegel.peerhealth import PutAside
+from spegel.selection import BUSY_PATIENCE, ProviderQueue
+from spegel.uploads import ALTERNATIVES_HEADER
 from tests.unit.test_mirror import ClientRequest, MirrorTestCase, provider
 
 
@@ -162,3 +166,147 @@ class BusyPeerTests(MirrorTestCase):
         self.assertGreater(load.score(provider(1)), load.score(provider(2)))
         self.clock.advance(1.0)
         self.assertLess(load.score(provider(1)), load.score(provider(2)))
+
+
+class DeferringPeerTests(MirrorTestCase):
+    """
+    A holder that has served its share of a blob answers 429 with C{Spegel-Deferred} to a request
+    that named other holders: they are asked first, at hand at once and busy ones when they come
+    back, and it again after them, then naming none (so it serves).  Deferrals cost neither
+    retries nor busy patience.
+    """
+
+    def alternatives(self) -> list[str]:
+        return [headers[ALTERNATIVES_HEADER] for _, _, headers, _ in self.http.requests]
+
+    def asked(self) -> list[str]:
+        return [url.split("/")[2] for _, url, _, _ in self.http.requests]
+
+    def test_the_others_first_then_the_deferring_holder(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), end=True)
+        self.assertEqual(self.alternatives(), ["1"])
+        self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
+        self.assertEqual(len(self.http.requests), 2, "the other holder was not asked at once")
+        self.assertEqual(self.alternatives()[1], "1", "the deferring holder is still to be asked")
+        self.http.answer(1, 429, 0, retry_after="1")  # busy: back within 1.5 s
+        self.clock.advance(1.5)
+        self.assertEqual(self.asked()[2:], [self.asked()[1]], "the busy holder was not asked again first")
+        self.http.answer(2, 429, 0, retry_after="1")
+        # The deferring holder is back 1.5-2.5 s after it deferred; if the busy one was asked a
+        # third time just before, the hedge asks it within the hedge delay.
+        self.clock.advance(1.0)
+        self.clock.advance(0.1)
+        again = [index for index, host in enumerate(self.asked()) if host == self.asked()[0]][1:]
+        self.assertEqual(len(again), 1, "the deferring holder was not asked again")
+        self.assertEqual(self.alternatives()[again[0]], "0", "asked again, it is left no other choice")
+        self.serve_whole(again[0])
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 2, "a deferral is not a busy answer")
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
+
+    def test_deferrals_spend_no_retries(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(*[provider(index) for index in range(1, 6)], end=True)
+        for index in range(4):  # more deferrals than the 3 retries
+            self.http.answer(index, 429, 0, retry_after="1", spegel_deferred="true")
+        self.assertEqual(self.alternatives(), ["4", "4", "4", "4", "4"])
+        self.http.answer(4, 500, 0)  # the last holder fails: the deferring ones are left
+        self.clock.advance(2.5)
+        self.assertEqual(len(self.http.requests), 6, "a deferring holder was not asked again")
+        self.assertEqual(self.alternatives()[5], "0")
+        self.serve_whole(5)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 0)
+
+    def test_a_second_deferral_is_a_busy_answer(self) -> None:
+        """
+        A holder asked again naming no alternative that defers anyway (another version, or a
+        liar) is taken as busy: the request does not go round forever, it runs out of patience.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), end=True)
+        self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
+        self.http.answer(1, 404, 0)
+        answered = 2
+        while not d.called and self.clock.seconds() < BUSY_PATIENCE + 10:
+            self.clock.advance(0.25)
+            while answered < len(self.http.requests):
+                self.http.answer(answered, 429, 0, retry_after="1", spegel_deferred="true")
+                answered += 1
+        self.failureResultOf(d, BlobUnknown)
+        self.assertLessEqual(self.clock.seconds(), BUSY_PATIENCE + 3)
+        self.assertEqual(set(self.alternatives()[2:]), {"0"})
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), answered - 2)
+
+    def test_a_resume_asks_the_others_first(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), provider(3), end=True)
+        first = self.http.answer(0, 200, len(self.data))
+        first.send(self.data[:40_000])
+        first.end(Failure(ConnectionLost()))
+        self.assertEqual(self.alternatives()[1], "1")
+        self.http.answer(1, 429, 0, retry_after="1", spegel_deferred="true")
+        self.assertEqual(len(self.http.requests), 3, "the other holder was not asked at once")
+        self.assertEqual(self.alternatives()[2], "1")
+        self.http.answer(2, 500, 0)
+        self.assertEqual(len(self.http.requests), 3)
+        self.clock.advance(2.5)
+        self.assertEqual(len(self.http.requests), 4, "the deferring holder was not asked again")
+        self.assertEqual(self.asked()[3], self.asked()[1])
+        self.assertEqual(self.alternatives()[3], "0")
+        self.serve_rest(3, 40_000)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+
+class DeferredQueueTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.queue = ProviderQueue(PutAside(self.clock), lambda n: 0, clock=self.clock)
+
+    def test_a_deferring_holder_comes_back_and_keeps_the_queue_open(self) -> None:
+        self.queue.add(provider(1))
+        self.queue.finish()
+        first = self.successResultOf(self.queue.next())
+        assert first is not None
+        self.assertEqual(self.queue.alternatives(first), 0)
+        self.queue.defer(first, 2.0)
+        waiting = self.queue.next()
+        self.assertNoResult(waiting)
+        self.assertFalse(self.queue.exhausted())
+        self.assertEqual(self.queue.requeued, 1)
+        self.clock.advance(2.0)
+        self.assertEqual(self.successResultOf(waiting), first)
+        self.assertTrue(self.queue.exhausted())
+
+    def test_alternatives_count_the_busy_and_the_deferring(self) -> None:
+        for index in (1, 2, 3):
+            self.queue.add(provider(index))
+        one = self.successResultOf(self.queue.next())
+        two = self.successResultOf(self.queue.next())
+        assert one is not None and two is not None
+        self.assertEqual(self.queue.alternatives(two), 1)
+        self.queue.requeue(one, 1.0)
+        self.assertEqual(self.queue.alternatives(two), 2)
+        self.queue.defer(two, 2.0)
+        self.assertEqual(self.queue.alternatives(two), 0, "asked again, a deferring holder is left no choice")
+        self.assertEqual(self.queue.alternatives(one), 3)
+
+    def test_a_deferral_spends_no_patience(self) -> None:
+        self.assertTrue(self.queue.defer(provider(1), 2.0))
+        self.clock.advance(BUSY_PATIENCE - 0.5)
+        self.assertTrue(self.queue.requeue(provider(2), 1.0), "the deferral started the busy clock")
+        self.assertFalse(self.queue.defer(provider(1), 2.0), "a holder defers a request once")
+
+    def test_closing_forgets_them(self) -> None:
+        self.queue.defer(provider(1), 2.0)
+        self.queue.close()
+        self.assertTrue(self.queue.exhausted())
+        self.clock.advance(3)
+        self.assertIsNone(self.successResultOf(self.queue.next()))
