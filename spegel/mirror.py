@@ -116,6 +116,8 @@ class Mirror:
         is waited for this long (polled every C{blob_poll_interval}) before a 404: the image is
         being pulled in the cluster, and its other holder says it holds the blob as soon as its
         containerd asks for it (L{spegel.ingest}), not all at once. 0: never wait.
+    @param members_only: every provider the router names is a cluster member (the DHT is keyed),
+        so each gets the patient response-header deadline (L{spegel.selection.PeerClient}).
     @param metrics: where the node's figures are recorded.
     """
 
@@ -143,6 +145,7 @@ class Mirror:
         parallel_window: int | None = None,
         blob_wait: float = 0.0,
         blob_poll_interval: float = 1.0,
+        members_only: bool = False,
         metrics: Metrics,
     ):
         self._clock = clock
@@ -153,7 +156,7 @@ class Mirror:
         self._idle_timeout = idle_timeout
         self.put_aside = put_aside or PutAside(clock)
         self.latency = latency or LatencyTracker()
-        self._peers = PeerClient(clock, http, self.put_aside, self.latency, metrics=metrics)
+        self._peers = PeerClient(clock, http, self.put_aside, self.latency, members_only=members_only, metrics=metrics)
         self._spool_max = spool_max
         self._pick = pick
         self._spool_dir = spool_dir

@@ -278,6 +278,12 @@ class PeerClient:
     asks is slow to answer because it is busy, and a 404 for it sends containerd upstream for
     the whole layer.  A tarpit never answers, so it keeps the short deadline; one that answers
     once and then stalls costs the longer deadline once, and is put aside.
+
+    With C{members_only} (the DHT is keyed: every provider record was signed by the cluster
+    member it names) every peer gets the longer deadline: no pod outside the cluster can name a
+    tarpit, a dead node fails at connect (its own timeout), and a member that accepted the
+    connection is alive, only loaded (a rollout on a small machine stalls whole nodes for
+    seconds).  A wedged member costs the longer deadline once, and is put aside.
     """
 
     clock: IReactorTime
@@ -286,11 +292,14 @@ class PeerClient:
     latency: LatencyTracker
     metrics: Metrics = field(kw_only=True)
     load: PeerLoad = field(default=Factory(lambda self: PeerLoad(self.clock), takes_self=True))
+    members_only: bool = field(default=False, kw_only=True)
     _answered_at: dict[tuple[str, int], float] = field(factory=dict)
 
     def deadline_for(self, provider: Provider) -> float:
         """The response-header deadline for C{provider} now."""
         short = self.latency.header_deadline()
+        if self.members_only:
+            return max(short, self.latency.proven_header_deadline)
         answered_at = self._answered_at.get((provider.host, provider.registry_port))
         if answered_at is not None and self.clock.seconds() - answered_at < PROVEN_FOR:
             return max(short, self.latency.proven_header_deadline)

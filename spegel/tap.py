@@ -424,6 +424,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         parallel_min_size=config.mirror_parallel_min_size,
         parallel_peers=config.mirror_parallel_peers,
         blob_wait=config.mirror_coalesce_blob_timeout,
+        # With a cluster key only members can announce content: no provider is a stranger.
+        members_only=config.router_secret is not None,
         coalescer=(
             PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout, metrics=metrics)
             if config.mirror_coalesce_timeout > 0

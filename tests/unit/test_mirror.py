@@ -871,6 +871,39 @@ class BusyPeerTests(MirrorTestCase):
         self.failureResultOf(d, BlobUnknown)
 
 
+class MembersOnlyTests(MirrorTestCase):
+    """
+    With a keyed DHT (C{members_only}) every provider is a cluster member: one never heard from
+    gets the patient deadline too; one silent past it is put aside.
+    """
+
+    def build_mirror(self, pick: Callable[[int], int] = lambda n: 0) -> Mirror:
+        return Mirror(
+            self.clock, self.router, self.http, resolve_timeout=0.02, retries=3,
+            idle_timeout=5.0, latency=self.latency, spool_max=self.spool_max,
+            spool_dir=self.spool_dir, pick=pick, members_only=True, metrics=self.metrics,
+        )
+
+    def test_a_member_never_heard_from_gets_the_patient_deadline(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.header_deadline() + 0.5)
+        self.assertNoResult(d)
+        self.serve_whole(0)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_a_silent_member_fails_at_the_patient_deadline(self) -> None:
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.proven_header_deadline - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
+
 class PeerFailureReasonTests(MirrorTestCase):
     """
     Every peer that fails is counted in spegel_mirror_peer_failures_total by why, once.
