@@ -60,6 +60,8 @@ class NetCluster(ClusterQueries):
     @ivar node_args: more arguments for every spegel node.
     @ivar spegel: run spegel nodes and point containerd at them (false: the no-mirror baseline,
         every containerd pulling straight from upstream).
+    @ivar cluster_key: give every node the same cluster key (C{--router-secret-file}), as the
+        chart does by default.
     """
 
     n_nodes: int
@@ -69,6 +71,7 @@ class NetCluster(ClusterQueries):
     node_rate: str | None = None
     node_args: Sequence[str] = ()
     spegel: bool = True
+    cluster_key: bool = True
     log_level: str = "info"
     base_dir: str = field(factory=lambda: short_tempdir("spn"))
     network: Network | None = field(default=None, init=False)
@@ -139,6 +142,12 @@ class NetCluster(ClusterQueries):
             daemon.start()
         if not self.spegel:
             return
+        key_args: list[str] = []
+        if self.cluster_key:
+            key_path = os.path.join(self.base_dir, "router-key")
+            with open(key_path, "w") as f:
+                f.write(os.urandom(32).hex())
+            key_args = ["--router-secret-file", key_path]
         for index, (host, daemon) in enumerate(zip(self.hosts, self.containerds)):
             node_dir = os.path.join(self.base_dir, f"n{index}")
             os.makedirs(node_dir, exist_ok=True)
@@ -153,7 +162,9 @@ class NetCluster(ClusterQueries):
                 command=twistd_command(),
                 log_level=self.log_level,
                 host=host,
-                extra_args=["--bootstrap-kind", "dns", "--dns-bootstrap-domain", BOOTSTRAP_DOMAIN, *self.node_args],
+                extra_args=[
+                    "--bootstrap-kind", "dns", "--dns-bootstrap-domain", BOOTSTRAP_DOMAIN, *key_args, *self.node_args
+                ],
                 # The node's resolver: the cluster's DNS server (as a pod's resolv.conf names it).
                 resolv_conf=self._resolv_conf(),
             )
