@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from spegel.dht.ids import Provider
-from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, deferred, describe, discard
+from spegel.peerresponse import CONNECT, STATUS, PeerFailed, PeerResponse, deferred, describe, discard, starting
 from spegel.selection import Budget, PeerClient, ProviderQueue, busy_delay, cancel_then_pass, deferral_delay
 from spegel.uploads import ALTERNATIVES_HEADER
 
@@ -158,7 +158,7 @@ class _Race:
         """
         delay = busy_delay(response, self.jitter)
         self.peers.busy(provider, delay)
-        if self.providers.requeue(provider, delay):
+        if self.providers.requeue(provider, delay, starting(response)):
             self.budget.left += 1
         else:
             _log.info("peer {peer} stayed busy: asking no more", peer=describe(provider))

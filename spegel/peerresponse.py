@@ -32,7 +32,7 @@ from spegel.metrics import Metrics
 from spegel.bodies import FileBodyProducer
 from spegel.dht.ids import Provider
 from spegel.interfaces import IResponseBody
-from spegel.uploads import DEFERRED_HEADER
+from spegel.uploads import DEFERRED_HEADER, PARTIAL_HEADER, PARTIAL_STARTING
 from spegel.oci import Reference, hashed_digest, new_hasher
 
 # Why a peer failed, as spegel_mirror_peer_failures_total counts it.
@@ -91,6 +91,14 @@ def deferred(response: Any) -> bool:
     the other holders (L{spegel.uploads.UploadShares}), rather than being busy.
     """
     return response_header(response.headers, DEFERRED_HEADER.encode()) == "true"
+
+
+def starting(response: Any) -> bool:
+    """
+    Whether C{response}, a 429, says the peer is about to download the blob and has none of it
+    yet (L{spegel.ingest.NotYet}): a holder soon, no alternative to one with bytes now.
+    """
+    return response_header(response.headers, PARTIAL_HEADER.encode()) == PARTIAL_STARTING
 
 
 def forwarded_headers(headers: Headers, content_length: int | None = None) -> tuple[tuple[bytes, bytes], ...]:

@@ -57,6 +57,7 @@ from spegel.uploads import (
     ALTERNATIVES_HEADER,
     DEFERRED_HEADER,
     PARTIAL_HEADER,
+    PARTIAL_STARTING,
     RETRY_AFTER_SECONDS,
     UPLOADS_HEADER,
     UploadShares,
@@ -305,6 +306,7 @@ class RegistryResource:
             # Its download starts in a moment; the asking mirror takes a 429 as "ask another
             # holder, or this one again shortly".
             request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
+            request.setHeader(PARTIAL_HEADER, PARTIAL_STARTING)
             raise TooManyUploads("this node is about to download the blob: ask again shortly", {"digest": digest}) from None
 
     async def _serve_blob(

@@ -29,7 +29,7 @@ from spegel.dht.ids import Provider
 from spegel.interfaces import MIRRORED_HEADER, IRouter
 from spegel.oci import OCIError
 from spegel.peerhealth import LatencyTracker, PeerLoad, PutAside
-from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url, response_header
+from spegel.peerresponse import HEADER_DEADLINE, HTTPClient, PeerFailed, peer_url, response_header, starting
 from spegel.uploads import ALTERNATIVES_HEADER, UPLOADS_HEADER, parse_uploads_header
 
 _log = Logger()
@@ -58,7 +58,11 @@ class ProviderQueue:
         self._deferred_by: set[tuple[str, int]] = set()
         self._seen: set[tuple[str, int]] = set()
         self._waiting: list[Deferred[Provider | None]] = []
-        self._requeues: list[IDelayedCall] = []
+        # Busy or deferring providers to be offered again, by the call that will.
+        self._requeues: dict[IDelayedCall, Provider] = {}
+        # Providers whose last answer was "about to download it, nothing written yet": no
+        # alternative to a holder that has bytes (L{alternatives}).
+        self._starting: set[tuple[str, int]] = set()
         self._busy_since: float | None = None
         # Set by L{lookup}: looks the key up again (through the DHT's short cache), adding what
         # it finds.  A busy answer calls it: holders that appeared since the first lookup (a
@@ -82,14 +86,18 @@ class ProviderQueue:
     def alternatives(self, provider: Provider) -> int:
         """
         The holders this request may still ask besides C{provider}, at hand or busy for a
-        moment: what it tells C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a
-        holder that has served its share of the blob leaves the request to them.  0 for a
+        moment, not counting those that said they have none of the blob yet: what it tells
+        C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a holder that has served
+        its share of the blob leaves the request to them.  0 for a
         holder that deferred this request once already: it serves, or two holders over their
         share would send the request back and forth.
         """
         if (provider.host, provider.registry_port) in self._deferred_by:
             return 0
-        return len(self._ready) + len(self._requeues)
+        return sum(
+            (other.host, other.registry_port) not in self._starting
+            for other in (*self._ready, *self._requeues.values())
+        )
 
     def defer(self, provider: Provider, delay: float) -> bool:
         """
@@ -110,13 +118,19 @@ class ProviderQueue:
             self._offer_later(provider, delay, self._clock.seconds())
         return True
 
-    def requeue(self, provider: Provider, delay: float) -> bool:
+    def requeue(self, provider: Provider, delay: float, starting: bool = False) -> bool:
         """
         Offer C{provider}, which answered busy, again after C{delay} seconds, as long as this
-        request has not waited out L{BUSY_PATIENCE} on busy peers.
+        request has not waited out L{BUSY_PATIENCE} on busy peers.  C{starting}: it is about to
+        download the blob and has none of it yet (L{spegel.peerresponse.starting}).
 
         @return: L{False} when patience is spent (the busy answer is then a loss).
         """
+        key = (provider.host, provider.registry_port)
+        if starting:
+            self._starting.add(key)
+        else:
+            self._starting.discard(key)
         if self._clock is None:
             return False  # a queue without a clock cannot wait: the busy answer is a loss
         now = self._clock.seconds()
@@ -131,13 +145,13 @@ class ProviderQueue:
         assert self._clock is not None
 
         def back() -> None:
-            self._requeues.remove(call)
+            del self._requeues[call]
             self._offer(provider)
             if self.finished and not self._requeues:
                 self.finish()  # whoever still waits: nothing more is coming
 
         call = self._clock.callLater(delay, back)
-        self._requeues.append(call)
+        self._requeues[call] = provider
         if self.look_again is not None and (
             self._looked_again_at is None or now - self._looked_again_at >= LOOK_AGAIN_INTERVAL
         ):
@@ -156,7 +170,7 @@ class ProviderQueue:
         for call in self._requeues:
             if call.active():
                 call.cancel()
-        self._requeues = []
+        self._requeues = {}
         for again in list(self._lookups_again):
             again.cancel()
         self.finish()
@@ -478,7 +492,7 @@ class PeerSession:
         self.peers.busy(provider, BUSY_RETRY_CAP)
 
     def retry_later(self, provider: Provider, response: Any) -> bool:
-        return self.providers.requeue(provider, busy_delay(response, self.jitter))
+        return self.providers.requeue(provider, busy_delay(response, self.jitter), starting(response))
 
     def defer(self, provider: Provider) -> bool:
         return self.providers.defer(provider, deferral_delay(self.jitter))

@@ -21,8 +21,8 @@ each gets its pacer here, L{UploadSlots.pacer}.
 A node also keeps to a fair share of each blob (L{UploadShares}).  In a rollout the first node to
 hold a layer would otherwise serve it all along: its slots fill while it downloads, and once it
 is whole it is the fastest holder, so every slot it frees is taken at once.  So an asking mirror
-says how many other holders it could ask instead, at hand or busy for a moment
-(C{Spegel-Alternatives}); a node that has already sent peers L{FAIR_SHARE_COPIES} copies of the
+says how many other holders it could ask instead, at hand or busy for a moment, not counting
+nodes about to download it with nothing of it yet (C{Spegel-Alternatives}); a node that has already sent peers L{FAIR_SHARE_COPIES} copies of the
 blob lately answers one that has any with 429 and C{Spegel-Deferred: true}.  The asking mirror
 asks those others first, the busy ones again when they are due, and this node again after them
 (L{spegel.selection.deferral_delay}, about 2 s), naming none: it is then served.  A node defers
@@ -42,6 +42,8 @@ UPLOADS_HEADER = "Spegel-Uploads"
 # On a blob answer served from a download still under way (L{spegel.ingest}): its bytes come as
 # fast as this node receives them, so the asking mirror does not fetch pieces of it in parallel.
 PARTIAL_HEADER = "Spegel-Partial"
+# Its value on a 429 from a node about to download the blob, with none of it written yet.
+PARTIAL_STARTING = "starting"
 # Sent by an asking mirror: how many other holders of the blob it could ask now, instead.
 ALTERNATIVES_HEADER = "Spegel-Alternatives"
 # On a 429 from a node that has served its fair share of the blob (L{UploadShares}): ask the

@@ -22,7 +22,7 @@ from spegel.ingest import GrowingFile, IngestStalled, NotYet, PartialPulls, find
 from spegel.interfaces import MIRRORED_HEADER, IAnnouncer
 from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter, RegistryResource
-from spegel.uploads import PARTIAL_HEADER, UPLOADS_HEADER, UploadSlots
+from spegel.uploads import PARTIAL_HEADER, PARTIAL_STARTING, UPLOADS_HEADER, UploadSlots
 from tests.unit.test_registry import BASE, REGISTRY, MemoryContent
 
 
@@ -348,6 +348,7 @@ class RegistryPartialTests(SynchronousTestCase):
         peer = self.successResultOf(self.get())
         self.assertEqual(peer.code, 429)
         self.assertEqual(peer.headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(peer.headers.getRawHeaders(PARTIAL_HEADER), [PARTIAL_STARTING])
         self.assertEqual(json.loads(self.successResultOf(peer.content()))["errors"][0]["code"], "TOOMANYREQUESTS")
         self.clock.advance(5)
         self.assertEqual(self.successResultOf(self.get()).code, 404)

@@ -243,6 +243,19 @@ class DeferringPeerTests(MirrorTestCase):
         self.assertEqual(set(self.alternatives()[2:]), {"0"})
         self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), answered - 2)
 
+    def test_a_holder_about_to_download_is_no_alternative(self) -> None:
+        """
+        A holder that answered "about to download it, nothing yet" is not named: a holder with
+        bytes serves now rather than deferring to it.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(2), provider(1), provider(3), end=True)
+        self.http.answer(0, 429, 0, retry_after="1", spegel_partial="starting")
+        self.http.answer(1, 429, 0, retry_after="1")  # busy
+        self.assertEqual(self.alternatives(), ["2", "1", "1"], "the busy holder counts, the starting one not")
+        self.serve_whole(2)
+        self.successResultOf(d)
+
     def test_a_resume_asks_the_others_first(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
@@ -297,6 +310,18 @@ class DeferredQueueTests(SynchronousTestCase):
         self.queue.defer(two, 2.0)
         self.assertEqual(self.queue.alternatives(two), 0, "asked again, a deferring holder is left no choice")
         self.assertEqual(self.queue.alternatives(one), 3)
+
+    def test_a_holder_about_to_download_counts_once_it_has_bytes(self) -> None:
+        asking = provider(9)
+        self.queue.requeue(provider(1), 1.0, starting=True)
+        self.queue.add(provider(2))
+        self.assertEqual(self.queue.alternatives(asking), 1)
+        self.clock.advance(1.0)
+        self.assertEqual(self.queue.alternatives(asking), 1, "back in the queue, it still has nothing")
+        self.assertEqual(self.successResultOf(self.queue.next()), provider(2))
+        self.assertEqual(self.successResultOf(self.queue.next()), provider(1))
+        self.queue.requeue(provider(1), 1.0)  # busy now: it is serving what it has
+        self.assertEqual(self.queue.alternatives(asking), 1)
 
     def test_a_deferral_spends_no_patience(self) -> None:
         self.assertTrue(self.queue.defer(provider(1), 2.0))
