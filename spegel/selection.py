@@ -88,9 +88,9 @@ class ProviderQueue:
         The holders this request may still ask besides C{provider}, at hand or busy for a
         moment, not counting those that said they have none of the blob yet: what it tells
         C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a holder that has served
-        its share of the blob leaves the request to them.  0 for a
-        holder that deferred this request once already: it serves, or two holders over their
-        share would send the request back and forth.
+        its share of the blob leaves the request to them.  0 for a holder that deferred this
+        request once already: it serves, or two holders over their share would send the
+        request back and forth.
         """
         if (provider.host, provider.registry_port) in self._deferred_by:
             return 0
