@@ -322,8 +322,11 @@ class Mirror:
             if coalescer is None:
                 raise
         if not await coalescer.others_pulling(key):
-            coalescer.pulling(key)
-            raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
+            coalescer.mark(key)
+            if await coalescer.first_to_pull(key):
+                coalescer.going_upstream()
+                raise ManifestUnknown("manifest unknown in the cluster", {"reference": key})
+            # Another node set its marker at the same moment, and pulls: wait for it.
         self._log.info("another node is pulling {key} from upstream: waiting for it", key=key)
         providers = await self._wait_for_providers(key, ManifestUnknown, coalescer.timeout, coalescer.poll_interval)
         if providers is not None:

@@ -427,7 +427,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # With a cluster key only members can announce content: no provider is a stranger.
         members_only=config.router_secret is not None,
         coalescer=(
-            PullCoalescer(reactor, router, timeout=config.mirror_coalesce_timeout, metrics=metrics)
+            PullCoalescer(
+                reactor, router, timeout=config.mirror_coalesce_timeout, node_id=router.node_id, metrics=metrics
+            )
             if config.mirror_coalesce_timeout > 0
             else None
         ),

@@ -107,6 +107,52 @@ class CoalescerTests(SynchronousTestCase):
         self.assertEqual(len(self.router.cancelled), 2)
 
 
+class TieBreakTests(SynchronousTestCase):
+    """
+    Nodes that set their markers at the same moment: the lowest id pulls, the others wait.
+    """
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.router = ScriptedRouter()
+        self.me = provider(5)
+        self.coalescer = PullCoalescer(
+            self.clock, self.router, timeout=30.0, node_id=self.me.node_id, settle=0.5, metrics=Metrics()
+        )
+        self.marker = marker_key(TAG_KEY, int(NOW // BUCKET_SECONDS))
+
+    def first(self) -> bool | None:
+        d = ensureDeferred(self.coalescer.first_to_pull(TAG_KEY))
+        self.assertNoResult(d)  # it lets the markers settle first
+        self.clock.advance(0.5)
+        return self.successResultOf(d)
+
+    def test_alone_or_with_higher_ids_it_pulls(self) -> None:
+        self.router.providers = {self.marker: [self.me]}
+        self.assertIs(self.first(), True)
+        self.router.providers = {self.marker: [provider(6), self.me, provider(9)]}
+        self.assertIs(self.first(), True)
+        self.assertIn((self.marker, False), self.router.lookups, "not looked at afresh")
+
+    def test_a_lower_id_pulls_instead(self) -> None:
+        self.router.providers = {self.marker: [provider(6), provider(9), provider(4)]}
+        self.assertIs(self.first(), False)
+
+    def test_a_lookup_that_does_not_finish_counts_as_alone(self) -> None:
+        self.router.hanging = {self.marker, marker_key(TAG_KEY, int(NOW // BUCKET_SECONDS) - 1)}
+        d = ensureDeferred(self.coalescer.first_to_pull(TAG_KEY))
+        self.clock.advance(0.5)
+        self.assertNoResult(d)
+        self.clock.advance(0.25)
+        self.assertIs(self.successResultOf(d), True)
+
+    def test_without_an_id_no_tie_break(self) -> None:
+        coalescer = PullCoalescer(self.clock, self.router, timeout=30.0, metrics=Metrics())
+        self.router.providers = {self.marker: [provider(1)]}
+        self.assertIs(self.successResultOf(ensureDeferred(coalescer.first_to_pull(TAG_KEY))), True)
+
+
 class MirrorCoalescingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = task.Clock()
@@ -192,6 +238,45 @@ class MirrorCoalescingTests(SynchronousTestCase):
             slow.append(d)
             return d
         return find_providers
+
+    def test_a_node_that_marked_at_the_same_moment_as_a_lower_id_waits_for_it(self) -> None:
+        coalescer = PullCoalescer(
+            self.clock, self.router, timeout=30.0, poll_interval=0.25, node_id=provider(5).node_id,
+            metrics=self.metrics,
+        )
+        self.mirror = Mirror(
+            self.clock, self.router, self.http, resolve_timeout=0.02, pick=lambda n: 0,
+            coalescer=coalescer, metrics=self.metrics,
+        )
+        d = self.manifest_by_tag()
+        marker = marker_key(TAG_KEY, self.minute)
+        self.assertEqual(self.router.provided, [marker])  # nobody was pulling: it marked
+        self.router.providers = {marker: [provider(4)]}  # node 4 marked at the same moment
+        self.clock.advance(0.5)
+        self.assertNoResult(d)  # node 4 pulls: this one waits
+        self.router.providers[TAG_KEY] = [provider(4)]
+        self.clock.pump([0.25] * 2)
+        self.assertEqual(len(self.http.requests), 1)
+        self.assertIn("127.0.0.4", self.http.requests[0][1])
+        response = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
+                                    docker_content_digest=digest_of(self.manifest))
+        response.send(self.manifest)
+        response.end()
+        self.assertEqual(self.successResultOf(d), self.manifest)
+        self.assertEqual(self.counted(), {"upstream": 0, "waited": 1, "timeout": 0})
+
+    def test_the_lowest_id_of_a_tie_goes_upstream(self) -> None:
+        coalescer = PullCoalescer(
+            self.clock, self.router, timeout=30.0, node_id=provider(3).node_id, metrics=self.metrics,
+        )
+        self.mirror = Mirror(
+            self.clock, self.router, self.http, resolve_timeout=0.02, coalescer=coalescer, metrics=self.metrics,
+        )
+        d = self.manifest_by_tag()
+        self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4), provider(3)]}
+        self.clock.advance(0.5)
+        self.failureResultOf(d, ManifestUnknown)
+        self.assertEqual(self.counted(), {"upstream": 1, "waited": 0, "timeout": 0})
 
     def test_gives_up_after_the_timeout_and_pulls_itself(self) -> None:
         self.router.providers = {marker_key(TAG_KEY, self.minute): [provider(4)]}
