@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from spegel.oci import BlobUnknown
 from spegel.peerhealth import PutAside
-from spegel.selection import BUSY_PATIENCE, ProviderQueue
+from spegel.selection import BUSY_PATIENCE, SERVING_PATIENCE, ProviderQueue
 from spegel.uploads import ALTERNATIVES_HEADER
 from tests.unit.test_mirror import ClientRequest, MirrorTestCase, provider
 
@@ -122,18 +122,30 @@ class BusyPeerTests(MirrorTestCase):
         self.serve_whole(5)
         self.successResultOf(d)
 
-    def test_busy_for_too_long_is_a_404(self) -> None:
+    def busy_until_given_up(self, patience: float, **headers: str) -> float:
+        """Answer every request busy (with C{headers}) until the request ends; when it did."""
         d = self.blob(ClientRequest())
         self.router.announce(provider(1), end=True)
         answered = 0
-        while not d.called and self.clock.seconds() < BUSY_PATIENCE + 5:
+        while not d.called and self.clock.seconds() < patience + 5:
             while answered < len(self.http.requests):
-                self.http.answer(answered, 429, 0, retry_after="1")
+                self.http.answer(answered, 429, 0, retry_after="1", **headers)
                 answered += 1
             self.clock.advance(0.25)
         self.failureResultOf(d, BlobUnknown)
-        self.assertLessEqual(self.clock.seconds(), BUSY_PATIENCE + 0.5)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)), "a busy peer is not a broken one")
+        return self.clock.seconds()
+
+    def test_busy_for_too_long_is_a_404(self) -> None:
+        """A holder serving peers is waited for up to SERVING_PATIENCE."""
+        ended = self.busy_until_given_up(SERVING_PATIENCE)
+        self.assertGreater(ended, SERVING_PATIENCE - 2)
+        self.assertLessEqual(ended, SERVING_PATIENCE + 0.5)
+
+    def test_nodes_with_nothing_yet_are_waited_for_less(self) -> None:
+        ended = self.busy_until_given_up(SERVING_PATIENCE, spegel_partial="starting")
+        self.assertGreater(ended, BUSY_PATIENCE - 2)
+        self.assertLessEqual(ended, BUSY_PATIENCE + 0.5)
 
     def test_the_least_loaded_holder_is_asked_first(self) -> None:
         # pick always takes the first of the candidates: without load, provider 1.
@@ -233,13 +245,13 @@ class DeferringPeerTests(MirrorTestCase):
         self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
         self.http.answer(1, 404, 0)
         answered = 2
-        while not d.called and self.clock.seconds() < BUSY_PATIENCE + 10:
+        while not d.called and self.clock.seconds() < SERVING_PATIENCE + 10:
             self.clock.advance(0.25)
             while answered < len(self.http.requests):
                 self.http.answer(answered, 429, 0, retry_after="1", spegel_deferred="true")
                 answered += 1
         self.failureResultOf(d, BlobUnknown)
-        self.assertLessEqual(self.clock.seconds(), BUSY_PATIENCE + 3)
+        self.assertLessEqual(self.clock.seconds(), SERVING_PATIENCE + 3)
         self.assertEqual(set(self.alternatives()[2:]), {"0"})
         self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), answered - 2)
 
@@ -326,7 +338,7 @@ class DeferredQueueTests(SynchronousTestCase):
     def test_a_deferral_spends_no_patience(self) -> None:
         self.assertTrue(self.queue.defer(provider(1), 2.0))
         self.clock.advance(BUSY_PATIENCE - 0.5)
-        self.assertTrue(self.queue.requeue(provider(2), 1.0), "the deferral started the busy clock")
+        self.assertTrue(self.queue.requeue(provider(2), 1.0, starting=True), "the deferral started the busy clock")
         self.assertFalse(self.queue.defer(provider(1), 2.0), "a holder defers a request once")
 
     def test_closing_forgets_them(self) -> None:
