@@ -321,7 +321,10 @@ class ParallelCopy:
         Ask for bytes C{attempt.start} to the piece's end; the answer if it is exactly those.
         """
         piece, provider = attempt.piece, attempt.fetcher.provider
-        asked = attempt.request = self._peers.open_range(provider, attempt.start, piece.last)
+        # The other holders fetching pieces are alternatives too: a holder that has served its
+        # share of the blob leaves its pieces to them (a 429, taken as busy).
+        others = sum(1 for fetcher in self._fetchers if fetcher.provider != provider)
+        asked = attempt.request = self._peers.open_range(provider, attempt.start, piece.last, others)
         try:
             response = await asked
         except Exception as e:

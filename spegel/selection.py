@@ -494,12 +494,10 @@ class PeerSession:
     def next_provider(self) -> Deferred[Provider | None]:
         return self.providers.next()
 
-    def open_range(self, provider: Provider, first: int, last: int) -> Deferred[Any]:
+    def open_range(self, provider: Provider, first: int, last: int, others: int = 0) -> Deferred[Any]:
+        alternatives = self.providers.alternatives(provider) + others
         return self.peers.ask(
-            provider,
-            "GET",
-            self.path,
-            {"Range": f"bytes={first}-{last}", ALTERNATIVES_HEADER: str(self.providers.alternatives(provider))},
+            provider, "GET", self.path, {"Range": f"bytes={first}-{last}", ALTERNATIVES_HEADER: str(alternatives)}
         )
 
     def failed(self, provider: Provider, reason: str) -> None:

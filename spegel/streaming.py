@@ -52,7 +52,11 @@ class PeerSource(TypingProtocol):
 
     def next_provider(self) -> Deferred[Provider | None]: ...
 
-    def open_range(self, provider: Provider, first: int, last: int) -> Deferred[Any]: ...
+    def open_range(self, provider: Provider, first: int, last: int, others: int = 0) -> Deferred[Any]:
+        """
+        Ask C{provider} for bytes C{first}-C{last}; C{others}: holders the caller has at hand
+        besides the queue's (fetching other pieces), named to C{provider} as alternatives.
+        """
 
     def failed(self, provider: Provider, reason: str) -> None: ...
 

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from spegel.dht.ids import Provider
+from spegel.uploads import ALTERNATIVES_HEADER
 from spegel.mirror import Mirror
 from spegel.piecewise import STEAL_CHECK_INTERVAL
 from spegel.pieces import STEAL_MIN_BYTES, Attempt, Fetcher, choose, split
@@ -121,6 +122,15 @@ class OrderTests(PiecewiseTestCase):
         self.assertEqual(counted(self.metrics.mirror_pieces_fetched_total) - fetched, 10)
         every = {self.asked(i)[0] for i in range(1, len(self.http.requests))}
         self.assertEqual(every, {"127.0.0.1:5001", "127.0.0.2:5002", "127.0.0.3:5003"})
+
+    def test_each_piece_names_the_other_fetching_holders(self) -> None:
+        """
+        A holder that has served its share of the blob leaves its pieces to the others: every
+        piece request names the holders fetching other pieces as alternatives.
+        """
+        self.start(provider(1), provider(2), provider(3))
+        alternatives = {self.asked(i)[0]: self.http.requests[i][2][ALTERNATIVES_HEADER] for i in self.open_requests()}
+        self.assertEqual(alternatives, {"127.0.0.1:5001": "2", "127.0.0.2:5002": "2", "127.0.0.3:5003": "2"})
 
     def test_last_chunk_held_until_verified(self) -> None:
         request, d, winner = self.start(provider(1), provider(2))
