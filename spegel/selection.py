@@ -288,7 +288,10 @@ BUSY_PATIENCE = 30.0
 # frees a slot when an upload ends, which for a large layer in a rollout takes as long as the
 # first node's download of it.  In a 20-node cold rollout of a 1 GB image (a 400 MB layer), 30 s
 # sent 75 requests upstream, 6.5 copies of the image.  Five minutes is the kubelet's bound on a
-# pull that makes no progress (containerd's image_pull_progress_timeout).
+# pull that makes no progress (containerd's image_pull_progress_timeout).  containerd 1.6 and 2.1
+# wait that long for response headers; containerd 2.4 gives up on a registry host after 30 s
+# without them (ResponseHeaderTimeout in its remotes/docker DefaultHTTPTransport) and goes to the
+# next, upstream: there the wait ends at 30 s whatever this says.
 SERVING_PATIENCE = 300.0
 # While peers answer busy, a request looks for new holders at most this often.
 LOOK_AGAIN_INTERVAL = 1.0
