@@ -128,9 +128,12 @@ class OrderTests(PiecewiseTestCase):
         A holder that has served its share of the blob leaves its pieces to the others: every
         piece request names the holders fetching other pieces as alternatives.
         """
-        self.start(provider(1), provider(2), provider(3))
+        request, d, winner = self.start(provider(1), provider(2), provider(3))
         alternatives = {self.asked(i)[0]: self.http.requests[i][2][ALTERNATIVES_HEADER] for i in self.open_requests()}
         self.assertEqual(alternatives, {"127.0.0.1:5001": "2", "127.0.0.2:5002": "2", "127.0.0.3:5003": "2"})
+        self.serve_all()
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
 
     def test_last_chunk_held_until_verified(self) -> None:
         request, d, winner = self.start(provider(1), provider(2))
