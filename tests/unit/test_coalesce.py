@@ -178,6 +178,16 @@ class MirrorCoalescingTests(SynchronousTestCase):
     def manifest_by_tag(self) -> Deferred[Any]:
         return ensureDeferred(ask_mirror(self.mirror, ClientRequest(), Reference(REGISTRY, "team/app", tag="v1"), "manifest"))  # type: ignore[arg-type]  # a DummyRequest
 
+    def assert_served_by_node_4(self, d: Deferred[Any]) -> None:
+        """The mirror asked node 4, the only one asked, for the manifest; it answers it."""
+        self.assertEqual(len(self.http.requests), 1)
+        self.assertIn("127.0.0.4", self.http.requests[0][1])
+        response = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
+                                    docker_content_digest=digest_of(self.manifest))
+        response.send(self.manifest)
+        response.end()
+        self.assertEqual(self.successResultOf(d), self.manifest)
+
     def test_nobody_pulling_goes_upstream_at_once_and_says_so(self) -> None:
         d = self.manifest_by_tag()
         self.failureResultOf(d, ManifestUnknown)
@@ -194,13 +204,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
         self.router.providers[TAG_KEY] = [provider(4)]
         self.clock.advance(0.25)
         self.clock.advance(0)
-        self.assertEqual(len(self.http.requests), 1)
-        self.assertIn("127.0.0.4", self.http.requests[0][1])
-        response = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
-                                    docker_content_digest=digest_of(self.manifest))
-        response.send(self.manifest)
-        response.end()
-        self.assertEqual(self.successResultOf(d), self.manifest)
+        self.assert_served_by_node_4(d)
         self.assertEqual(self.router.provided, [])
         self.assertEqual(self.counted(), {"upstream": 0, "waited": 1, "timeout": 0})
         # Every poll asked the cluster, not the cache that holds the first miss.
@@ -256,13 +260,7 @@ class MirrorCoalescingTests(SynchronousTestCase):
         self.assertNoResult(d)  # node 4 pulls: this one waits
         self.router.providers[TAG_KEY] = [provider(4)]
         self.clock.pump([0.25] * 2)
-        self.assertEqual(len(self.http.requests), 1)
-        self.assertIn("127.0.0.4", self.http.requests[0][1])
-        response = self.http.answer(0, 200, len(self.manifest), content_type=oci.OCI_MANIFEST,
-                                    docker_content_digest=digest_of(self.manifest))
-        response.send(self.manifest)
-        response.end()
-        self.assertEqual(self.successResultOf(d), self.manifest)
+        self.assert_served_by_node_4(d)
         self.assertEqual(self.counted(), {"upstream": 0, "waited": 1, "timeout": 0})
 
     def test_the_lowest_id_of_a_tie_goes_upstream(self) -> None:

@@ -195,6 +195,16 @@ class MirrorTestCase(SynchronousTestCase):
     def blob(self, request: ClientRequest) -> Deferred[Any]:
         return ensureDeferred(ask_mirror(self.mirror, request, self.ref, "blob"))  # type: ignore[arg-type]  # a DummyRequest
 
+    def assert_put_aside_at_the_patient_deadline(self) -> None:
+        """Provider 1, the only one, sends no headers: given up on and put aside at the patient deadline."""
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), end=True)
+        self.clock.advance(self.latency.proven_header_deadline - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.failureResultOf(d, BlobUnknown)
+        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+
     def serve_whole(self, index: int) -> None:
         """Peer request C{index} is answered 200 with the whole blob."""
         response = self.http.answer(index, 200, len(self.data))
@@ -830,13 +840,7 @@ class BusyPeerTests(MirrorTestCase):
 
     def test_silent_past_the_patient_deadline_it_fails(self) -> None:
         self.serve_once()
-        d = self.blob(ClientRequest())
-        self.router.announce(provider(1), end=True)
-        self.clock.advance(self.latency.proven_header_deadline - 0.1)
-        self.assertNoResult(d)
-        self.clock.advance(0.2)
-        self.failureResultOf(d, BlobUnknown)
-        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+        self.assert_put_aside_at_the_patient_deadline()
         # Back after the put-aside, it has to prove itself again: the short deadline.
         self.mirror.put_aside.lift(provider(1).host)
         d = self.blob(ClientRequest())
@@ -895,13 +899,7 @@ class MembersOnlyTests(MirrorTestCase):
         self.assertEqual(request.body, self.data)
 
     def test_a_silent_member_fails_at_the_patient_deadline(self) -> None:
-        d = self.blob(ClientRequest())
-        self.router.announce(provider(1), end=True)
-        self.clock.advance(self.latency.proven_header_deadline - 0.1)
-        self.assertNoResult(d)
-        self.clock.advance(0.2)
-        self.failureResultOf(d, BlobUnknown)
-        self.assertTrue(self.mirror.put_aside.is_aside(provider(1)))
+        self.assert_put_aside_at_the_patient_deadline()
 
 
 class PeerFailureReasonTests(MirrorTestCase):
