@@ -22,8 +22,9 @@ A node also keeps to a fair share of each blob (L{UploadShares}).  In a rollout 
 hold a layer would otherwise serve it all along: its slots fill while it downloads, and once it
 is whole it is the fastest holder, so every slot it frees is taken at once.  So an asking mirror
 says how many other holders it could ask instead, at hand or busy for a moment, not counting
-nodes about to download it with nothing of it yet (C{Spegel-Alternatives}); a node that has already sent peers L{FAIR_SHARE_COPIES} copies of the
-blob lately answers one that has any with 429 and C{Spegel-Deferred: true}.  The asking mirror
+nodes about to download it with nothing of it yet (C{Spegel-Alternatives}); a node that has
+already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one that has any with
+429 and C{Spegel-Deferred: true}.  The asking mirror
 asks those others first, the busy ones again when they are due, and this node again after them
 (L{spegel.selection.deferral_delay}, about 2 s), naming none: it is then served.  A node defers
 a request once, so no request waits more than that for it, and a node that is the only holder
@@ -47,7 +48,7 @@ PARTIAL_STARTING = "starting"
 # Sent by an asking mirror: how many other holders of the blob it could ask now, instead.
 ALTERNATIVES_HEADER = "Spegel-Alternatives"
 # On a 429 from a node that has served its fair share of the blob (L{UploadShares}): ask the
-# others first, and this node again when none is left.
+# others first, and this node again after them.
 DEFERRED_HEADER = "Spegel-Deferred"
 # Copies of one blob a node sends peers before it leaves the next asker that has other holders
 # to them.  Two keeps the first holder of an image near the mean in a rollout (it sends at most
