@@ -24,11 +24,10 @@ is whole it is the fastest holder, so every slot it frees is taken at once.  So 
 says how many other holders it could ask instead, at hand or busy for a moment, not counting
 nodes about to download it with nothing of it yet (C{Spegel-Alternatives}); a node that has
 already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one that has any with
-429 and C{Spegel-Deferred: true}.  The asking mirror
-asks those others first, the busy ones again when they are due, and this node again after them
-(L{spegel.selection.deferral_delay}, about 2 s), naming none: it is then served.  A node defers
-a request once, so no request waits more than that for it, and a node that is the only holder
-serves as before.
+429 and C{Spegel-Deferred: true}.  The asking mirror asks those others first, the busy ones
+again when they are due, and this node again after them (L{spegel.selection.deferral_delay},
+about 2 s), naming none: it is then served.  A node defers a request once, so no request waits
+more than that for it, and a node that is the only holder serves as before.
 """
 
 from __future__ import annotations
