@@ -267,7 +267,6 @@ class RegistryResource:
         if upload and not self._uploads.take():
             # At once, before looking at the content: a busy node says so in microseconds, and
             # the asking mirror tries another holder.
-            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
             raise TooManyUploads("serving as many peers as --max-uploads allows", {"limit": self._uploads.limit})
         growing: GrowingFile | None = None
         try:
@@ -305,7 +304,6 @@ class RegistryResource:
         except NotYet:
             # Its download starts in a moment; the asking mirror takes a 429 as "ask another
             # holder, or this one again shortly".
-            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
             request.setHeader(PARTIAL_HEADER, PARTIAL_STARTING)
             raise TooManyUploads("this node is about to download the blob: ask again shortly", {"digest": digest}) from None
 
@@ -318,7 +316,6 @@ class RegistryResource:
         if upload and parse_alternatives(_header(request, ALTERNATIVES_HEADER)) and self._shares.over(found.digest, found.size):
             self._metrics.uploads_deferred_total.inc()
             request.setHeader(DEFERRED_HEADER, "true")
-            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
             raise TooManyUploads(
                 "this node has served its share of the blob: ask the other holders first", {"digest": found.digest}
             )
@@ -395,6 +392,10 @@ class RegistryResource:
     @app.handle_errors(OCIError)
     def _oci_error(self, request: IRequest, failure: Failure) -> bytes:
         error: OCIError = failure.value  # type: ignore[assignment]
+        if isinstance(error, TooManyUploads):
+            # Every 429 to a peer (at the limit, about to download, over its share): the asking
+            # mirror asks another holder, or this one again after this.
+            request.setHeader("Retry-After", str(RETRY_AFTER_SECONDS))
         return write_oci_error(request, error)
 
     @app.handle_errors(NotFound)
