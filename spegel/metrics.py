@@ -124,6 +124,14 @@ class Metrics:
         "Peer answers of 429 (the peer was at its --max-uploads): another holder was asked, or the "
         "same one again shortly.",
     )
+    mirror_early_headers_total: Counter = collector(
+        Counter,
+        "spegel_mirror_early_headers_total",
+        "Blob requests of containerd answered with headers before any holder was free "
+        "(--mirror-blob-headers-after), by outcome: served (a holder then sent the bytes), cut (none "
+        "did: the connection was closed, and containerd's next request got a 404).",
+        ("outcome",),
+    )
     uploads_active: Gauge = collector(
         Gauge,
         "spegel_uploads_active",

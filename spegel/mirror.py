@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from cachetools import TTLCache
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from spegel.interfaces import IMirror, IRouter, Upstream
@@ -60,6 +62,7 @@ from spegel.peerresponse import (
     spool,
 )
 from spegel.hedging import HedgedRace
+from spegel.latebody import LateBody, early_headers
 from spegel.piecewise import ParallelCopy
 from spegel.pieces import window_for
 from spegel.peerhealth import LatencyTracker, PutAside
@@ -76,6 +79,9 @@ from spegel.uploads import PARTIAL_HEADER
 # Blobs named by manifests from peers are expected for this long, this many at most.
 EXPECTED_BLOBS_FOR = 600.0
 EXPECTED_BLOBS_MAX = 4096
+# After early headers went unserved, containerd asks again within a moment: its retry is
+# answered with a 404 for this long.
+UNSERVED_AFTER_HEADERS_FOR = 30.0
 
 if TYPE_CHECKING:
     # Only a type here; spegel.coalesce builds on the router interface alone.
@@ -83,6 +89,19 @@ if TYPE_CHECKING:
 
 # Importers of these from here predate the split.
 __all__ = ["LatencyTracker", "Mirror", "PutAside", "SpliceRelaying"]
+
+
+def _acceptable_answer(method: str, size: int | None) -> Callable[[Any], bool]:
+    """
+    Which of a holder's 200/206 answers to a blob request will do.
+
+    @param size: the whole blob's size, when the client has its headers already.
+    """
+    if size is not None:
+        return lambda response: bool(response.code == 200 and response.length == size)
+    if method == "GET":
+        return has_span
+    return lambda response: True
 
 
 @implementer(IMirror)
@@ -116,6 +135,10 @@ class Mirror:
         is waited for this long (polled every C{blob_poll_interval}) before a 404: the image is
         being pulled in the cluster, and its other holder says it holds the blob as soon as its
         containerd asks for it (L{spegel.ingest}), not all at once. 0: never wait.
+    @param blob_headers_after: a whole blob of known size (a manifest a peer served gives it)
+        that no holder has answered for this long gets its headers now and its bytes when a
+        holder answers (L{spegel.latebody}): containerd 2.4 waits 30 s for headers, then goes
+        upstream for the whole blob. 0: headers only with a holder's answer.
     @param members_only: every provider the router names is a cluster member (the DHT is keyed),
         so each gets the patient response-header deadline (L{spegel.selection.PeerClient}).
     @param metrics: where the node's figures are recorded.
@@ -145,6 +168,7 @@ class Mirror:
         parallel_window: int | None = None,
         blob_wait: float = 0.0,
         blob_poll_interval: float = 1.0,
+        blob_headers_after: float = 0.0,
         members_only: bool = False,
         metrics: Metrics,
     ):
@@ -168,9 +192,16 @@ class Mirror:
         self._parallel_window = parallel_window or window_for(parallel_peers, piece_size)
         self._blob_wait = blob_wait
         self._blob_poll_interval = blob_poll_interval
-        # Blobs named by manifests peers served lately: the cluster is pulling their image.
-        self._expected_blobs: TTLCache[str, bool] = TTLCache(
+        # Blobs named by manifests peers served lately, with their sizes where the manifest gave
+        # one: the cluster is pulling their image.
+        self._expected_blobs: TTLCache[str, int | None] = TTLCache(
             maxsize=EXPECTED_BLOBS_MAX, ttl=EXPECTED_BLOBS_FOR, timer=clock.seconds
+        )
+        self._blob_headers_after = blob_headers_after
+        # Blobs whose early headers no holder followed with bytes: containerd's next request
+        # for one is its last before upstream, and is answered at once.
+        self._unserved_after_headers: TTLCache[str, bool] = TTLCache(
+            maxsize=EXPECTED_BLOBS_MAX, ttl=UNSERVED_AFTER_HEADERS_FOR, timer=clock.seconds
         )
 
     # IMirror ---------------------------------------------------------------------------------
@@ -192,7 +223,7 @@ class Mirror:
                     self._peers.failed(upstream.provider, e.reason)
                     continue
                 self._succeeded()
-                if self._blob_wait > 0:
+                if self._blob_wait > 0 or self._blob_headers_after > 0:
                     self._expect_blobs_of(data)
                 headers = upstream.response.headers
                 if method == "HEAD":
@@ -206,17 +237,71 @@ class Mirror:
 
     async def blob(self, reference: Reference, *, method: str, byte_range: str | None) -> Upstream:
         digest: str = reference.digest  # type: ignore[assignment]
+        if digest in self._unserved_after_headers:
+            # containerd asks again after a cut (L{spegel.latebody}): it has waited enough.
+            self._log.info("{digest} was waited for in vain a moment ago: 404", digest=digest)
+            raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
+        size = self._expected_blobs.get(digest)
+        if method != "GET" or byte_range is not None or not size or self._blob_headers_after <= 0:
+            return await self._blob(reference, method, byte_range, None)
+        return await self._blob_with_early_headers(reference, size)
+
+    async def _blob_with_early_headers(self, reference: Reference, size: int) -> Upstream:
+        """
+        The whole blob C{reference} of C{size} bytes; if no holder answers within
+        C{blob_headers_after}, an answer whose headers leave now and whose bytes follow
+        (L{spegel.latebody}).
+        """
+        digest: str = reference.digest  # type: ignore[assignment]
+        answer = Deferred.fromCoroutine(self._blob(reference, "GET", None, size))
+        # Fires when the answer came (kept in came_in_time) or the time is up; cancelling it
+        # (the client left) cancels the answer.
+        settled: Deferred[None] = Deferred(lambda _: answer.cancel())
+        timer = self._clock.callLater(self._blob_headers_after, settled.callback, None)
+        came_in_time: list[Upstream | Failure] = []
+
+        def came(result: Upstream | Failure) -> Upstream | Failure | None:
+            if not timer.active():
+                return result  # the headers are out: the late body takes it
+            timer.cancel()
+            came_in_time.append(result)
+            settled.callback(None)
+            return None
+
+        answer.addBoth(came)
+        await settled
+        if came_in_time:
+            (result,) = came_in_time
+            if isinstance(result, Failure):
+                result.raiseException()
+            return result
+        self._log.info(
+            "no holder of {digest} answered in {seconds:.0f} s: headers sent, bytes to follow",
+            digest=digest, seconds=self._blob_headers_after,
+        )
+        return Upstream(
+            200, early_headers(digest, size),
+            LateBody(answer, digest, size, on_unserved=lambda: self._went_unserved(digest), metrics=self._metrics),
+        )
+
+    def _went_unserved(self, digest: str) -> None:
+        self._unserved_after_headers[digest] = True
+
+    async def _blob(self, reference: Reference, method: str, byte_range: str | None, size: int | None) -> Upstream:
+        """
+        @param size: the whole blob's size, when the client has its headers already: only a
+            holder's whole answer of this size will do.
+        """
+        digest: str = reference.digest  # type: ignore[assignment]
         providers = await self._blob_providers(digest, method)
         path = peer_path(reference, "blobs", digest)
         budget = Budget(self._retries)
+        acceptable = _acceptable_answer(method, size)
         # A streamed copy may resume on providers the lookup finds later: it finishes the queue.
         handed_over = False
         try:
             while True:
-                upstream = await self._race(
-                    providers, method, path, {"Range": byte_range}, budget,
-                    acceptable=has_span if method == "GET" else lambda response: True,
-                )
+                upstream = await self._race(providers, method, path, {"Range": byte_range}, budget, acceptable)
                 if upstream is None:
                     self._count_unserved(digest)
                     raise BlobUnknown("blob unknown in the cluster", {"digest": digest})
@@ -382,8 +467,8 @@ class Mirror:
             references = manifest_references(data, None)
         except InvalidManifest:
             return
-        for digest in references.blobs:
-            self._expected_blobs[digest] = True
+        for digest, size in zip(references.blobs, references.blob_sizes):
+            self._expected_blobs[digest] = size
 
     async def _providers(
         self, key: str, unknown: type[OCIError], fresh: bool = False, poll: float | None = None, count_miss: bool = True

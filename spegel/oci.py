@@ -391,11 +391,14 @@ class ManifestReferences:
 
     @ivar manifests: an index's children, as C{(digest, media type or None)}.
     @ivar blobs: a manifest's config and layers.
+    @ivar blob_sizes: the size each of C{blobs} has by its descriptor (L{None} where the
+        descriptor gives none that is a whole number).
     @ivar skipped: descriptors left out because they carried no valid digest.
     """
 
     manifests: tuple[tuple[str, str | None], ...] = ()
     blobs: tuple[str, ...] = ()
+    blob_sizes: tuple[int | None, ...] = ()
     skipped: int = 0
 
 
@@ -404,6 +407,14 @@ def _descriptor_digest(entry: object) -> str | None:
         digest = entry.get("digest")
         if isinstance(digest, str) and is_digest(digest):
             return digest
+    return None
+
+
+def _descriptor_size(entry: dict[str, object]) -> int | None:
+    size = entry.get("size")
+    # JSON's true is a Python int too, and no size.
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        return size
     return None
 
 
@@ -442,10 +453,12 @@ def manifest_references(data: bytes, media_type: str | None) -> ManifestReferenc
     if not isinstance(layers, list):
         raise InvalidManifest("manifest without a layers list")
     blobs = []
+    sizes = []
     for entry in [document.get("config"), *layers]:
         digest = _descriptor_digest(entry)
         if digest is None:
             skipped += 1
         else:
             blobs.append(digest)
-    return ManifestReferences(blobs=tuple(blobs), skipped=skipped)
+            sizes.append(_descriptor_size(entry))
+    return ManifestReferences(blobs=tuple(blobs), blob_sizes=tuple(sizes), skipped=skipped)

@@ -66,6 +66,7 @@ class NodeConfig:
     mirror_resolve_timeout: float
     mirror_coalesce_timeout: float
     mirror_coalesce_blob_timeout: float
+    mirror_blob_headers_after: float
     mirror_resolve_retries: int
     mirror_parallel_min_size: int
     mirror_parallel_peers: int
@@ -183,6 +184,14 @@ class Options(flags.CommandOptions):
             "How long to wait for a holder of a blob named by a manifest a peer served, rather "
             "than pull it upstream (0s: never wait). The image is being pulled in the cluster, and "
             "a node says it holds a blob as soon as its containerd starts downloading it.",
+            flags.parse_duration,
+        ),
+        _parameter(
+            "mirror-blob-headers-after",
+            "20s",
+            "A layer of an image a peer served whose holders are all busy this long is answered with "
+            "its headers now and its bytes when a holder is free (0s: never). containerd 2.4 gives "
+            "a mirror 30s to send headers, then pulls the layer upstream.",
             flags.parse_duration,
         ),
         _parameter("mirror-resolve-retries", "3", "How many peers to try for one request.", flags.whole_number(1, 100)),
@@ -309,6 +318,7 @@ class Options(flags.CommandOptions):
             mirror_resolve_timeout=self["mirror-resolve-timeout"],
             mirror_coalesce_timeout=self["mirror-coalesce-timeout"],
             mirror_coalesce_blob_timeout=self["mirror-coalesce-blob-timeout"],
+            mirror_blob_headers_after=self["mirror-blob-headers-after"],
             mirror_resolve_retries=self["mirror-resolve-retries"],
             mirror_parallel_min_size=self["mirror-parallel-min-size"],
             mirror_parallel_peers=self["mirror-parallel-peers"],
@@ -424,6 +434,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         parallel_min_size=config.mirror_parallel_min_size,
         parallel_peers=config.mirror_parallel_peers,
         blob_wait=config.mirror_coalesce_blob_timeout,
+        blob_headers_after=config.mirror_blob_headers_after,
         # With a cluster key only members can announce content: no provider is a stranger.
         members_only=config.router_secret is not None,
         coalescer=(

@@ -274,7 +274,19 @@ class ManifestReferencesTests(SynchronousTestCase):
         config, layers = sha256(b"c"), [sha256(b"l1"), sha256(b"l2")]
         references = manifest_references(manifest_json(config, layers), OCI_MANIFEST)
         self.assertEqual(references.blobs, (config, *layers))
+        self.assertEqual(references.blob_sizes, (1, 1, 1))
         self.assertEqual(references.manifests, ())
+
+    def test_sizes_that_are_no_size(self) -> None:
+        """A descriptor's size is its blob's only when it is a whole number: JSON's true is not."""
+        layers = [sha256(b"l%d" % n) for n in range(5)]
+        sizes = [7, -1, True, "7", None]
+        data = json.dumps({
+            "config": {"digest": layers[0], "size": 0},
+            "layers": [{"digest": d, "size": s} for d, s in zip(layers, sizes)],
+        }).encode()
+        references = manifest_references(data, OCI_MANIFEST)
+        self.assertEqual(references.blob_sizes, (0, 7, None, None, None, None))
 
     def test_index(self) -> None:
         children = [sha256(b"m1"), sha256(b"m2")]

@@ -71,6 +71,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertAlmostEqual(node.mirror_resolve_timeout, 0.1)
         self.assertEqual(node.mirror_coalesce_timeout, 5.0)
+        self.assertEqual(node.mirror_blob_headers_after, 20.0)
         self.assertEqual(node.mirror_resolve_retries, 3)
         self.assertEqual(node.mirror_parallel_min_size, 32 * 1024 * 1024)
         self.assertEqual(node.mirror_parallel_peers, 4)
@@ -86,6 +87,7 @@ class OptionsTests(SynchronousTestCase):
             "--mirror-resolve-timeout", "50ms",
             "--mirror-resolve-retries", "5",
             "--mirror-coalesce-timeout", "1m30s",
+            "--mirror-blob-headers-after", "0s",
             "--mirror-parallel-min-size", "1Gi",
             "--mirror-parallel-peers", "8",
             "--log-level", "debug",
@@ -99,6 +101,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(node.static_bootstrap_peers, (("127.0.0.1", 5001), ("127.0.0.2", 5001)))
         self.assertEqual(node.mirror_resolve_retries, 5)
         self.assertEqual(node.mirror_coalesce_timeout, 90.0)
+        self.assertEqual(node.mirror_blob_headers_after, 0.0)
         self.assertEqual(node.mirror_parallel_min_size, 1 << 30)
         self.assertEqual(node.mirror_parallel_peers, 8)
         self.assertEqual(node.log_level, LogLevel.debug)
