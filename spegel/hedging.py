@@ -76,6 +76,8 @@ class _Race:
     # Set with the result: attempts failing after it were cancelled, not the peers' fault.
     settled: bool = False
     result: Deferred[PeerResponse | None] = field(factory=Deferred)
+    # The result was cancelled (the client left): it fails with CancelledError, not None.
+    abandoned: bool = False
 
     def ask_queue(self, inputs: _RaceInputs) -> None:
         wanted = self.wanted = self.providers.next()
@@ -185,7 +187,8 @@ class _Race:
             wanted.cancel()
         for attempt in list(self.pending):
             attempt.cancel()
-        self.result.callback(winner)
+        if not self.abandoned:
+            self.result.callback(winner)
 
 
 _race = TypeMachineBuilder(_RaceInputs, _Race)
@@ -281,8 +284,17 @@ class HedgedRace:
         resolve_timeout: float,
         acceptable: Callable[[Any], bool] = lambda response: True,
     ):
-        self._race = _Race(peers, providers, method, path, headers, budget, resolve_timeout, acceptable)
+        self._race = _Race(
+            peers, providers, method, path, headers, budget, resolve_timeout, acceptable,
+            result=Deferred(lambda _: self._abandon()),
+        )
         self._inputs = _RaceMachine(self._race)
+
+    def _abandon(self) -> None:
+        # Cancelled: every attempt in flight and every timer stops, so nothing is left asking
+        # peers (or holding their connections) for a client that is gone.
+        self._race.abandoned = True
+        self._inputs.give_up()
 
     def run(self) -> Deferred[PeerResponse | None]:
         if self._race.budget.left > 0:

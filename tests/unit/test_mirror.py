@@ -147,6 +147,10 @@ class ClientRequest(DummyRequest):
         class Channel:
             transport = Transport()
 
+            def loseConnection(self) -> None:
+                # Closed before the announced length: the response was cut short.
+                request.aborted = True
+
         self.channel = Channel()
 
     def write(self, data: bytes) -> None:
@@ -683,6 +687,26 @@ class HedgeLoserCancelledTests(MirrorTestCase):
 
     def test_loserWaitingForHeaders(self) -> None:
         self.check(ResponseNeverReceived([Failure(CancelledError())]))
+
+
+class ClientLeavingMidRaceTests(MirrorTestCase):
+    def test_every_attempt_and_timer_stops(self) -> None:
+        """
+        containerd gives up while two holders are asked and none has answered: both requests
+        are cancelled and no timer is left, so nothing keeps asking (or holds a holder's upload
+        slot) for a client that is gone, and no peer is blamed.
+        """
+        d = self.blob(ClientRequest())
+        self.router.announce(provider(1), provider(2), end=True)
+        self.clock.advance(0.06)  # past the hedge delay: peer 2 is asked too
+        self.assertEqual(len(self.http.requests), 2)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for _, url, _, attempt in self.http.requests:
+            self.assertTrue(attempt.called, f"the request to {url} was left running")  # by its cancelling
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(1)) or self.mirror.put_aside.is_aside(provider(2)))
+        self.assertEqual(self.counted("spegel_mirror_unresolved_total", reason="peers_failed"), 0)
 
 
 class MisbehavingPeerTests(MirrorTestCase):
