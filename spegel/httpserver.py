@@ -25,6 +25,9 @@ REQUEST_HEADERS_TIMEOUT = 10.0
 # Connections at once from one client address: a node's containerd and every peer's pool
 # (8 per peer) stay far below it; one client that opens thousands does not starve the rest.
 DEFAULT_CONNECTIONS_PER_CLIENT = 128
+# A client that does not take the last bytes of a response cut short within this long is
+# reset: it would hold the connection, and those bytes are all it could get.
+CUT_FLUSH_TIMEOUT = 30.0
 
 
 class OCIHTTPChannel(http.HTTPChannel):
@@ -40,6 +43,7 @@ class OCIHTTPChannel(http.HTTPChannel):
     #: Set by the site that built us (L{Site.buildProtocol}).
     site: OCISite
     _headers_deadline: Any = None
+    _cut_deadline: Any = None
     _client: str | None = None
 
     def connectionMade(self) -> None:
@@ -82,8 +86,22 @@ class OCIHTTPChannel(http.HTTPChannel):
                 self._headers_deadline.cancel()
             self._headers_deadline = None
 
+    def cut_short(self) -> None:
+        """
+        End the connection in the middle of a response, after the bytes already queued, with an
+        orderly close (L{spegel.responses.abort_response} says why not a reset).
+        """
+        self.loseConnection()
+        if self._cut_deadline is None:
+            assert self.transport is not None
+            self._cut_deadline = self.callLater(CUT_FLUSH_TIMEOUT, cast(ITCPTransport, self.transport).abortConnection)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm_headers_deadline()
+        if self._cut_deadline is not None:
+            if self._cut_deadline.active():
+                self._cut_deadline.cancel()
+            self._cut_deadline = None
         if self._client is not None:
             counts = self.site.connections_by_client
             left = counts.get(self._client, 1) - 1

@@ -63,10 +63,20 @@ def abort_response(request: Request) -> None:
     """
     End a response whose body cannot be completed. Closing the connection before the
     announced length is the only way HTTP/1.1 has to tell the client the body is not whole.
+
+    The close is orderly (FIN), after the bytes already written: the client reads an unexpected
+    EOF, and containerd then asks its hosts again for the rest with a C{Range} request, this node
+    first (C{httpReadSeeker}, 1.6 and 2.x). A reset would fail its pull instead: it retries on
+    C{io.ErrUnexpectedEOF} only.
     """
-    transport = getattr(request.channel, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
+    channel = request.channel
+    if getattr(channel, "transport", None) is None:
+        return
+    cut_short = getattr(channel, "cut_short", None)  # the registry's channel: L{OCIHTTPChannel}
+    if cut_short is not None:
+        cut_short()
+    else:
+        channel.loseConnection()
 
 
 async def write_upstream(request: Request, upstream: Upstream) -> bytes | None:

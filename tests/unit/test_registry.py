@@ -26,7 +26,7 @@ from spegel.metrics import Metrics
 from spegel.content import BlobContent, ManifestContent, TagTarget
 from spegel.interfaces import ILocalContent, IMirror, Upstream
 from spegel.oci import BlobUnknown, ManifestUnknown, Reference
-from spegel.httpserver import OCIHTTPChannel, make_site
+from spegel.httpserver import CUT_FLUSH_TIMEOUT, OCIHTTPChannel, make_site
 from spegel.registry import RegistryFilter, RegistryResource
 
 REGISTRY = "127.0.0.1:5000"
@@ -438,6 +438,30 @@ class ChannelTests(SynchronousTestCase):
         self.assertIn(b'"errors"', out)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.clock.seconds(), 10.0)
+
+    def test_a_cut_response_ends_in_an_orderly_close(self) -> None:
+        """
+        A response cut short is closed with a FIN after the bytes already queued: containerd
+        asks again for the rest on an unexpected EOF, and fails its pull on a reset.
+        """
+        channel, transport = self.connect()
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        channel.cut_short()
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(aborted, [])
+
+    def test_a_client_not_taking_the_last_bytes_is_reset(self) -> None:
+        channel, transport = self.connect()
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        channel.cut_short()
+        self.clock.advance(CUT_FLUSH_TIMEOUT - 1)
+        self.assertEqual(aborted, [])
+        self.clock.advance(1)
+        self.assertEqual(aborted, [True])
 
     def test_headers_in_time_disarm_the_deadline(self) -> None:
         channel, transport = self.connect()
