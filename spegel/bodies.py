@@ -13,6 +13,10 @@ fills and resumes them when it drains, so a slow client slows the reads and memo
 Both also ask a pacer (L{spegel.pacing.IPacer}) before each chunk or sendfile call; a body sent
 to a peer under C{--max-upload-rate} is paced by the node's token bucket, and waits for its
 tokens the way it waits for a full socket: it stops producing until called back.
+
+A body sent to a peer ends when the peer takes nothing for C{stall_timeout} (its transport
+paused us that long): a peer that asks and stops reading would hold one of the node's
+C{--max-uploads} for good. The peer resumes elsewhere with a C{Range} request.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Callable
 
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.server import Request
@@ -35,6 +40,37 @@ READ_CHUNK = 256 * 1024
 # At most this much is handed to sendfile in one turn of the reactor, so one fast client on
 # loopback cannot starve every other connection.
 SENDFILE_TURN_BUDGET = 8 * 1024 * 1024
+
+
+class _StallGuard:
+    """
+    Ends a body whose client has kept its transport paused (taken nothing) for C{timeout}
+    seconds, by calling C{on_stall}; 0: never.
+    """
+
+    def __init__(self, clock: IReactorTime | None, timeout: float, on_stall: Callable[[], None]) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._on_stall = on_stall
+        self._timer: IDelayedCall | None = None
+
+    def paused(self) -> None:
+        if self._clock is not None and self._timeout > 0 and self._timer is None:
+            self._timer = self._clock.callLater(self._timeout, self._stalled)
+
+    def resumed(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _stalled(self) -> None:
+        self._timer = None
+        self._on_stall()
+
+
+def _stalled_client(timeout: float) -> Failure:
+    return Failure(BodyInterrupted(f"the client took nothing for {timeout:.0f} s"))
 
 
 class BodyInterrupted(Exception):
@@ -109,8 +145,11 @@ class FileBodyProducer:
         allow_sendfile: bool = True,
         on_bytes: Callable[[int], None] = lambda n: None,
         pacer: IPacer = UNPACED,
+        clock: IReactorTime | None = None,
+        stall_timeout: float = 0.0,
     ):
         self._request = request
+        self._stall = _StallGuard(clock, stall_timeout, lambda: self._finish(_stalled_client(stall_timeout)))
         self._fd = fd
         self._offset = offset
         self._remaining = length
@@ -141,9 +180,11 @@ class FileBodyProducer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._stall.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stall.resumed()
         self._produce()
 
     def stopProducing(self) -> None:
@@ -259,6 +300,7 @@ class FileBodyProducer:
             return
         os.close(self._fd)
         self._fd = -1
+        self._stall.resumed()
         self._pacer.stop()
         if self._request.producer is self:
             self._request.unregisterProducer()
@@ -295,8 +337,11 @@ class ChunkedReadProducer:
         on_bytes: Callable[[int], None] = lambda n: None,
         pacer: IPacer = UNPACED,
         ready: Callable[[int], Deferred[None] | None] | None = None,
+        clock: IReactorTime | None = None,
+        stall_timeout: float = 0.0,
     ):
         self._request = request
+        self._stall = _StallGuard(clock, stall_timeout, lambda: self._stop(_stalled_client(stall_timeout)))
         self._read = read
         self._ready = ready
         self._waiting: Deferred[None] | None = None
@@ -322,9 +367,11 @@ class ChunkedReadProducer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._stall.paused()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._stall.resumed()
         if self._reading is None:
             self._read_next()
 
@@ -391,6 +438,7 @@ class ChunkedReadProducer:
     def _stop(self, result: Failure | None, fire: bool = True) -> None:
         if self._request.producer is self:
             self._request.unregisterProducer()
+        self._stall.resumed()
         self._pacer.stop()
         if self._reading is not None:
             reading, self._reading = self._reading, None

@@ -60,6 +60,7 @@ from spegel.uploads import (
     PARTIAL_STARTING,
     RETRY_AFTER_SECONDS,
     UPLOADS_HEADER,
+    UPLOAD_STALL_TIMEOUT,
     UploadShares,
     UploadSlots,
     parse_alternatives,
@@ -347,13 +348,16 @@ class RegistryResource:
         first = byte_range.first if byte_range else 0
         length = byte_range.length if byte_range else found.size
         served = self._uploads.sent if upload else self._metrics.served_bytes_total.labels("local").inc
+        # Only a peer that stops reading is cut: this node's containerd holds no upload slot.
+        stall_timeout = UPLOAD_STALL_TIMEOUT if upload else 0.0
         producer: FileBodyProducer | ChunkedReadProducer | None = None
         if growing is not None:
             # The headers now, not with the first byte, which may be seconds away (the asking
             # mirror gives up on a peer that sends no headers within its deadline).
             request.write(b"")
             producer = ChunkedReadProducer(
-                request, growing.read, first, length, on_bytes=served, pacer=pacer, ready=growing.wait_for
+                request, growing.read, first, length, on_bytes=served, pacer=pacer, ready=growing.wait_for,
+                clock=self._clock, stall_timeout=stall_timeout,
             )
         elif found.path is not None:
             try:
@@ -362,7 +366,9 @@ class RegistryResource:
                 self._log.warn("cannot open {path}, reading through containerd: {e}",
                                path=found.path, e=e)
             else:
-                producer = FileBodyProducer(request, fd, first, length, on_bytes=served, pacer=pacer)
+                producer = FileBodyProducer(
+                    request, fd, first, length, on_bytes=served, pacer=pacer, clock=self._clock, stall_timeout=stall_timeout
+                )
         if producer is None:
             producer = ChunkedReadProducer(
                 request,
@@ -371,6 +377,8 @@ class RegistryResource:
                 length,
                 on_bytes=served,
                 pacer=pacer,
+                clock=self._clock,
+                stall_timeout=stall_timeout,
             )
         try:
             await producer.start()

@@ -28,6 +28,8 @@ already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one th
 again when they are due, and this node again after them (L{spegel.selection.deferral_delay},
 about 2 s), naming none: it is then served.  A node defers a request once, so no request waits
 more than that for it, and a node that is the only holder serves as before.
+
+A peer that stops reading an upload loses it after L{UPLOAD_STALL_TIMEOUT}.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from spegel.metrics import Metrics
 from spegel.pacing import UNPACED, IPacer, TokenBucket
 
 UPLOADS_HEADER = "Spegel-Uploads"
+# A peer that takes nothing of an upload for this long loses it (L{spegel.bodies}): a peer that
+# asks and stops reading would otherwise hold one of the --max-uploads slots for good. An honest
+# one is paused by its own client at most that long, and resumes elsewhere with a Range request.
+UPLOAD_STALL_TIMEOUT = 60.0
 # On a blob answer served from a download still under way (L{spegel.ingest}): its bytes come as
 # fast as this node receives them, so the asking mirror does not fetch pieces of it in parallel.
 PARTIAL_HEADER = "Spegel-Partial"
@@ -145,7 +151,6 @@ class UploadShares:
     fair_copies: int = FAIR_SHARE_COPIES
     # digest -> (bytes promised to peers, when last); oldest first.
     _promised: dict[str, tuple[int, float]] = field(factory=dict)
-
     def _current(self, digest: str) -> int:
         promised = self._promised.get(digest)
         if promised is None or self.clock.seconds() - promised[1] >= SHARE_WINDOW:

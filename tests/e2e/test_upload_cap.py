@@ -25,8 +25,10 @@ from twisted.trial.unittest import TestCase
 
 from spegel.interfaces import MIRRORED_HEADER
 from spegel.pacing import BURST_FLOOR, BURST_SECONDS
+from spegel.uploads import UPLOAD_STALL_TIMEOUT
 from spegel_testing.cluster import Cluster
 from spegel_testing.images import build_image
+from spegel_testing.process import wait_for
 from spegel_testing.shared import Shared
 
 MiB = 1024 * 1024
@@ -171,3 +173,23 @@ class UploadCapTests(TestCase):
         got = self.get(peer=False)
         self.assertEqual((got.status, got.body), (200, self.data))
         self.assertEqual(self.counters(), (uploaded, throttled))
+
+    def test_a_peer_that_stops_reading_loses_its_upload(self) -> None:
+        """
+        A "peer" asks for the blob and reads nothing: once the socket buffers are full the
+        node's upload makes no progress, and after UPLOAD_STALL_TIMEOUT the node ends it and
+        frees its --max-uploads slot.
+        """
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.connect(("127.0.0.1", self.node.registry_port))
+            sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: node\r\n{MIRRORED_HEADER}: true\r\n\r\n".encode())
+            wait_for(lambda: self.active_uploads() == 1, timeout=30, what="the upload to start")
+            started = time.monotonic()
+            wait_for(lambda: self.active_uploads() == 0, timeout=UPLOAD_STALL_TIMEOUT + 60, what="the stalled upload to end")
+            seconds = time.monotonic() - started
+        self.assertGreaterEqual(seconds, UPLOAD_STALL_TIMEOUT - 5)
+        self.assertIn(f"the client took nothing for {UPLOAD_STALL_TIMEOUT:.0f} s", self.node.log_text())
+
+    def active_uploads(self) -> float:
+        return self.node.metrics().total("spegel_uploads_active")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -76,6 +77,36 @@ class ChunkedReadProducerTests(SynchronousTestCase):
         self.assertEqual(self.cancelled, [0])
         self.assertIsNone(request.producer)
 
+    def test_a_client_taking_nothing_for_the_stall_timeout_loses_the_body(self) -> None:
+        clock = Clock()
+        request = ProducerRequest()
+        producer = ChunkedReadProducer(request, self.read, 0, 5000, chunk_size=1000, clock=clock, stall_timeout=60)  # type: ignore[arg-type]  # a DummyRequest
+        done = producer.start()
+        self.answer()
+        producer.pauseProducing()
+        clock.advance(59)
+        producer.resumeProducing()  # it took something: the clock starts again at the next pause
+        self.answer()
+        producer.pauseProducing()
+        clock.advance(59)
+        self.assertNoResult(done)
+        clock.advance(1)
+        self.assertIn("took nothing for 60 s", str(self.failureResultOf(done, BodyInterrupted).value))
+        self.assertIsNone(request.producer)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_source_that_waits_is_no_stall(self) -> None:
+        """Only the client's pause counts: a growing source may keep it waiting any time."""
+        clock = Clock()
+        request = ProducerRequest()
+        producer = ChunkedReadProducer(request, self.read, 0, 2000, chunk_size=1000, clock=clock, stall_timeout=60)  # type: ignore[arg-type]  # a DummyRequest
+        done = producer.start()
+        clock.advance(600)
+        while self.pending:
+            self.answer()
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_short_source(self) -> None:
         request = ProducerRequest()
         producer = ChunkedReadProducer(request, lambda o, s: succeed(b""), 0, 10)  # type: ignore[arg-type]  # a DummyRequest
@@ -119,6 +150,35 @@ class FileBodyProducerTests(SynchronousTestCase):
         self.assertNoResult(done)
         producer.resumeProducing()
         self.assertEqual(len(writes), 2)
+        producer.stopProducing()
+        self.failureResultOf(done, BodyInterrupted)
+
+    def test_a_client_taking_nothing_for_the_stall_timeout_loses_the_body(self) -> None:
+        data = os.urandom(1_000_000)
+        clock = Clock()
+        request = ProducerRequest()
+        producers: list[FileBodyProducer] = []
+        self.patch(request, "write", lambda chunk: producers[0].pauseProducing())  # a client that reads nothing
+        fd = self.make_file(data)
+        producer = FileBodyProducer(request, fd, 0, len(data), clock=clock, stall_timeout=60)  # type: ignore[arg-type]  # a DummyRequest
+        producers.append(producer)
+        done = producer.start()
+        clock.advance(59)
+        self.assertNoResult(done)
+        clock.advance(1)
+        self.failureResultOf(done, BodyInterrupted)
+        self.assertRaises(OSError, os.fstat, fd)  # closed
+        self.assertIsNone(request.producer)
+
+    def test_no_stall_timeout_without_one(self) -> None:
+        clock = Clock()
+        request = ProducerRequest()
+        producers: list[FileBodyProducer] = []
+        self.patch(request, "write", lambda chunk: producers[0].pauseProducing())
+        producer = FileBodyProducer(request, self.make_file(b"x" * 1_000_000), 0, 1_000_000, clock=clock)  # type: ignore[arg-type]  # a DummyRequest
+        producers.append(producer)
+        done = producer.start()
+        self.assertEqual(clock.getDelayedCalls(), [])
         producer.stopProducing()
         self.failureResultOf(done, BodyInterrupted)
 
