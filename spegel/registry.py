@@ -114,6 +114,11 @@ class RegistryFilter:
                 raise NameUnknown("repository is filtered", {"name": subject})
 
 
+def _client_host(request: Request) -> str:
+    """The asking host (a peer's node), as its connection says."""
+    return str(getattr(request.getClientAddress(), "host", ""))
+
+
 async def ask_mirror(mirror: IMirror, request: Request, ref: Reference, kind: str) -> bytes | None:
     """
     Answer C{request} for the manifest or blob (C{kind}) C{ref} with what C{mirror} gets from
@@ -314,7 +319,9 @@ class RegistryResource:
         """
         Send C{found}, whole or the range asked for; C{upload}: to a peer, holding an upload slot.
         """
-        if upload and parse_alternatives(_header(request, ALTERNATIVES_HEADER)) and self._shares.over(found.digest, found.size):
+        if upload and self._shares.should_defer(
+            found.digest, found.size, parse_alternatives(_header(request, ALTERNATIVES_HEADER)), _client_host(request)
+        ):
             self._metrics.uploads_deferred_total.inc()
             request.setHeader(DEFERRED_HEADER, "true")
             raise TooManyUploads(

@@ -27,7 +27,10 @@ already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one th
 429 and C{Spegel-Deferred: true}.  The asking mirror asks those others first, the busy ones
 again when they are due, and this node again after them (L{spegel.selection.deferral_delay},
 about 2 s), naming none: it is then served.  A node defers a request once, so no request waits
-more than that for it, and a node that is the only holder serves as before.
+more than that for it.  An asker that names no other holder is deferred too, once (the node
+remembers it for L{DEFERRED_ASKER_FOR}): it looks for holders afresh, and the peers this node
+has served the blob to hold it by then, whole or arriving; if it finds none, it asks again and
+is served.
 
 A peer that stops reading an upload loses it after L{UPLOAD_STALL_TIMEOUT}.
 """
@@ -35,6 +38,7 @@ A peer that stops reading an upload loses it after L{UPLOAD_STALL_TIMEOUT}.
 from __future__ import annotations
 
 from attrs import define, field
+from cachetools import TTLCache
 from twisted.internet.interfaces import IReactorTime
 
 from spegel.metrics import Metrics
@@ -62,6 +66,9 @@ FAIR_SHARE_COPIES = 2
 # A blob's count starts again after this long without a peer asking for it: the share is about
 # one rollout, not the node's lifetime.
 SHARE_WINDOW = 600.0
+# A peer deferred is asked back within seconds (L{spegel.selection.deferral_delay}): within
+# this long, its request naming no other holder is its request asked again.
+DEFERRED_ASKER_FOR = 30.0
 MAX_SHARED_DIGESTS = 4096
 # What a busy node asks a peer to wait before asking again: short, as uploads of layers finish
 # in seconds on a LAN; the asking mirror jitters it.
@@ -151,6 +158,28 @@ class UploadShares:
     fair_copies: int = FAIR_SHARE_COPIES
     # digest -> (bytes promised to peers, when last); oldest first.
     _promised: dict[str, tuple[int, float]] = field(factory=dict)
+    # (asking host, digest) deferred lately: its next request naming no other holder is served.
+    _deferred: TTLCache[tuple[str, str], bool] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._deferred = TTLCache(maxsize=MAX_SHARED_DIGESTS, ttl=DEFERRED_ASKER_FOR, timer=self.clock.seconds)
+
+    def should_defer(self, digest: str, size: int, alternatives: int, asker: str) -> bool:
+        """
+        Whether to leave a peer's request for C{digest} to other holders: this node has sent
+        peers its share of the blob lately, and the asker named other holders, or named none and
+        was not deferred a moment ago.  A deferral makes the asker look for holders afresh, and
+        the nodes this node has been serving the blob to are holders by then; if it finds none,
+        it asks again, and is served.
+        """
+        if not self.over(digest, size):
+            return False
+        key = (asker, digest)
+        if alternatives == 0 and key in self._deferred:
+            return False
+        self._deferred[key] = True
+        return True
+
     def _current(self, digest: str) -> int:
         promised = self._promised.get(digest)
         if promised is None or self.clock.seconds() - promised[1] >= SHARE_WINDOW:

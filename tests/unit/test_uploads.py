@@ -20,6 +20,7 @@ from spegel.metrics import Metrics
 from spegel.registry import RegistryFilter, RegistryResource
 from spegel.uploads import (
     ALTERNATIVES_HEADER,
+    DEFERRED_ASKER_FOR,
     DEFERRED_HEADER,
     FAIR_SHARE_COPIES,
     MAX_SHARED_DIGESTS,
@@ -185,6 +186,14 @@ class ShareTests(SynchronousTestCase):
         self.assertFalse(self.shares.over("sha256:0", 1000), "the oldest went first")
         self.assertTrue(self.shares.over(f"sha256:{MAX_SHARED_DIGESTS + 9}", 1000))
 
+    def test_deferred_once_per_asker_when_naming_none(self) -> None:
+        self.shares.promise("sha256:a", 2000)
+        self.assertTrue(self.shares.should_defer("sha256:a", 1000, 0, "198.18.0.2"))
+        self.assertFalse(self.shares.should_defer("sha256:a", 1000, 0, "198.18.0.2"), "asked again")
+        self.assertTrue(self.shares.should_defer("sha256:a", 1000, 0, "198.18.0.3"), "another asker")
+        self.assertTrue(self.shares.should_defer("sha256:a", 1000, 3, "198.18.0.2"), "naming others")
+        self.assertFalse(self.shares.should_defer("sha256:b", 1000, 3, "198.18.0.2"), "not over its share")
+
     def test_parse_alternatives(self) -> None:
         self.assertEqual(parse_alternatives("3"), 3)
         self.assertEqual(parse_alternatives("0"), 0)
@@ -196,7 +205,7 @@ class ShareTests(SynchronousTestCase):
 class RegistryShareTests(SynchronousTestCase):
     """
     A node that has sent peers its share of a blob answers a peer that has other holders to ask
-    with 429 and C{Spegel-Deferred}; one that has none, or does not say, is served.
+    with 429 and C{Spegel-Deferred}; one that has none, or does not say, once, then it is served.
     """
 
     def setUp(self) -> None:
@@ -239,14 +248,25 @@ class RegistryShareTests(SynchronousTestCase):
         self.assertEqual(self.deferrals(), 1)
         self.assertEqual(self.uploads.active, 0, "a deferral gives its slot back")
 
-    def test_served_when_the_peer_has_no_other_holder(self) -> None:
-        for _ in range(FAIR_SHARE_COPIES + 3):
+    def test_a_peer_with_no_other_holder_is_deferred_once(self) -> None:
+        """
+        Over its share, a node defers a request that names no other holder once: the asker looks
+        for holders afresh, and the peers served so far are holders by then. The same host
+        asking again within DEFERRED_ASKER_FOR (it found none) is served.
+        """
+        for _ in range(FAIR_SHARE_COPIES):
             self.assertEqual(self.get(alternatives="0").code, 200)
+        response = self.get(alternatives="0")
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders(DEFERRED_HEADER), ["true"])
         for _ in range(2):
-            response = self.get(alternatives=None)  # a peer of another version
-            self.assertEqual(response.code, 200)
-            self.assertIsNone(response.headers.getRawHeaders(DEFERRED_HEADER))
+            self.assertEqual(self.get(alternatives="0").code, 200)
+            self.assertEqual(self.get(alternatives=None).code, 200)  # a peer sending none, or garbage
+        # A request naming other holders is left to them, as before.
         self.assertEqual(self.get(alternatives="2").code, 429)
+        self.assertEqual(self.get(alternatives="0").code, 200)
+        self.clock.advance(DEFERRED_ASKER_FOR)
+        self.assertEqual(self.get(alternatives="0").code, 429)
 
     def test_containerd_is_never_deferred(self) -> None:
         for _ in range(FAIR_SHARE_COPIES):

@@ -219,6 +219,40 @@ class DeferringPeerTests(MirrorTestCase):
         self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 2, "a deferral is not a busy answer")
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
 
+    def test_the_only_holder_deferring_sends_the_request_looking_for_others(self) -> None:
+        """
+        The only holder at hand defers (it has served its share, and the peers it served hold
+        the blob by now): the key is looked up again at once, and a holder found is asked.
+        """
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        self.assertEqual(self.alternatives(), ["0"])
+        lookups = len(self.router.lookups)
+        self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
+        self.assertEqual(len(self.router.lookups), lookups + 1, "no second lookup")
+        self.router.announce(provider(2), end=True)
+        self.assertEqual(self.asked()[1], provider(2).host + ":" + str(provider(2).registry_port))
+        self.serve_whole(1)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+
+    def test_the_only_holder_deferring_is_asked_again_when_none_is_found(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), end=True)
+        self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
+        self.router.announce(end=True)  # the fresh lookup finds no one else
+        self.clock.advance(1.4)
+        self.assertEqual(len(self.http.requests), 1)
+        self.clock.advance(1.2)  # 1.5-2.5 s after the deferral
+        self.assertEqual(len(self.http.requests), 2)
+        self.assertEqual(self.alternatives()[1], "0")
+        self.serve_whole(1)
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 0)
+
     def test_deferrals_spend_no_retries(self) -> None:
         request = ClientRequest()
         d = self.blob(request)
