@@ -287,12 +287,13 @@ BUSY_PATIENCE = 30.0
 # As long, once a holder that is serving peers answered busy: it has the blob and streams it, and
 # frees a slot when an upload ends, which for a large layer in a rollout takes as long as the
 # first node's download of it.  In a 20-node cold rollout of a 1 GB image (a 400 MB layer), 30 s
-# sent 75 requests upstream, 6.5 copies of the image.  Five minutes is the kubelet's bound on a
-# pull that makes no progress (containerd's image_pull_progress_timeout).  containerd 1.6 and 2.1
-# wait that long for response headers; containerd 2.4 gives up on a registry host after 30 s
-# without them (ResponseHeaderTimeout in its remotes/docker DefaultHTTPTransport) and goes to the
-# next, upstream: there the wait ends at 30 s whatever this says.
-SERVING_PATIENCE = 300.0
+# sent 75 requests upstream, 6.5 copies of the image.  It stays under five minutes, containerd's
+# bound on a pull that reads nothing (its CRI image_pull_progress_timeout cancels the pull, which
+# then fails rather than going upstream), with a minute to spare for the wait before the first
+# busy answer.  containerd 2.4 gives up on a registry host after 30 s without response headers
+# (ResponseHeaderTimeout in its remotes/docker DefaultHTTPTransport): a layer of a peer's image
+# gets them early (L{spegel.latebody}), so it waits as long as 1.6 and 2.1 do.
+SERVING_PATIENCE = 240.0
 # While peers answer busy, a request looks for new holders at most this often.
 LOOK_AGAIN_INTERVAL = 1.0
 # How long a peer that sent response headers counts as proven alive: it gets the patient
