@@ -135,14 +135,14 @@ def parse_uploads_header(value: str | None) -> tuple[int, int] | None:
     return int(active), int(limit)
 
 
-def parse_alternatives(value: str | None) -> int:
+def parse_alternatives(value: str | None) -> int | None:
     """
-    The other holders an asking mirror could ask (L{ALTERNATIVES_HEADER}); 0 when absent or
-    unreadable: a mirror of another version, or one sending garbage, is served as one with no
-    other choice would be.
+    The other holders an asking mirror could ask (L{ALTERNATIVES_HEADER}); L{None} when absent
+    or unreadable: a client that does not speak of them (another version, a person with curl)
+    is never deferred.
     """
     if not value or not value.isdigit() or len(value) > 6:
-        return 0
+        return None
     return int(value)
 
 
@@ -164,15 +164,15 @@ class UploadShares:
     def __attrs_post_init__(self) -> None:
         self._deferred = TTLCache(maxsize=MAX_SHARED_DIGESTS, ttl=DEFERRED_ASKER_FOR, timer=self.clock.seconds)
 
-    def should_defer(self, digest: str, size: int, alternatives: int, asker: str) -> bool:
+    def should_defer(self, digest: str, size: int, alternatives: int | None, asker: str) -> bool:
         """
         Whether to leave a peer's request for C{digest} to other holders: this node has sent
         peers its share of the blob lately, and the asker named other holders, or named none and
-        was not deferred a moment ago.  A deferral makes the asker look for holders afresh, and
+        was not deferred a moment ago.  An asker that does not say (L{None}) is served.  A deferral makes the asker look for holders afresh, and
         the nodes this node has been serving the blob to are holders by then; if it finds none,
         it asks again, and is served.
         """
-        if not self.over(digest, size):
+        if alternatives is None or not self.over(digest, size):
             return False
         key = (asker, digest)
         if alternatives == 0 and key in self._deferred:

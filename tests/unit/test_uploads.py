@@ -193,19 +193,21 @@ class ShareTests(SynchronousTestCase):
         self.assertTrue(self.shares.should_defer("sha256:a", 1000, 0, "198.18.0.3"), "another asker")
         self.assertTrue(self.shares.should_defer("sha256:a", 1000, 3, "198.18.0.2"), "naming others")
         self.assertFalse(self.shares.should_defer("sha256:b", 1000, 3, "198.18.0.2"), "not over its share")
+        self.assertFalse(self.shares.should_defer("sha256:a", 1000, None, "198.18.0.4"), "not saying")
 
     def test_parse_alternatives(self) -> None:
         self.assertEqual(parse_alternatives("3"), 3)
         self.assertEqual(parse_alternatives("0"), 0)
         for bad in (None, "", "-1", "x", " 3", "1234567"):
             with self.subTest(bad=bad):
-                self.assertEqual(parse_alternatives(bad), 0)
+                self.assertIsNone(parse_alternatives(bad))
 
 
 class RegistryShareTests(SynchronousTestCase):
     """
     A node that has sent peers its share of a blob answers a peer that has other holders to ask
-    with 429 and C{Spegel-Deferred}; one that has none, or does not say, once, then it is served.
+    with 429 and C{Spegel-Deferred}; one that has none once, then it is served; one that does not
+    say always is.
     """
 
     def setUp(self) -> None:
@@ -256,12 +258,14 @@ class RegistryShareTests(SynchronousTestCase):
         """
         for _ in range(FAIR_SHARE_COPIES):
             self.assertEqual(self.get(alternatives="0").code, 200)
+        # A client that does not say (another version, curl) is never deferred.
+        self.assertEqual(self.get(alternatives=None).code, 200)
         response = self.get(alternatives="0")
         self.assertEqual(response.code, 429)
         self.assertEqual(response.headers.getRawHeaders(DEFERRED_HEADER), ["true"])
         for _ in range(2):
             self.assertEqual(self.get(alternatives="0").code, 200)
-            self.assertEqual(self.get(alternatives=None).code, 200)  # a peer sending none, or garbage
+            self.assertEqual(self.get(alternatives="garbage").code, 200)
         # A request naming other holders is left to them, as before.
         self.assertEqual(self.get(alternatives="2").code, 429)
         self.assertEqual(self.get(alternatives="0").code, 200)
