@@ -29,20 +29,6 @@ from spegel.metrics import Metrics
 from spegel.oci import BlobUnknown
 
 
-def early_headers(digest: str, size: int) -> tuple[tuple[bytes, bytes], ...]:
-    """
-    The headers a holder sends with the whole blob C{digest} of C{size} bytes (those of
-    L{spegel.responses.set_blob_headers}).
-    """
-    return (
-        (b"content-type", b"application/octet-stream"),
-        (b"accept-ranges", b"bytes"),
-        (b"docker-content-digest", digest.encode("ascii")),
-        (b"etag", f'"{digest}"'.encode("ascii")),
-        (b"content-length", str(size).encode("ascii")),
-    )
-
-
 @implementer(IResponseBody)
 class LateBody:
     """

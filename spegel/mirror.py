@@ -43,6 +43,7 @@ from spegel.oci import (
     Reference,
     digest_matches,
     manifest_references,
+    whole_blob_headers,
 )
 from spegel.peerresponse import (
     BODY,
@@ -62,7 +63,7 @@ from spegel.peerresponse import (
     spool,
 )
 from spegel.hedging import HedgedRace
-from spegel.latebody import LateBody, early_headers
+from spegel.latebody import LateBody
 from spegel.piecewise import ParallelCopy
 from spegel.pieces import window_for
 from spegel.peerhealth import LatencyTracker, PutAside
@@ -280,7 +281,7 @@ class Mirror:
             digest=digest, seconds=self._blob_headers_after,
         )
         return Upstream(
-            200, early_headers(digest, size),
+            200, whole_blob_headers(digest, size),
             LateBody(answer, digest, size, on_unserved=lambda: self._went_unserved(digest), metrics=self._metrics),
         )
 

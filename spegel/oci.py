@@ -384,6 +384,20 @@ def parse_image_name(name: str) -> Reference:
     return Reference(registry, path, tag=tag, digest=digest)
 
 
+def whole_blob_headers(digest: str, size: int) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    The headers of the whole blob C{digest} of C{size} bytes, as (name, value) pairs: what this
+    node sends with its own content, and with a peer's before it is at hand (L{spegel.latebody}).
+    """
+    return (
+        (b"Content-Type", b"application/octet-stream"),
+        (b"Accept-Ranges", b"bytes"),
+        (b"Docker-Content-Digest", digest.encode("ascii")),
+        (b"ETag", f'"{digest}"'.encode("ascii")),
+        (b"Content-Length", str(size).encode("ascii")),
+    )
+
+
 @frozen
 class ManifestReferences:
     """

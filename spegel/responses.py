@@ -13,7 +13,7 @@ from twisted.web.server import Request
 
 from spegel.bodies import BodyInterrupted
 from spegel.interfaces import Upstream
-from spegel.oci import ByteRange, OCIError, RangeNotSatisfiable
+from spegel.oci import ByteRange, OCIError, RangeNotSatisfiable, whole_blob_headers
 
 _log = Logger()
 
@@ -31,13 +31,9 @@ def request_header(request: Request, name: str) -> str | None:
 def set_blob_headers(
     request: Request, digest: str, size: int, byte_range: ByteRange | None
 ) -> None:
-    request.setHeader("Content-Type", "application/octet-stream")
-    request.setHeader("Accept-Ranges", "bytes")
-    request.setHeader("Docker-Content-Digest", digest)
-    request.setHeader("ETag", f'"{digest}"')
-    if byte_range is None:
-        request.setHeader("Content-Length", str(size))
-    else:
+    for name, value in whole_blob_headers(digest, size):
+        request.setHeader(name, value)
+    if byte_range is not None:
         request.setResponseCode(http.PARTIAL_CONTENT)
         request.setHeader("Content-Range", byte_range.content_range)
         request.setHeader("Content-Length", str(byte_range.length))
