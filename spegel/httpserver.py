@@ -30,6 +30,12 @@ DEFAULT_CONNECTIONS_PER_CLIENT = 128
 CUT_FLUSH_TIMEOUT = 30.0
 
 
+def _disarm(deadline: Any) -> None:
+    """Cancel C{deadline}, a delayed call or L{None}, if it has not run."""
+    if deadline is not None and deadline.active():
+        deadline.cancel()
+
+
 class OCIHTTPChannel(http.HTTPChannel):
     """
     An HTTP channel that answers malformed or oversized requests with an OCI error body
@@ -81,10 +87,8 @@ class OCIHTTPChannel(http.HTTPChannel):
         self.callLater(1.0, cast(ITCPTransport, self.transport).abortConnection)
 
     def _disarm_headers_deadline(self) -> None:
-        if self._headers_deadline is not None:
-            if self._headers_deadline.active():
-                self._headers_deadline.cancel()
-            self._headers_deadline = None
+        _disarm(self._headers_deadline)
+        self._headers_deadline = None
 
     def cut_short(self) -> None:
         """
@@ -98,10 +102,8 @@ class OCIHTTPChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm_headers_deadline()
-        if self._cut_deadline is not None:
-            if self._cut_deadline.active():
-                self._cut_deadline.cancel()
-            self._cut_deadline = None
+        _disarm(self._cut_deadline)
+        self._cut_deadline = None
         if self._client is not None:
             counts = self.site.connections_by_client
             left = counts.get(self._client, 1) - 1
