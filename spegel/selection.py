@@ -89,16 +89,20 @@ class ProviderQueue:
     def alternatives(self, provider: Provider) -> int:
         """
         The holders this request may still ask besides C{provider}, at hand or busy for a
-        moment, not counting those that said they have none of the blob yet: what it tells
-        C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a holder that has served
-        its share of the blob leaves the request to them.  0 for a holder that deferred this
-        request once already: it serves, or two holders over their share would send the
-        request back and forth.
+        moment: what it tells C{provider} (L{spegel.uploads.ALTERNATIVES_HEADER}), so that a
+        holder that has served its share of the blob leaves the request to them.
+
+        Not counted are the holders that said they have none of the blob yet, and those that
+        deferred this request: they are over their share too, no alternative to another holder
+        over its share.  So a holder that deferred the request, asked again, defers it again
+        while a holder under its share is at hand or busy for a moment (the request waits for
+        that one, within its patience: in a rollout the first holder of a layer would otherwise
+        serve every request it deferred, a few seconds later); once every holder left deferred
+        it, it is told of none, and serves.
         """
-        if (provider.host, provider.registry_port) in self._deferred_by:
-            return 0
+        asked = (provider.host, provider.registry_port)
         return sum(
-            (other.host, other.registry_port) not in self._starting
+            (other.host, other.registry_port) not in self._starting | self._deferred_by | {asked}
             for other in (*self._ready, *self._requeues.values())
         )
 
@@ -108,8 +112,9 @@ class ProviderQueue:
         offer it again after C{delay} seconds, when the others at hand have been asked and the
         busy ones asked again.  It spends none of the request's L{BUSY_PATIENCE}.
 
-        @return: L{False} when it deferred this request before (asked again, it was told of no
-            alternative): not a deferral the request honours; the caller takes it as busy.
+        @return: L{False} when it deferred this request before: not a deferral the request
+            honours (it waits for the holders it named, or it was told of none and a node of
+            another version or a liar defers anyway); the caller takes it as busy.
         """
         key = (provider.host, provider.registry_port)
         if key in self._deferred_by:

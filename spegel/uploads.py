@@ -26,11 +26,12 @@ nodes about to download it with nothing of it yet (C{Spegel-Alternatives}); a no
 already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one that has any with
 429 and C{Spegel-Deferred: true}.  The asking mirror asks those others first, the busy ones
 again when they are due, and this node again after them (L{spegel.selection.deferral_delay},
-about 2 s), naming none: it is then served.  A node defers a request once, so no request waits
-more than that for it.  An asker that names no other holder is deferred too, once (the node
-remembers it for L{DEFERRED_ASKER_FOR}): it looks for holders afresh, and the peers this node
-has served the blob to hold it by then, whole or arriving; if it finds none, it asks again and
-is served.
+about 2 s), naming the holders under their share it still waits for: while there are any, this
+node defers it again (the asker takes that as busy, and waits within its patience); once every
+holder left deferred it, it names none, and is served.  An asker that names no other holder is
+deferred too, once (the node remembers it for L{DEFERRED_ASKER_FOR}): it looks for holders
+afresh, and the peers this node has served the blob to hold it by then, whole or arriving; if it
+finds none, it asks again and is served.
 
 A peer that stops reading an upload loses it after L{UPLOAD_STALL_TIMEOUT}.
 """

@@ -194,30 +194,75 @@ class DeferringPeerTests(MirrorTestCase):
     def asked(self) -> list[str]:
         return [url.split("/")[2] for _, url, _, _ in self.http.requests]
 
+    def other_than(self, host: str) -> str:
+        """Of providers 1 and 2, the one that is not C{host}."""
+        return ({"127.0.0.1:5001", "127.0.0.2:5002"} - {host}).pop()
+
+    def answer_until_served(self, d: object, policy: dict[str, list[str]]) -> None:
+        """
+        Answer each request as the asked holder's script says (its next entry: "deferred",
+        "busy", or "serve" for the whole blob; the last entry repeats), on a clock stepping
+        0.1 s, until C{d} has fired.
+        """
+        asks: dict[str, int] = {}
+        answered = 0
+        while not d.called and self.clock.seconds() < SERVING_PATIENCE:  # type: ignore[attr-defined]
+            while answered < len(self.http.requests):
+                host = self.asked()[answered]
+                script = policy[host]
+                step = script[min(asks.get(host, 0), len(script) - 1)]
+                asks[host] = asks.get(host, 0) + 1
+                if step == "serve":
+                    self.serve_whole(answered)
+                elif step == "deferred":
+                    self.http.answer(answered, 429, 0, retry_after="1", spegel_deferred="true")
+                else:
+                    self.http.answer(answered, 429, 0, retry_after="1")
+                answered += 1
+            self.clock.advance(0.1)
+
     def test_the_others_first_then_the_deferring_holder(self) -> None:
+        """
+        A holder that deferred the request is asked again after the others, naming the busy
+        one: it is no alternative to a holder over its share, so the busy one is waited for.
+        """
         request = ClientRequest()
         d = self.blob(request)
         self.router.announce(provider(1), provider(2), end=True)
         self.assertEqual(self.alternatives(), ["1"])
-        self.http.answer(0, 429, 0, retry_after="1", spegel_deferred="true")
-        self.assertEqual(len(self.http.requests), 2, "the other holder was not asked at once")
-        self.assertEqual(self.alternatives()[1], "1", "the deferring holder is still to be asked")
-        self.http.answer(1, 429, 0, retry_after="1")  # busy: back within 1.5 s
-        self.clock.advance(1.5)
-        self.assertEqual(self.asked()[2:], [self.asked()[1]], "the busy holder was not asked again first")
-        self.http.answer(2, 429, 0, retry_after="1")
-        # The deferring holder is back 1.5-2.5 s after it deferred; if the busy one was asked a
-        # third time just before, the hedge asks it within the hedge delay.
-        self.clock.advance(1.0)
-        self.clock.advance(0.1)
-        again = [index for index, host in enumerate(self.asked()) if host == self.asked()[0]][1:]
-        self.assertEqual(len(again), 1, "the deferring holder was not asked again")
-        self.assertEqual(self.alternatives()[again[0]], "0", "asked again, it is left no other choice")
-        self.serve_whole(again[0])
+        deferring, other = self.asked()[0], self.other_than(self.asked()[0])
+        self.answer_until_served(d, {deferring: ["deferred"], other: ["busy", "busy", "busy", "busy", "serve"]})
         self.successResultOf(d)
         self.assertEqual(request.body, self.data)
-        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 2, "a deferral is not a busy answer")
+        asked = self.asked()
+        self.assertEqual(asked[1], other, "the other holder was not asked at once")
+        self.assertEqual(asked[-1], other, "the busy holder did not serve")
+        by_deferring = [self.alternatives()[index] for index, host in enumerate(asked) if host == deferring]
+        self.assertGreater(len(by_deferring), 1, "the deferring holder was not asked again")
+        self.assertEqual(set(by_deferring), {"1"}, "the deferring holder was not told of the busy one")
+        self.assertEqual(
+            {self.alternatives()[index] for index, host in enumerate(asked) if host == other},
+            {"0"},
+            "a holder that deferred the request counts as no alternative",
+        )
+        # The busy holder's four answers, and the deferring holder's second and later deferrals.
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 4 + len(by_deferring) - 1)
         self.assertFalse(self.mirror.put_aside.is_aside(provider(1)))
+        self.assertFalse(self.mirror.put_aside.is_aside(provider(2)))
+
+    def test_every_holder_deferring_the_first_is_left_no_choice(self) -> None:
+        request = ClientRequest()
+        d = self.blob(request)
+        self.router.announce(provider(1), provider(2), end=True)
+        first, second = self.asked()[0], self.other_than(self.asked()[0])
+        self.answer_until_served(d, {first: ["deferred", "serve"], second: ["deferred", "serve"]})
+        self.successResultOf(d)
+        self.assertEqual(request.body, self.data)
+        # Whichever comes back first (each is offered again 1.5-2.5 s after it deferred).
+        self.assertEqual(self.asked()[:2], [first, second])
+        self.assertEqual(len(self.asked()), 3)
+        self.assertEqual(self.alternatives(), ["1", "0", "0"])
+        self.assertEqual(self.counted("spegel_mirror_peers_busy_total"), 0, "a deferral is not a busy answer")
 
     def test_the_only_holder_deferring_sends_the_request_looking_for_others(self) -> None:
         """
@@ -259,7 +304,7 @@ class DeferringPeerTests(MirrorTestCase):
         self.router.announce(*[provider(index) for index in range(1, 6)], end=True)
         for index in range(4):  # more deferrals than the 3 retries
             self.http.answer(index, 429, 0, retry_after="1", spegel_deferred="true")
-        self.assertEqual(self.alternatives(), ["4", "4", "4", "4", "4"])
+        self.assertEqual(self.alternatives(), ["4", "3", "2", "1", "0"], "a deferring holder counts no more")
         self.http.answer(4, 500, 0)  # the last holder fails: the deferring ones are left
         self.clock.advance(2.5)
         self.assertEqual(len(self.http.requests), 6, "a deferring holder was not asked again")
@@ -312,7 +357,7 @@ class DeferringPeerTests(MirrorTestCase):
         self.assertEqual(self.alternatives()[1], "1")
         self.http.answer(1, 429, 0, retry_after="1", spegel_deferred="true")
         self.assertEqual(len(self.http.requests), 3, "the other holder was not asked at once")
-        self.assertEqual(self.alternatives()[2], "1")
+        self.assertEqual(self.alternatives()[2], "0", "the deferring holder counts no more")
         self.http.answer(2, 500, 0)
         self.assertEqual(len(self.http.requests), 3)
         self.clock.advance(2.5)
@@ -344,7 +389,7 @@ class DeferredQueueTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(waiting), first)
         self.assertTrue(self.queue.exhausted())
 
-    def test_alternatives_count_the_busy_and_the_deferring(self) -> None:
+    def test_alternatives_count_the_busy_not_the_deferring(self) -> None:
         for index in (1, 2, 3):
             self.queue.add(provider(index))
         one = self.successResultOf(self.queue.next())
@@ -354,8 +399,10 @@ class DeferredQueueTests(SynchronousTestCase):
         self.queue.requeue(one, 1.0)
         self.assertEqual(self.queue.alternatives(two), 2)
         self.queue.defer(two, 2.0)
-        self.assertEqual(self.queue.alternatives(two), 0, "asked again, a deferring holder is left no choice")
-        self.assertEqual(self.queue.alternatives(one), 3)
+        self.assertEqual(self.queue.alternatives(two), 2, "asked again, a deferring holder is told of the others")
+        self.assertEqual(self.queue.alternatives(one), 1, "a deferring holder is no alternative")
+        self.queue.defer(one, 2.0)
+        self.assertEqual(self.queue.alternatives(two), 1)
 
     def test_a_holder_about_to_download_counts_once_it_has_bytes(self) -> None:
         asking = provider(9)
