@@ -5,7 +5,7 @@ upstream behind a 100 Mbit/s link with 30 ms of round trip, against the same pul
 spegel at all (every node straight from upstream).
 
     .venv/bin/python benchmarks/rollout.py [--nodes 10,20] [--sizes 10,100] \\
-        [--mode seeded|concurrent] [--stagger 0] [--coalesce 5s] [--no-baseline]
+        [--mode seeded|concurrent] [--stagger 0] [--coalesce 5s] [--no-baseline] [--fetch-only]
 
 Modes: C{seeded}: one node pulls first (from upstream), then all the others at once, as when a
 rollout follows a canary; C{concurrent}: every node at once, nobody holding the image yet (only
@@ -78,6 +78,7 @@ def run_case(
     coalesce: str | None,
     node_args: Sequence[str] = (),
     keep_logs: str | None = None,
+    fetch_only: bool = False,
 ) -> dict:
     image = build_image(seed=f"rollout-{size_mb}", layer_sizes=layers_for(size_mb))
     coalesce_args = ["--mirror-coalesce-timeout", coalesce] if coalesce is not None else []
@@ -89,7 +90,7 @@ def run_case(
         failed: dict[int, str] = {}
         wave = list(range(nodes))
         if mode == "seeded":
-            times[0] = cluster.pull(0, ref)
+            times[0] = cluster.pull(0, ref, fetch_only=fetch_only)
             wave = wave[1:]
             if spegel:
                 time.sleep(1.0)  # advertised: every blob is findable well within this
@@ -98,7 +99,7 @@ def run_case(
         def pull(position: int, index: int) -> None:
             time.sleep(position * stagger)
             try:
-                times[index] = cluster.pull(index, ref, timeout=1800)
+                times[index] = cluster.pull(index, ref, timeout=1800, fetch_only=fetch_only)
             except (CommandFailed, ProcessFailed) as e:
                 # The command, then what it said: the last line says why.
                 lines = [line for line in str(e).splitlines() if line.strip()]
@@ -175,8 +176,15 @@ def main() -> int:
     parser.add_argument("--node-arg", action="append", default=[], help="extra spegel node argument, repeatable")
     parser.add_argument("--runs", type=int, default=1, help="repeat each case (baseline and spegel interleaved)")
     parser.add_argument("--keep-logs", default=None, help="copy the spegel nodes' logs of each case into this directory")
+    parser.add_argument(
+        "--fetch-only", action="store_true",
+        help="fetch the content without unpacking it (ctr content fetch): half the disk, for 50 nodes of 1 GB",
+    )
     args = parser.parse_args()
-    print(f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce or '(node default)'}; upstream 100 Mbit/s, 30 ms RTT")
+    print(
+        f"mode {args.mode}, stagger {args.stagger}s, coalesce {args.coalesce or '(node default)'}; upstream 100 Mbit/s, 30 ms RTT"
+        + ("; content fetched, not unpacked" if args.fetch_only else "")
+    )
     print("nodes  size MB  mirror   pull mean / p50 / p99 / max s   all done s  upstream MiB  served max / mean MiB  RSS mean / max MiB  reference mean ms (none -> spegel, 50 nodes)")
     for nodes in (int(n) for n in args.nodes.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -184,7 +192,7 @@ def main() -> int:
                 try:
                     r = run_case(
                         nodes, size, spegel=spegel, mode=args.mode, stagger=args.stagger, coalesce=args.coalesce,
-                        node_args=args.node_arg,
+                        node_args=args.node_arg, fetch_only=args.fetch_only,
                         keep_logs=args.keep_logs and os.path.join(args.keep_logs, f"{nodes}x{size}-{time.strftime('%H%M%S')}"),
                     )
                 except (CommandFailed, ProcessFailed) as e:

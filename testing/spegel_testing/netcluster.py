@@ -247,10 +247,16 @@ class NetCluster(ClusterQueries):
         self.registry.push_image(repo, tag, image)
         return self.ref(repo, tag or image.digest)
 
-    def pull(self, index: int, ref: str, timeout: float = 600.0) -> float:
-        """Pull C{ref} on node C{index} (ctr, in its namespace, through its certs.d); seconds."""
+    def pull(self, index: int, ref: str, timeout: float = 600.0, fetch_only: bool = False) -> float:
+        """
+        Pull C{ref} on node C{index} (ctr, in its namespace, through its certs.d); seconds.
+        C{fetch_only}: fetch its content without unpacking it (L{ContainerdDaemon.fetch}).
+        """
         started = time.monotonic()
-        self.containerds[index].pull(ref, timeout=timeout)
+        if fetch_only:
+            self.containerds[index].fetch(ref, timeout=timeout)
+        else:
+            self.containerds[index].pull(ref, timeout=timeout)
         return time.monotonic() - started
 
     def rss_mib(self) -> list[float]:
