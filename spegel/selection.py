@@ -112,12 +112,17 @@ class ProviderQueue:
         offer it again after C{delay} seconds, when the others at hand have been asked and the
         busy ones asked again.  It spends none of the request's L{BUSY_PATIENCE}.
 
-        @return: L{False} when it deferred this request before: not a deferral the request
-            honours (it waits for the holders it named, or it was told of none and a node of
-            another version or a liar defers anyway); the caller takes it as busy.
+        Deferring again is honoured while the request still has a holder under its share to
+        wait for (L{alternatives}); a busy one spends the patience, and once the last is given
+        up, this one is told of none, and serves.
+
+        @return: L{False} when it deferred this request before and there is no other holder
+            left (a node of another version, or a liar, defers anyway): not a deferral the
+            request honours; the caller takes it as busy, so the request does not go round
+            forever.
         """
         key = (provider.host, provider.registry_port)
-        if key in self._deferred_by:
+        if key in self._deferred_by and not self.alternatives(provider):
             return False
         self._deferred_by.add(key)
         if self._clock is None:
