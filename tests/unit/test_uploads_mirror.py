@@ -6,7 +6,10 @@ same one again shortly; holders that report fewer uploads are asked first.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -198,7 +201,7 @@ class DeferringPeerTests(MirrorTestCase):
         """Of providers 1 and 2, the one that is not C{host}."""
         return ({"127.0.0.1:5001", "127.0.0.2:5002"} - {host}).pop()
 
-    def answer_until_served(self, d: object, policy: dict[str, list[str]]) -> None:
+    def answer_until_served(self, d: Deferred[Any], policy: dict[str, list[str]]) -> None:
         """
         Answer each request as the asked holder's script says (its next entry: "deferred",
         "busy", "serve" for the whole blob, or "honest": deferred when told of another holder,
@@ -207,7 +210,7 @@ class DeferringPeerTests(MirrorTestCase):
         """
         asks: dict[str, int] = {}
         answered = 0
-        while not d.called and self.clock.seconds() < SERVING_PATIENCE + 30:  # type: ignore[attr-defined]
+        while not d.called and self.clock.seconds() < SERVING_PATIENCE + 30:
             while answered < len(self.http.requests):
                 host = self.asked()[answered]
                 script = policy[host]
