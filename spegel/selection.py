@@ -100,9 +100,9 @@ class ProviderQueue:
         serve every request it deferred, a few seconds later); once every holder left deferred
         it, it is told of none, and serves.
         """
-        asked = (provider.host, provider.registry_port)
+        excluded = self._starting | self._deferred_by | {(provider.host, provider.registry_port)}
         return sum(
-            (other.host, other.registry_port) not in self._starting | self._deferred_by | {asked}
+            (other.host, other.registry_port) not in excluded
             for other in (*self._ready, *self._requeues.values())
         )
 
