@@ -27,11 +27,11 @@ already sent peers L{FAIR_SHARE_COPIES} copies of the blob lately answers one th
 429 and C{Spegel-Deferred: true}.  The asking mirror asks those others first, the busy ones
 again when they are due, and this node again after them (L{spegel.selection.deferral_delay},
 about 2 s), naming the holders under their share it still waits for: while there are any, this
-node defers it again (the asker takes that as busy, and waits within its patience); once every
-holder left deferred it, it names none, and is served.  An asker that names no other holder is
-deferred too, once (the node remembers it for L{DEFERRED_ASKER_FOR}): it looks for holders
-afresh, and the peers this node has served the blob to hold it by then, whole or arriving; if it
-finds none, it asks again and is served.
+node defers it again (the asker asks them again, and this node after them; only their busy
+answers spend its patience); once every holder left deferred it, it names none, and is served.
+An asker that names no other holder is deferred too, once (the node remembers it for
+L{DEFERRED_ASKER_FOR}): it looks for holders afresh, and the peers this node has served the blob
+to hold it by then, whole or arriving; if it finds none, it asks again and is served.
 
 A peer that stops reading an upload loses it after L{UPLOAD_STALL_TIMEOUT}.
 """

@@ -199,7 +199,7 @@ class DeferringPeerTests(MirrorTestCase):
 
     def other_than(self, host: str) -> str:
         """Of providers 1 and 2, the one that is not C{host}."""
-        return ({"127.0.0.1:5001", "127.0.0.2:5002"} - {host}).pop()
+        return ({f"{holder.host}:{holder.registry_port}" for holder in (provider(1), provider(2))} - {host}).pop()
 
     def answer_until_served(self, d: Deferred[Any], policy: dict[str, list[str]]) -> None:
         """
